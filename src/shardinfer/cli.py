@@ -1,0 +1,112 @@
+"""The ``shardinfer`` command line: a thin layer over the modules."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from shardinfer import __version__
+from shardinfer.errors import ConfigError, ShardinferError
+
+log = logging.getLogger("shardinfer")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from shardinfer.config import dump_config, load_config
+    from shardinfer.plan import default_workers, describe, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    workers = default_workers(cfg)
+    print("# resolved config")
+    print(dump_config(cfg))
+    print(f"# plan for {workers} worker(s)")
+    print(describe(make_plan(cfg, workers), cfg))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from shardinfer.config import load_config
+    from shardinfer.launch.local import run_local
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir, report = run_local(cfg)
+    rows, rate = report["rows"], report["tokens_per_s"]
+    print(f"\nrows: {rows['in']} in, {rows['ok']} ok, {rows['truncated']} truncated, {rows['failed']} failed")
+    print(f"throughput: {rate['total']:.0f} tokens/s ({rate['input']:.0f} in, {rate['output']:.0f} out) "
+          f"over {report['time_s']['wall']:.1f} s")
+    print(f"results: {run_dir.results.resolve()}")
+    print(f"report:  {run_dir.report_md.resolve()} (and report.json)")
+    return 0
+
+
+def _cmd_reduce(args: argparse.Namespace) -> int:
+    from shardinfer.reduce import reduce_run
+    from shardinfer.rundir import RunDir
+
+    run_dir = RunDir(args.run_dir)
+    report = reduce_run(run_dir)
+    print(f"{report['rows']}\nresults: {run_dir.results.resolve()}\nreport:  {run_dir.report_md.resolve()}")
+    return 0
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from shardinfer.tiny_model import build_tiny_model
+
+    print(build_tiny_model(args.out_dir, corpus_path=args.corpus))
+    return 0
+
+
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from shardinfer.config import field_help
+
+    print("| key | default | meaning |\n|---|---|---|")
+    for key, default, text in field_help():
+        print(f"| `{key}` | `{default}` | {text} |")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardinfer", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"shardinfer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, text in [("plan", _cmd_plan, "show the resolved config and the work units; loads no model"),
+                           ("run", _cmd_run, "run the job with local worker processes, then reduce")]:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("config", help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.workers=2")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("reduce", help="merge committed parts into results/ and write the report")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=_cmd_reduce)
+    p = sub.add_parser("tiny-model", help="build the tiny local test model (no download)")
+    p.add_argument("out_dir")
+    p.add_argument("--corpus", default=str(Path("jobs/data/python-docs.jsonl.gz")),
+                   help="JSONL(.gz) whose texts train the tokenizer")
+    p.set_defaults(fn=_cmd_tiny_model)
+    p = sub.add_parser("config-reference", help="print every config key with its default and meaning")
+    p.set_defaults(fn=_cmd_config_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from shardinfer.logs import setup_logging
+
+    setup_logging()
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"shardinfer: config error: {exc}", file=sys.stderr)
+        return 2
+    except ShardinferError as exc:
+        print(f"shardinfer: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("shardinfer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

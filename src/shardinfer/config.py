@@ -1,0 +1,295 @@
+"""Typed configuration tree, loaded from YAML and checked as it is built.
+
+Every section is a keyword-only dataclass whose fields carry a one-line help text. Unknown keys and
+values of the wrong type fail before any work starts, naming the key, the value and the valid
+choices. ``key.sub=value`` overrides (values parsed as YAML) are applied to the raw tree first, so
+they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from shardinfer.errors import ConfigError
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with a help text (mutable defaults go through ``default_factory``)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(kw_only=True)
+class InputConfig:
+    path: str = _f(help="corpus: a file, a directory (all matching files, sorted) or a glob")
+    format: Literal["auto", "parquet", "jsonl", "csv"] = _f(
+        "auto", help="file format; auto picks by suffix (.parquet, .jsonl/.json/.jsonl.gz, .csv)"
+    )
+    text_column: str = _f("text", help="column holding the document text")
+    id_column: str | None = _f(None, help="column holding a unique row id; default '<file>:<row>'")
+    passthrough: list[str] = _f([], help="input columns copied unchanged into the results")
+    invalid_utf8: Literal["replace", "fail"] = _f(
+        "replace", help="JSONL/CSV rows with invalid UTF-8: decode with U+FFFD (counted) or fail the row"
+    )
+
+
+@dataclass(kw_only=True)
+class PromptConfig:
+    mode: Literal["chat", "raw"] = _f(
+        "chat", help="chat: apply the model's chat template; raw: the rendered user template as-is"
+    )
+    system: str | None = _f(None, help="system message (chat mode)")
+    user: str = _f("{text}", help="user message template: {text} and any input column as {name}")
+    chat_template_kwargs: dict[str, Any] = _f(
+        {}, help="extra chat template variables, e.g. enable_thinking: false"
+    )
+    too_long: Literal["truncate", "fail"] = _f(
+        "truncate",
+        help="input over max_model_len - max_tokens: keep head and tail (status truncated) or fail the row",
+    )
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    path: str = _f(help="model directory (Hugging Face layout) or name")
+    engine: Literal["vllm", "hf"] = _f("vllm", help="vllm: vllm.LLM in-process; hf: transformers generate")
+    tokenizer: str | None = _f(None, help="tokenizer directory; default: model path")
+    dtype: str = _f("auto", help="auto | bfloat16 | float16 | float32")
+    max_model_len: int | None = _f(None, help="context length; default: the model's")
+    engine_args: dict[str, Any] = _f(
+        {},
+        help="passed through to the engine (vllm.LLM or from_pretrained), e.g. tensor_parallel_size",
+    )
+    hf_batch_tokens: int = _f(
+        32768, help="hf engine: token budget of one padded batch (prompt + max_tokens per row)"
+    )
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    max_tokens: int = _f(256, help="maximum output tokens per row")
+    temperature: float = _f(0.0, help="0 = greedy")
+    top_p: float = _f(1.0, help="nucleus sampling")
+    top_k: int | None = _f(None, help="top-k sampling; null = off")
+    seed: int | None = _f(0, help="sampling seed (same seed + config = same outputs)")
+    stop: list[str] = _f([], help="stop strings")
+    ignore_eos: bool = _f(False, help="keep generating after EOS up to max_tokens")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    directory: str | None = _f(None, help="run directory; default runs/<config name>")
+    workers: int | None = _f(
+        None, help="local worker processes; default one per model replica on visible GPUs, else 1"
+    )
+    unit_tokens: int | None = _f(
+        None, help="target estimated tokens per work unit; default total / (8 x workers)"
+    )
+    max_unit_rows: int = _f(4096, help="upper bound on rows per work unit")
+    env: dict[str, str] = _f({}, help="environment variables set in every worker")
+    log_interval_s: float = _f(30.0, help="seconds between progress lines when not on a terminal")
+
+
+@dataclass(kw_only=True)
+class Config:
+    input: InputConfig = _f(help="what to read")
+    prompt: PromptConfig = _f(help="how rows become prompts")
+    model: ModelConfig = _f(help="which model and engine")
+    sampling: SamplingConfig = _f(help="generation parameters")
+    run: RunConfig = _f(help="where and how wide to run")
+    name: str = _f("run", help="run name (default: the config file's stem)")
+
+
+_DEFAULT_SECTIONS = ("prompt", "sampling", "run")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file, apply ``key.sub=value`` overrides and check the whole tree."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with path.open() as fh:
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Build a checked :class:`Config` from a plain mapping plus overrides."""
+    raw = _deep_copy(raw)
+    for item in overrides or []:
+        apply_override(raw, item)
+    for section in _DEFAULT_SECTIONS:
+        raw.setdefault(section, {})
+    config = _build(Config, raw, "")
+    _check_values(config)
+    return config
+
+
+def _check_values(config: Config) -> None:
+    """Range checks that types alone cannot express."""
+    positive = {
+        "sampling.max_tokens": config.sampling.max_tokens,
+        "run.max_unit_rows": config.run.max_unit_rows,
+        "model.hf_batch_tokens": config.model.hf_batch_tokens,
+    }
+    optional = {
+        "run.workers": config.run.workers,
+        "run.unit_tokens": config.run.unit_tokens,
+        "model.max_model_len": config.model.max_model_len,
+    }
+    for key, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if config.sampling.temperature < 0:
+        raise ConfigError(f"sampling.temperature: must be >= 0, got {config.sampling.temperature}")
+    if not 0 < config.sampling.top_p <= 1:
+        raise ConfigError(f"sampling.top_p: must be in (0, 1], got {config.sampling.top_p}")
+    max_len = config.model.max_model_len
+    if max_len is not None and config.sampling.max_tokens >= max_len:
+        raise ConfigError(
+            f"sampling.max_tokens ({config.sampling.max_tokens}) must be below model.max_model_len "
+            f"({max_len}): no room is left for the prompt. Lower max_tokens or raise max_model_len."
+        )
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a raw mapping; the value is parsed as YAML (``2`` is an int)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. run.workers=2")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def field_help(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field: the config reference."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(field_help(hints[f.name], key + "."))
+            continue
+        default = _default_of(f)
+        rows.append((key, "required" if default is dataclasses.MISSING else repr(default), f.metadata["help"]))
+    return rows
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(raw, fields, where)
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in raw:
+            if _default_of(f) is dataclasses.MISSING:
+                raise ConfigError(f"{key} is required: {f.metadata['help']}")
+            continue
+        kwargs[name] = _coerce(hints[name], raw[name], key)
+    return cls(**kwargs)
+
+
+def _reject_unknown(raw: dict, fields: dict, where: str) -> None:
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            full = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"unknown key {full!r}.{hint} Valid keys{' of ' + where if where else ''}: "
+                              f"{', '.join(fields)}")
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, key)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not a valid choice. Valid choices: {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        return _coerce_list(args[0], value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r} ({type(value).__name__})")
+        return {str(k): (str(v) if args[1] is str else v) for k, v in value.items()}
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_list(item_type: Any, value: Any, key: str) -> list:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+    return [_coerce_scalar(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")

@@ -1,0 +1,122 @@
+"""Hugging Face transformers engine: ``generate`` on length-sorted, left-padded batches.
+
+Batches are filled under a token budget (longest prompt + max_tokens, times rows) rather than a fixed
+row count, so short documents go in wide batches and long ones in narrow ones. ``device_map`` (default
+``auto`` when GPUs are visible) spreads a model too big for one GPU over all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from shardinfer.config import ModelConfig, SamplingConfig
+from shardinfer.engines import Completion
+from shardinfer.errors import missing_dependency
+
+log = logging.getLogger(__name__)
+
+
+class HfEngine:
+    name = "hf"
+
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig, max_model_len: int):
+        self.model_cfg = model
+        self.sampling = sampling
+        self.max_model_len = max_model_len
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    def load(self) -> None:
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError as exc:
+            raise missing_dependency("torch and transformers", "hf") from exc
+        args = dict(self.model_cfg.engine_args)
+        if "device_map" not in args and torch.cuda.is_available():
+            args["device_map"] = "auto"
+        dtype = self.model_cfg.dtype if self.model_cfg.dtype == "auto" else getattr(torch, self.model_cfg.dtype)
+        log.info("loading transformers model %s (dtype %s, %s)", self.model_cfg.path, self.model_cfg.dtype, args)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=dtype, **args).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_cfg.tokenizer or self.model_cfg.path)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    def generate(self, prompts: list[list[int]]) -> list[Completion]:
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        results: list[Completion | None] = [None] * len(prompts)
+        for batch in self._batches(order, prompts):
+            for i, completion in zip(batch, self._generate_batch([prompts[i] for i in batch])):
+                results[i] = completion
+        return results  # type: ignore[return-value]
+
+    def _batches(self, order: list[int], prompts: list[list[int]]) -> list[list[int]]:
+        """Consecutive rows (longest first) while (longest + max_tokens) * rows fits the budget."""
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            width = len(prompts[current[0]]) if current else len(prompts[i])
+            if current and (width + self.sampling.max_tokens) * (len(current) + 1) > self.model_cfg.hf_batch_tokens:
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
+
+    def _generate_batch(self, batch: list[list[int]]) -> list[Completion]:
+        import torch
+
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        device = self.model.device
+        if self.sampling.seed is not None:
+            torch.manual_seed(self.sampling.seed)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      **self._generate_kwargs())
+        return [self._completion(row[width:].tolist()) for row in out]
+
+    def _generate_kwargs(self) -> dict[str, Any]:
+        s = self.sampling
+        kwargs: dict[str, Any] = {"max_new_tokens": s.max_tokens, "pad_token_id": self.pad_id,
+                                  "do_sample": s.temperature > 0}
+        kwargs["eos_token_id"] = None if s.ignore_eos else self.eos_ids
+        if s.ignore_eos:
+            kwargs["min_new_tokens"] = s.max_tokens
+        if s.temperature > 0:
+            kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if s.stop:
+            kwargs.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    def _completion(self, tokens: list[int]) -> Completion:
+        """Cut at the first EOS (kept, as vLLM does) and at the first stop string (dropped)."""
+        finish = "length"
+        if not self.sampling.ignore_eos:
+            for j, t in enumerate(tokens):
+                if t in self.eos_ids:
+                    tokens, finish = tokens[: j + 1], "stop"
+                    break
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in self.sampling.stop:
+            if stop in text:
+                text, finish = text[: text.index(stop)], "stop"
+        return Completion(token_ids=tokens, text=text, finish_reason=finish)
+
+    def versions(self) -> dict[str, str]:
+        import torch
+        import transformers
+
+        return {"transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])

@@ -1,0 +1,21 @@
+"""The few exception types of shardinfer. Every message says what was set, what was found, and the fix."""
+
+
+class ShardinferError(Exception):
+    """Base class: an error the user can act on (printed without a traceback by the CLI)."""
+
+
+class ConfigError(ShardinferError):
+    """The configuration (file, overrides or input columns) is invalid; nothing has run yet."""
+
+
+class RunError(ShardinferError):
+    """A run could not finish: workers died or results are incomplete."""
+
+
+def missing_dependency(module: str, extra: str) -> ImportError:
+    """An ImportError that names the extra to install."""
+    return ImportError(
+        f"{module} is not installed. Install it with: pip install 'shardinfer[{extra}]'"
+        + ("  (CPU-only machine: pip install 'shardinfer[cpu]')" if extra in ("vllm", "hf") else "")
+    )

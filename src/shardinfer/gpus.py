@@ -1,0 +1,32 @@
+"""Visible GPUs and how local workers split them into model replicas."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def gpu_groups(gpus: list[str], workers: int) -> list[list[str]]:
+    """Split the GPUs evenly among workers (one replica each); [] per worker on a CPU machine."""
+    if not gpus:
+        return [[] for _ in range(workers)]
+    per = len(gpus) // workers
+    if per < 1:
+        raise ValueError(f"{workers} workers need at least {workers} GPUs, found {len(gpus)}: {gpus}")
+    return [gpus[i * per:(i + 1) * per] for i in range(workers)]

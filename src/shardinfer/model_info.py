@@ -1,0 +1,72 @@
+"""What we need to know about a model without loading its weights: context length and tokenizer."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from shardinfer.config import ModelConfig
+from shardinfer.errors import ConfigError, missing_dependency
+
+log = logging.getLogger(__name__)
+
+_LENGTH_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions", "max_seq_len")
+
+
+def model_config_json(path: str) -> dict[str, Any]:
+    """The model's config.json, or {} when the model is not a local directory."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return {}
+    with config_file.open() as fh:
+        return json.load(fh)
+
+
+def resolve_max_model_len(cfg: ModelConfig) -> int:
+    """model.max_model_len, else the context length in the model's config.json."""
+    if cfg.max_model_len:
+        return cfg.max_model_len
+    config = model_config_json(cfg.path)
+    for section in (config, config.get("text_config") or {}):
+        for key in _LENGTH_KEYS:
+            if isinstance(section.get(key), int):
+                return section[key]
+    raise ConfigError(
+        f"model.max_model_len: not set, and no context length found in {cfg.path}/config.json. "
+        f"Set model.max_model_len, e.g. model.max_model_len=8192."
+    )
+
+
+def tokenizer_path(cfg: ModelConfig) -> str:
+    return cfg.tokenizer or cfg.path
+
+
+def check_model_path(cfg: ModelConfig) -> None:
+    """A local path that does not exist is a config error, not a hub lookup."""
+    path = Path(cfg.path)
+    looks_local = cfg.path.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.path: {cfg.path!r} is not a model directory (no config.json there). "
+            f"Point it at a Hugging Face style directory holding config.json and the weights."
+        )
+
+
+def load_tokenizer(cfg: ModelConfig, *, required: bool = True) -> Any:
+    """The model's tokenizer (transformers); None when not installed and not required."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        if required:
+            raise missing_dependency("transformers", "hf") from exc
+        return None
+    path = tokenizer_path(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=bool(cfg.engine_args.get("trust_remote_code")))
+    except (OSError, ValueError) as exc:
+        if required:
+            raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {exc}") from exc
+        log.warning("no tokenizer at %s (%s); token counts are estimated from characters", path, exc)
+        return None

@@ -1,0 +1,122 @@
+"""Rows to prompt token ids: user template, chat template, and the over-long-input policy.
+
+Both engines receive token ids built here, so prompt token counts, truncation and the chat template
+are identical whichever engine runs.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any
+
+from shardinfer.config import PromptConfig
+from shardinfer.errors import ConfigError
+
+TRUNCATION_MARKER = "\n[...]\n"
+# A huge document is first cut to this many characters per kept token at each end, so a
+# 50 MB row is never tokenized whole; no tokenizer packs more characters into one token.
+_CHARS_PER_TOKEN_BOUND = 32
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names used by a ``str.format`` template, e.g. ``{text}`` and ``{title}``."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"prompt.user: {exc}. Write literal braces as {{{{ and }}}}.") from exc
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier():
+            raise ConfigError(
+                f"prompt.user: placeholder {{{name}}} must be a plain column name such as {{text}} or {{title}}"
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int] | None
+    truncated: bool = False
+    problem: str | None = None
+
+
+class PromptBuilder:
+    """Renders rows into prompt token ids that fit ``max_model_len - max_tokens``."""
+
+    def __init__(self, cfg: PromptConfig, tokenizer: Any, *, max_model_len: int, max_tokens: int):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.limit = max_model_len - max_tokens
+        self.max_model_len = max_model_len
+        self.max_tokens = max_tokens
+
+    def build(self, texts: list[str], columns: list[dict[str, Any]]) -> list[Prompt]:
+        """Prompts for a batch of valid rows (texts are non-empty strings)."""
+        huge = [len(t) > self.limit * _CHARS_PER_TOKEN_BOUND for t in texts]
+        rendered = [self.render(t, c) for t, c, h in zip(texts, columns, huge) if not h]
+        encoded = iter(self._encode(rendered) if rendered else [])
+        prompts = []
+        for text, cols, is_huge in zip(texts, columns, huge):
+            ids = None if is_huge else next(encoded)
+            if ids is not None and len(ids) <= self.limit:
+                prompts.append(Prompt(ids))
+            else:
+                prompts.append(self._too_long(text, cols, len(ids) if ids else None))
+        return prompts
+
+    def render(self, text: str, columns: dict[str, Any]) -> str:
+        user = self.cfg.user.format_map({**columns, "text": text})
+        if self.cfg.mode == "raw":
+            return user
+        messages = [{"role": "user", "content": user}]
+        if self.cfg.system:
+            messages.insert(0, {"role": "system", "content": self.cfg.system})
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **self.cfg.chat_template_kwargs
+        )
+
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
+        # The chat template already holds the special tokens; raw prompts get the tokenizer's own.
+        add_special = self.cfg.mode == "raw"
+        return self.tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
+
+    def _too_long(self, text: str, columns: dict[str, Any], n_tokens: int | None) -> Prompt:
+        if self.cfg.too_long == "fail":
+            return Prompt(None, problem=self._too_long_message(n_tokens))
+        return self._truncate(text, columns, n_tokens)
+
+    def _too_long_message(self, n_tokens: int | None) -> str:
+        size = f"{n_tokens} tokens" if n_tokens else f"more than {self.limit} tokens"
+        return (
+            f"too_long: prompt has {size}, the limit is {self.limit} "
+            f"(max_model_len {self.max_model_len} - max_tokens {self.max_tokens}); "
+            f"set prompt.too_long=truncate or raise model.max_model_len"
+        )
+
+    def _truncate(self, text: str, columns: dict[str, Any], n_tokens: int | None) -> Prompt:
+        """Keep the head and the tail of the text, joined by a marker, so the prompt fits."""
+        overhead = len(self._encode([self.render(TRUNCATION_MARKER, columns)])[0])
+        keep = self.limit - overhead
+        for _ in range(8):
+            if keep <= 0:
+                break
+            ids = self._encode([self.render(self._head_and_tail(text, keep), columns)])[0]
+            if len(ids) <= self.limit:
+                return Prompt(ids, truncated=True)
+            keep -= len(ids) - self.limit + 2
+        return Prompt(None, problem=self._too_long_message(n_tokens)
+                      + " (the template without the text already fills the limit)")
+
+    def _head_and_tail(self, text: str, keep: int) -> str:
+        window = keep * _CHARS_PER_TOKEN_BOUND
+        if len(text) > 2 * window:
+            text = text[:window] + text[-window:]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        head, tail = ids[: keep - keep // 2], ids[len(ids) - keep // 2:] if keep // 2 else []
+        decode = self.tokenizer.decode
+        return decode(head) + TRUNCATION_MARKER + decode(tail)

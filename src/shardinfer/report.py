@@ -1,0 +1,135 @@
+"""The run report: rows, tokens, times and throughput, overall and per worker (JSON and Markdown)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import defaultdict
+from typing import Any
+
+import pyarrow
+
+from shardinfer import __version__
+from shardinfer.rundir import RunDir, read_json, write_json_atomic
+
+
+def load_metrics(run_dir: RunDir) -> list[dict[str, Any]]:
+    return [read_json(p) for p in sorted(run_dir.metrics.glob("launch-*-worker-*.json"))]
+
+
+def build_report(cfg: Any, plan: Any, run_dir: RunDir, totals: Any) -> dict[str, Any]:
+    metrics = load_metrics(run_dir)
+    wall = _wall_time(metrics)
+    generation = _generation_span(metrics)
+    tokens = {"prompt": totals.prompt_tokens, "output": totals.output_tokens,
+              "total": totals.prompt_tokens + totals.output_tokens}
+    return {
+        "run": cfg.name,
+        "run_dir": str(run_dir.path.resolve()),
+        "results": str(run_dir.results.resolve()),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "rows": {"in": plan.total_rows, "ok": totals.status["ok"], "truncated": totals.status["truncated"],
+                 "failed": totals.status["failed"]},
+        "failed_by_reason": dict(sorted(totals.reasons.items())),
+        "tokens": tokens,
+        "time_s": {"wall": round(wall, 3), "model_load": round(max((m["model_load_s"] for m in metrics), default=0), 3),
+                   "generation": round(generation, 3)},
+        "tokens_per_s": _rates(tokens, wall),
+        "generation_tokens_per_s": _rates(tokens, generation),
+        "workers": [_worker_row(m) for m in metrics],
+        "launches": len({m["launch"] for m in metrics}),
+        "model": {"path": cfg.model.path, "engine": cfg.model.engine, "dtype": cfg.model.dtype,
+                  "max_model_len": plan.max_model_len, "engine_args": cfg.model.engine_args},
+        "sampling": vars(cfg.sampling),
+        "versions": _versions(metrics),
+        "input": {"files": len(plan.files), "rows": plan.total_rows, "duplicate_ids": len(plan.duplicates)},
+    }
+
+
+def _wall_time(metrics: list[dict[str, Any]]) -> float:
+    """Summed over launches: first worker start to last worker end of each launch."""
+    by_launch: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for m in metrics:
+        by_launch[m["launch"]].append(m)
+    total = 0.0
+    for group in by_launch.values():
+        ends = [m.get("finished_at") or m.get("last_generate_end") or m["started_at"] for m in group]
+        total += max(ends) - min(m["started_at"] for m in group)
+    return total
+
+
+def _generation_span(metrics: list[dict[str, Any]]) -> float:
+    """Summed over launches: first generate call to the end of the last one."""
+    by_launch: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for m in metrics:
+        if m.get("first_generate_at"):
+            by_launch[m["launch"]].append(m)
+    return sum(max(m["last_generate_end"] for m in g) - min(m["first_generate_at"] for m in g)
+               for g in by_launch.values())
+
+
+def _rates(tokens: dict[str, int], seconds: float) -> dict[str, float]:
+    if seconds <= 0:
+        return {"input": 0.0, "output": 0.0, "total": 0.0}
+    return {"input": round(tokens["prompt"] / seconds, 1), "output": round(tokens["output"] / seconds, 1),
+            "total": round(tokens["total"] / seconds, 1)}
+
+
+def _worker_row(m: dict[str, Any]) -> dict[str, Any]:
+    tokens = {"prompt": m["prompt_tokens"], "output": m["output_tokens"],
+              "total": m["prompt_tokens"] + m["output_tokens"]}
+    busy = (m.get("finished_at") or m.get("last_generate_end") or m["started_at"]) - m["started_at"]
+    return {"launch": m["launch"], "rank": m["rank"], "host": m["host"], "units": m["units"], "rows": m["rows"],
+            "prompt_tokens": m["prompt_tokens"], "output_tokens": m["output_tokens"],
+            "model_load_s": round(m["model_load_s"], 3), "generation_s": round(m["generation_s"], 3),
+            "wall_s": round(busy, 3), "tokens_per_s": _rates(tokens, busy),
+            "generation_tokens_per_s": _rates(tokens, m["generation_s"]),
+            "finished": bool(m.get("finished_at"))}
+
+
+def _versions(metrics: list[dict[str, Any]]) -> dict[str, str]:
+    versions = {"shardinfer": __version__, "python": platform.python_version(), "pyarrow": pyarrow.__version__}
+    for m in metrics:
+        versions.update(m.get("versions") or {})
+    return versions
+
+
+def write_report(run_dir: RunDir, report: dict[str, Any]) -> None:
+    write_json_atomic(run_dir.report_json, report)
+    tmp = run_dir.report_md.with_name(".report.md.tmp")
+    tmp.write_text(render_markdown(report))
+    tmp.replace(run_dir.report_md)
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    rows, tok, t = r["rows"], r["tokens"], r["time_s"]
+    lines = [
+        f"# shardinfer report: {r['run']}", "",
+        f"Results: `{r['results']}`  ", f"Finished: {r['finished_at']}", "",
+        "| rows in | ok | truncated | failed |", "|---:|---:|---:|---:|",
+        f"| {rows['in']} | {rows['ok']} | {rows['truncated']} | {rows['failed']} |", "",
+    ]
+    if r["failed_by_reason"]:
+        lines += ["Failed rows by reason: " + ", ".join(f"{k} {v}" for k, v in r["failed_by_reason"].items()), ""]
+    lines += [
+        "| | prompt | output | total |", "|---|---:|---:|---:|",
+        f"| tokens | {tok['prompt']} | {tok['output']} | {tok['total']} |",
+        _rate_line("tokens/s (wall)", r["tokens_per_s"]),
+        _rate_line("tokens/s (generation)", r["generation_tokens_per_s"]), "",
+        f"Wall time {t['wall']:.1f} s, model load {t['model_load']:.1f} s, generation {t['generation']:.1f} s, "
+        f"{r['launches']} launch(es).", "",
+        "| launch | rank | host | units | rows | load s | generation s | wall s | total tok/s |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in r["workers"]:
+        lines.append(f"| {w['launch']} | {w['rank']} | {w['host']} | {w['units']} | {w['rows']} | "
+                     f"{w['model_load_s']:.1f} | {w['generation_s']:.1f} | {w['wall_s']:.1f} | "
+                     f"{w['tokens_per_s']['total']:.0f} |")
+    m = r["model"]
+    lines += ["", f"Model `{m['path']}`, engine {m['engine']}, dtype {m['dtype']}, max_model_len {m['max_model_len']}.",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def _rate_line(label: str, rates: dict[str, float]) -> str:
+    return f"| {label} | {rates['input']:.1f} | {rates['output']:.1f} | {rates['total']:.1f} |"

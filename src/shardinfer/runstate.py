@@ -1,0 +1,75 @@
+"""Creating a run directory (config + plan) and loading it back in workers and the reducer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from shardinfer import __version__
+from shardinfer.config import Config, config_from_dict, config_to_dict
+from shardinfer.errors import RunError
+from shardinfer.plan import Plan, make_plan
+from shardinfer.rundir import RunDir, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# Settings that may change between launches of the same run without changing its results.
+_VOLATILE = {("run", "workers"), ("run", "env"), ("run", "log_interval_s")}
+
+
+def run_dir_for(cfg: Config) -> RunDir:
+    return RunDir(cfg.run.directory or Path("runs") / cfg.name)
+
+
+def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
+    """Plan a new run, or reopen the run of the same config in the run directory."""
+    run_dir = run_dir_for(cfg)
+    if run_dir.run_json.is_file():
+        _check_same_config(run_dir, cfg)
+        log.info("continuing the run in %s", run_dir.path)
+        return run_dir, load_plan(run_dir)
+    log.info("planning %s", run_dir.path)
+    plan = make_plan(cfg, workers)
+    run_dir.make()
+    write_json_atomic(run_dir.plan_json, plan.to_json())
+    write_json_atomic(run_dir.run_json, {"config": config_to_dict(cfg), "created_at": time.time(),
+                                         "planned_workers": workers, "shardinfer": __version__,
+                                         "launches": 0})
+    return run_dir, plan
+
+
+def next_launch(run_dir: RunDir) -> int:
+    """Count a new launch of the run and return its number."""
+    state = read_json(run_dir.run_json)
+    state["launches"] = state.get("launches", 0) + 1
+    write_json_atomic(run_dir.run_json, state)
+    return state["launches"] - 1
+
+
+def load_run(run_dir: RunDir) -> tuple[Config, Plan]:
+    if not run_dir.run_json.is_file():
+        raise RunError(f"{run_dir.path} is not a run directory (no run.json). Start one with `shardinfer run`.")
+    return config_from_dict(read_json(run_dir.run_json)["config"]), load_plan(run_dir)
+
+
+def load_plan(run_dir: RunDir) -> Plan:
+    return Plan.from_json(read_json(run_dir.plan_json))
+
+
+def _check_same_config(run_dir: RunDir, cfg: Config) -> None:
+    saved = read_json(run_dir.run_json)["config"]
+    changed = [key for key in _diff(saved, config_to_dict(cfg)) if tuple(key.split(".")[:2]) not in _VOLATILE]
+    if changed:
+        raise RunError(
+            f"{run_dir.path} holds a run of a different config ({', '.join(changed)} changed). "
+            f"Set run.directory to a new directory for a new run, or remove {run_dir.path}."
+        )
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [k for key in keys for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]

@@ -1,0 +1,244 @@
+"""The worker loop: claim a unit, build prompts, generate, commit the part, next.
+
+Started once per rank (``python -m shardinfer.worker RUN_DIR --rank R --world W``). Every input row
+of a unit comes out as exactly one result row: rows that cannot be prompted or generated are kept
+with status ``failed`` and the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from shardinfer import corpus
+from shardinfer.engines import Completion, Engine, make_engine
+from shardinfer.errors import RunError, ShardinferError
+from shardinfer.ledger import Ledger
+from shardinfer.logs import setup_logging
+from shardinfer.model_info import load_tokenizer
+from shardinfer.plan import Plan, Unit
+from shardinfer.progress import Progress
+from shardinfer.prompts import Prompt, PromptBuilder, template_fields
+from shardinfer.results import result_table
+from shardinfer.rundir import RunDir, write_json_atomic
+from shardinfer.runstate import load_run
+
+log = logging.getLogger("shardinfer.worker")
+
+
+@dataclass
+class UnitRows:
+    rows: list[int] = field(default_factory=list)  # global row indices
+    ids: list[str] = field(default_factory=list)
+    texts: list[Any] = field(default_factory=list)
+    columns: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str | None] = field(default_factory=list)
+
+
+class UnitReader:
+    """Reads a unit's rows from the input files, keeping the last file in memory."""
+
+    def __init__(self, plan: Plan, cfg: Any):
+        self.plan = plan
+        self.cfg = cfg
+        self.extra = corpus.extra_columns(cfg.input, template_fields(cfg.prompt.user))
+        self.offsets = [0]
+        for f in plan.files:
+            self.offsets.append(self.offsets[-1] + f["rows"])
+        self._cached: tuple[int, corpus.Rows] | None = None
+
+    def read(self, unit: Unit) -> UnitRows:
+        out = UnitRows()
+        for file_index, start, end in unit.segments:
+            rows = self._file_rows(file_index)
+            for i in range(start, end):
+                out.rows.append(self.offsets[file_index] + i)
+                out.ids.append(rows.ids[i])
+                out.texts.append(rows.texts[i])
+                out.columns.append({c: rows.columns[c][i] for c in self.extra})
+                out.problems.append(rows.problems[i])
+        return out
+
+    def _file_rows(self, index: int) -> corpus.Rows:
+        if self._cached is None or self._cached[0] != index:
+            info = self.plan.files[index]
+            path = Path(info["path"])
+            _check_unchanged(path, info)
+            rows = corpus.read_rows(path, info["source"], self.cfg.input, self.extra)
+            if len(rows) != info["rows"]:
+                raise RunError(f"{path} now has {len(rows)} rows, the plan has {info['rows']}: "
+                               f"the input changed since the run was planned. Start a new run.")
+            self._cached = (index, rows)
+        return self._cached[1]
+
+
+def _check_unchanged(path: Path, info: dict[str, Any]) -> None:
+    if not path.is_file():
+        raise RunError(f"input file {path} is gone since the run was planned")
+    stat = path.stat()
+    if stat.st_size != info["bytes"] or abs(stat.st_mtime - info["mtime"]) > 1e-3:
+        raise RunError(f"input file {path} changed since the run was planned (size or mtime). "
+                       f"Start a new run (another run.directory) to process the new data.")
+
+
+@dataclass
+class WorkerMetrics:
+    rank: int
+    world: int
+    launch: int
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    started_at: float = field(default_factory=time.time)
+    model_load_s: float = 0.0
+    generation_s: float = 0.0
+    first_generate_at: float | None = None
+    last_generate_end: float | None = None
+    finished_at: float | None = None
+    units: int = 0
+    rows: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    engine: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, run_dir: RunDir, *, rank: int, world: int, launch: int):
+        self.run_dir = run_dir
+        self.rank, self.world = rank, world
+        self.cfg, self.plan = load_run(run_dir)
+        self.metrics = WorkerMetrics(rank=rank, world=world, launch=launch, engine=self.cfg.model.engine)
+        self.ledger = Ledger(run_dir, worker=f"{socket.gethostname()}:{os.getpid()}:rank{rank}")
+        self.engine: Engine | None = None
+        self.builder: PromptBuilder | None = None
+
+    def run(self) -> None:
+        self._load()
+        reader = UnitReader(self.plan, self.cfg)
+        progress = Progress(rank=self.rank, total_rows=self.plan.total_rows,
+                            interval_s=self.cfg.run.log_interval_s)
+        for unit in self._unit_order():
+            if self.ledger.claim(unit.unit):
+                self._process(unit, reader, progress)
+        progress.close()
+        self.metrics.finished_at = time.time()
+        self._save_metrics()
+        log.info("no units left: %d units, %d rows done by this worker", self.metrics.units, self.metrics.rows)
+
+    def _load(self) -> None:
+        start = time.time()
+        self.engine = make_engine(self.cfg, self.plan.max_model_len)
+        self.engine.load()
+        tokenizer = load_tokenizer(self.cfg.model)
+        self.builder = PromptBuilder(self.cfg.prompt, tokenizer, max_model_len=self.plan.max_model_len,
+                                     max_tokens=self.cfg.sampling.max_tokens)
+        self.metrics.model_load_s = time.time() - start
+        self.metrics.versions = self.engine.versions()
+        log.info("model loaded in %.1f s", self.metrics.model_load_s)
+        self._save_metrics()
+
+    def _unit_order(self) -> list[Unit]:
+        """Each rank starts at its own offset, so workers rarely contend for the same claim."""
+        units = self.plan.units
+        start = self.rank * len(units) // max(self.world, 1)
+        return units[start:] + units[:start]
+
+    def _process(self, unit: Unit, reader: UnitReader, progress: Progress) -> None:
+        rows = reader.read(unit)
+        problems = self._row_problems(rows)
+        prompts = self._prompts(rows, problems)
+        completions = self._generate(prompts)
+        table = result_table(rows, problems, prompts, completions, self.cfg.input.passthrough)
+        self.ledger.commit(unit.unit, table, {"attempt": 1, "launch": self.metrics.launch})
+        self._count(table, progress)
+
+    def _row_problems(self, rows: UnitRows) -> list[str | None]:
+        problems = []
+        for row, text, problem, row_id in zip(rows.rows, rows.texts, rows.problems, rows.ids):
+            problem = problem or corpus.text_problem(text, self.cfg.input.text_column)
+            first = self.plan.duplicates.get(row)
+            if problem is None and first is not None:
+                problem = f"duplicate_id: id {row_id!r} is already used by input row {first}"
+            problems.append(problem)
+        return problems
+
+    def _prompts(self, rows: UnitRows, problems: list[str | None]) -> list[Prompt | None]:
+        valid = [i for i, p in enumerate(problems) if p is None]
+        built = self.builder.build([rows.texts[i] for i in valid], [rows.columns[i] for i in valid]) if valid else []
+        prompts: list[Prompt | None] = [None] * len(problems)
+        for i, prompt in zip(valid, built):
+            prompts[i] = prompt
+        return prompts
+
+    def _generate(self, prompts: list[Prompt | None]) -> list[Completion | Exception | None]:
+        todo = [i for i, p in enumerate(prompts) if p is not None and p.token_ids is not None]
+        out: list[Completion | Exception | None] = [None] * len(prompts)
+        if not todo:
+            return out
+        start = time.time()
+        self.metrics.first_generate_at = self.metrics.first_generate_at or start
+        done = generate_isolating(self.engine, [prompts[i].token_ids for i in todo])
+        self.metrics.generation_s += time.time() - start
+        self.metrics.last_generate_end = time.time()
+        if all(isinstance(c, Exception) for c in done):
+            raise RunError(f"the engine failed on every row of the unit: {done[0]!r}") from done[0]
+        for i, c in zip(todo, done):
+            out[i] = c
+        return out
+
+    def _count(self, table: pa.Table, progress: Progress) -> None:
+        prompt_tokens = sum(v or 0 for v in table.column("prompt_tokens").to_pylist())
+        output_tokens = sum(v or 0 for v in table.column("output_tokens").to_pylist())
+        m = self.metrics
+        m.units += 1
+        m.rows += table.num_rows
+        m.prompt_tokens += prompt_tokens
+        m.output_tokens += output_tokens
+        self._save_metrics()
+        progress.update(rows=table.num_rows, tokens_in=prompt_tokens, tokens_out=output_tokens)
+
+    def _save_metrics(self) -> None:
+        write_json_atomic(self.run_dir.worker_metrics(self.metrics.launch, self.rank), self.metrics.__dict__)
+
+
+def generate_isolating(engine: Any, prompts: list[list[int]]) -> list[Completion | Exception]:
+    """Generate a whole batch; if the engine raises, split it to isolate the rows that fail."""
+    try:
+        return list(engine.generate(prompts))
+    except Exception as exc:  # noqa: BLE001 - any engine error is retried on halves, then recorded
+        if len(prompts) == 1:
+            log.warning("engine error on one row: %r", exc)
+            return [exc]
+        log.warning("engine error on a batch of %d rows (%r); splitting it", len(prompts), exc)
+        mid = len(prompts) // 2
+        return generate_isolating(engine, prompts[:mid]) + generate_isolating(engine, prompts[mid:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shardinfer.worker")
+    parser.add_argument("run_dir")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--launch", type=int, default=0)
+    args = parser.parse_args(argv)
+    run_dir = RunDir(args.run_dir)
+    setup_logging(rank=args.rank, world=args.world, log_file=run_dir.worker_log(args.rank))
+    try:
+        Worker(run_dir, rank=args.rank, world=args.world, launch=args.launch).run()
+    except ShardinferError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
