@@ -66,9 +66,12 @@ class ModelConfig:
     tokenizer: str | None = _f(None, help="tokenizer directory; default: model path")
     dtype: str = _f("auto", help="auto | bfloat16 | float16 | float32")
     max_model_len: int | None = _f(None, help="context length; default: the model's")
-    engine_args: dict[str, Any] = _f(
-        {},
-        help="passed through to the engine (vllm.LLM or from_pretrained), e.g. tensor_parallel_size",
+    vllm_args: dict[str, Any] = _f(
+        {}, help="passed through to vllm.LLM, e.g. tensor_parallel_size, quantization, kv_cache_dtype, "
+                 "gpu_memory_utilization (used by engine vllm only)",
+    )
+    hf_args: dict[str, Any] = _f(
+        {}, help="passed through to from_pretrained, e.g. device_map, attn_implementation (engine hf only)"
     )
     hf_batch_tokens: int = _f(
         32768, help="hf engine: token budget of one padded batch (prompt + max_tokens per row)"

@@ -64,7 +64,7 @@ def load_tokenizer(cfg: ModelConfig, *, required: bool = True) -> Any:
         return None
     path = tokenizer_path(cfg)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=bool(cfg.engine_args.get("trust_remote_code")))
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=bool({**cfg.vllm_args, **cfg.hf_args}.get("trust_remote_code")))
     except (OSError, ValueError) as exc:
         if required:
             raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {exc}") from exc

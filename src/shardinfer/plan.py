@@ -193,8 +193,8 @@ def default_workers(cfg: Config) -> int:
     from shardinfer.gpus import visible_gpus
 
     gpus = len(visible_gpus())
-    per_replica = int(cfg.model.engine_args.get("tensor_parallel_size", 1)) * int(
-        cfg.model.engine_args.get("pipeline_parallel_size", 1))
+    per_replica = int(cfg.model.vllm_args.get("tensor_parallel_size", 1)) * int(
+        cfg.model.vllm_args.get("pipeline_parallel_size", 1))
     if cfg.model.engine == "hf":  # one process spreads the model over all GPUs (device_map)
         return 1
     return max(1, gpus // per_replica) if gpus else 1

@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except ShardinferError as exc:
         log.error("%s", exc)
         return 2
+    except Exception:
+        log.exception("worker failed")
+        raise
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from shardinfer.config import ModelConfig, SamplingConfig
 from shardinfer.engines import Completion
-from shardinfer.errors import missing_dependency
+from shardinfer.errors import ConfigError, missing_dependency
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,15 @@ class HfEngine:
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:
             raise missing_dependency("torch and transformers", "hf") from exc
-        args = dict(self.model_cfg.engine_args)
+        args = dict(self.model_cfg.hf_args)
         if "device_map" not in args and torch.cuda.is_available():
             args["device_map"] = "auto"
         dtype = self.model_cfg.dtype if self.model_cfg.dtype == "auto" else getattr(torch, self.model_cfg.dtype)
         log.info("loading transformers model %s (dtype %s, %s)", self.model_cfg.path, self.model_cfg.dtype, args)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=dtype, **args).eval()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=dtype, **args).eval()
+        except TypeError as exc:
+            raise ConfigError(f"model.hf_args: {exc}. Remove or rename that argument.") from exc
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_cfg.tokenizer or self.model_cfg.path)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]

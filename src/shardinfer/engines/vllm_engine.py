@@ -29,14 +29,14 @@ class VllmEngine:
             import vllm
         except ImportError as exc:
             raise missing_dependency("vllm", "vllm") from exc
-        check_engine_args(self.model.engine_args, vllm.EngineArgs)
+        check_engine_args(self.model.vllm_args, vllm.EngineArgs)
         kwargs: dict[str, Any] = {
             "model": self.model.path,
             "tokenizer": self.model.tokenizer or self.model.path,
             "dtype": self.model.dtype,
             "max_model_len": self.max_model_len,
             **({"seed": self.sampling.seed} if self.sampling.seed is not None else {}),
-            **self.model.engine_args,
+            **self.model.vllm_args,
         }
         log.info("loading vLLM %s: %s", vllm.__version__, kwargs)
         self.llm = vllm.LLM(**kwargs)
@@ -77,7 +77,7 @@ def check_engine_args(engine_args: dict[str, Any], engine_args_cls: type) -> Non
         if key not in valid:
             close = difflib.get_close_matches(key, sorted(valid), n=3)
             raise ConfigError(
-                f"model.engine_args.{key}: not an argument of this vLLM version"
+                f"model.vllm_args.{key}: not an argument of this vLLM version"
                 + (f". Did you mean {', '.join(close)}?" if close else ". See vllm.EngineArgs for the list.")
             )
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from shardinfer.config import Config
@@ -78,8 +79,8 @@ def _spawn(run_dir: RunDir, cfg: Config, rank: int, world: int, gpus: list[str],
 def _failure_text(run_dir: RunDir, failures: dict[int, int]) -> str:
     if not failures:
         return ""
-    parts = [f"rank {rank} exited with {_exit_text(code)} (log: {run_dir.worker_log(rank)})"
-             for rank, code in sorted(failures.items())]
+    parts = [f"rank {rank} exited with {_exit_text(code)}{_last_error(run_dir.worker_log(rank))} "
+             f"(log: {run_dir.worker_log(rank)})" for rank, code in sorted(failures.items())]
     return " Workers that failed: " + "; ".join(parts) + "."
 
 
@@ -90,3 +91,18 @@ def _exit_text(code: int) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"code {code}"
+
+
+def _last_error(log_file: Path) -> str:
+    """The first line of the last ERROR record in a worker's log, if any."""
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [line for line in lines if " ERROR " in line]
+    if not errors:
+        return ""
+    message = errors[-1].split(": ", 1)[-1]
+    following = lines[lines.index(errors[-1]) + 1:]
+    detail = next((l for l in reversed(following) if l and not l.startswith(" ")), "")
+    return f": {message}" + (f" ({detail})" if detail and detail != errors[-1] else "")

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up (first time) and run the whole test suite. Extra arguments go to pytest, e.g. -k config.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash jobs/setup.sh
+exec .venv/bin/python -m pytest tests "$@"
