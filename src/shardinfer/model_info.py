@@ -45,9 +45,8 @@ def tokenizer_path(cfg: ModelConfig) -> str:
 
 def check_model_path(cfg: ModelConfig) -> None:
     """A local path that does not exist is a config error, not a hub lookup."""
-    path = Path(cfg.path)
-    looks_local = cfg.path.startswith((".", "/", "~")) or path.exists()
-    if looks_local and not (path / "config.json").is_file():
+    path = Path(cfg.path).expanduser()
+    if _looks_local(cfg.path) and not (path / "config.json").is_file():
         raise ConfigError(
             f"model.path: {cfg.path!r} is not a model directory (no config.json there). "
             f"Point it at a Hugging Face style directory holding config.json and the weights."
@@ -63,6 +62,12 @@ def load_tokenizer(cfg: ModelConfig, *, required: bool = True) -> Any:
             raise missing_dependency("transformers", "hf") from exc
         return None
     path = tokenizer_path(cfg)
+    if _looks_local(path) and not Path(path).expanduser().is_dir():
+        if required:
+            raise ConfigError(f"model.tokenizer: {path!r} is not a directory. Point model.path (or "
+                              f"model.tokenizer) at a directory holding the tokenizer files.")
+        log.warning("no tokenizer at %s; token counts are estimated from characters", path)
+        return None
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=bool({**cfg.vllm_args, **cfg.hf_args}.get("trust_remote_code")))
     except (OSError, ValueError) as exc:
@@ -70,3 +75,8 @@ def load_tokenizer(cfg: ModelConfig, *, required: bool = True) -> Any:
             raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {exc}") from exc
         log.warning("no tokenizer at %s (%s); token counts are estimated from characters", path, exc)
         return None
+
+
+def _looks_local(path: str) -> bool:
+    """A path (not a hub name such as org/model): absolute, relative with ./ or ~, or existing."""
+    return path.startswith((".", "/", "~")) or Path(path).exists()

@@ -2,7 +2,7 @@
 
 The result is a Hugging Face style model directory that vLLM and
 transformers load like any hub checkpoint, small enough (about 0.8M
-parameters, 2 MB) to run on a CPU in tests, demos and benchmarks:
+parameters, 3.3 MB) to run on a CPU in tests, demos and benchmarks:
 
 - a byte-level BPE tokenizer trained in-process on a JSONL corpus, with the
   ChatML special tokens ``<|endoftext|>`` (padding), ``<|im_start|>`` and
@@ -78,7 +78,10 @@ _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 REQUIRED_FILES = _MODEL_FILES + _TOKENIZER_FILES + (STAMP_NAME,)
 
-_INSTALL_HINT = "building the tiny model needs torch, transformers and tokenizers: pip install 'shardinfer[cpu]'"
+_INSTALL_HINT = (
+    "building the tiny model needs torch, transformers and tokenizers: "
+    "pip install 'shardinfer[cpu]'"
+)
 
 
 # --------------------------------------------------------------------------

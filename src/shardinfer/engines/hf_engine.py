@@ -86,9 +86,9 @@ class HfEngine:
         s = self.sampling
         kwargs: dict[str, Any] = {"max_new_tokens": s.max_tokens, "pad_token_id": self.pad_id,
                                   "do_sample": s.temperature > 0}
+        # ignore_eos: EOS may be chosen and generation goes on, as in vLLM (min_new_tokens would
+        # forbid EOS instead and change the greedy tokens).
         kwargs["eos_token_id"] = None if s.ignore_eos else self.eos_ids
-        if s.ignore_eos:
-            kwargs["min_new_tokens"] = s.max_tokens
         if s.temperature > 0:
             kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0)
         else:

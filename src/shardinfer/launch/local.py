@@ -14,6 +14,7 @@ from shardinfer.config import Config
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.gpus import gpu_groups, visible_gpus
 from shardinfer.ledger import Ledger
+from shardinfer.model_info import check_model_path
 from shardinfer.plan import default_workers
 from shardinfer.reduce import reduce_run
 from shardinfer.rundir import RunDir
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 def run_local(cfg: Config) -> tuple[RunDir, dict[str, Any]]:
     """Plan (or reopen) the run, run the workers until no unit is left, reduce, return the report."""
+    check_model_path(cfg.model)
     workers = default_workers(cfg)
     groups = _gpu_groups(workers)
     run_dir, plan = prepare_run(cfg, workers)

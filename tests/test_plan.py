@@ -1,0 +1,126 @@
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shardinfer.config import config_from_dict
+from shardinfer.plan import Plan, cut_units, describe, make_plan, segments_for, token_histogram
+
+
+@given(costs=st.lists(st.integers(min_value=1, max_value=5000), max_size=400),
+       target=st.integers(min_value=1, max_value=20000), max_rows=st.integers(min_value=1, max_value=64))
+def test_cut_units_puts_every_row_in_exactly_one_unit(costs, target, max_rows):
+    ranges = cut_units(costs, target, max_rows)
+    covered = [i for a, b in ranges for i in range(a, b)]
+    assert covered == list(range(len(costs)))
+    for a, b in ranges:
+        assert 1 <= b - a <= max_rows
+        # a unit only goes over the target when a single row does
+        assert sum(costs[a:b]) <= target or b - a == 1 or sum(costs[a:b - 1]) <= target
+    assert cut_units(costs, target, max_rows) == ranges  # deterministic
+
+
+@given(costs=st.lists(st.integers(min_value=1, max_value=300), min_size=50, max_size=400),
+       workers=st.integers(min_value=1, max_value=8))
+def test_units_are_balanced_by_cost_not_rows(costs, workers):
+    target = max(1, sum(costs) // (workers * 8))
+    ranges = cut_units(costs, target, 10_000)
+    unit_costs = [sum(costs[a:b]) for a, b in ranges]
+    # every unit but the last is within one row's cost of the target
+    assert all(target - max(costs) < c <= target + max(costs) for c in unit_costs[:-1])
+
+
+@given(sizes=st.lists(st.integers(min_value=0, max_value=30), min_size=1, max_size=8), data=st.data())
+def test_segments_map_global_rows_onto_files(sizes, data):
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    total = offsets[-1]
+    first = data.draw(st.integers(min_value=0, max_value=total))
+    end = data.draw(st.integers(min_value=first, max_value=total))
+    pieces = segments_for(first, end, offsets)
+    rows = [offsets[f] + i for f, a, b in pieces for i in range(a, b)]
+    assert rows == list(range(first, end))
+    assert all(0 <= a < b <= sizes[f] for f, a, b in pieces)
+
+
+def _write_corpus(tmp_path, lengths, files):
+    per_file = -(-len(lengths) // files) if lengths else 0
+    for f in range(files):
+        chunk = lengths[f * per_file:(f + 1) * per_file]
+        with open(tmp_path / f"part-{f:02d}.jsonl", "w") as fh:
+            for i, n in enumerate(chunk):
+                fh.write(json.dumps({"text": ("word " * n).strip() or None, "n": i}) + "\n")
+
+
+def _cfg(tmp_path, **run):
+    return config_from_dict({
+        "input": {"path": str(tmp_path)},
+        "model": {"path": str(tmp_path / "no-model"), "max_model_len": 600},
+        "sampling": {"max_tokens": 50}, "run": run,
+    })
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(min_value=0, max_value=900), min_size=1, max_size=120),
+       files=st.integers(min_value=1, max_value=4), workers=st.integers(min_value=1, max_value=6))
+def test_make_plan_assigns_every_row_once_for_many_sizes(tmp_path_factory, lengths, files, workers):
+    tmp_path = tmp_path_factory.mktemp("corpus")
+    files = min(files, len(lengths))
+    _write_corpus(tmp_path, lengths, files)
+    plan = make_plan(_cfg(tmp_path), workers)
+    rows = [u.first_row + i for u in plan.units for i in range(u.rows)]
+    assert rows == list(range(len(lengths)))
+    assert plan.total_rows == len(lengths) == sum(f["rows"] for f in plan.files)
+    for u in plan.units:
+        assert sum(b - a for _, a, b in u.segments) == u.rows
+    assert [u.unit for u in plan.units] == list(range(len(plan.units)))
+    again = make_plan(_cfg(tmp_path), workers)
+    assert again.to_json() == plan.to_json()
+
+
+def test_plan_round_trips_and_reports_limits_duplicates_and_problems(tmp_path):
+    with open(tmp_path / "c.jsonl", "w") as fh:
+        for i, n in enumerate([10, 3000, 0, 20, 20]):
+            fh.write(json.dumps({"text": "word " * n, "id": "dup" if i >= 3 else f"r{i}"}) + "\n")
+    cfg = config_from_dict({"input": {"path": str(tmp_path), "id_column": "id"},
+                            "model": {"path": str(tmp_path / "m"), "max_model_len": 600},
+                            "sampling": {"max_tokens": 50}})
+    plan = make_plan(cfg, 2)
+    assert plan.estimate.startswith("characters / 4")
+    assert plan.over_limit == 1 and plan.over_limit_ids == ["r1"]
+    assert plan.duplicates == {4: 3}
+    assert plan.problem_rows == 1  # the empty text
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    text = describe(plan, cfg)
+    assert "rows over the limit (estimated): 1" in text and "duplicate ids (later rows fail): 1" in text
+
+
+def test_plan_uses_the_model_tokenizer_when_present(tmp_path, tiny_model):
+    _write_corpus(tmp_path, [200, 300, 400], 1)
+    cfg = config_from_dict({"input": {"path": str(tmp_path)}, "model": {"path": str(tiny_model)},
+                            "sampling": {"max_tokens": 50}})
+    plan = make_plan(cfg, 1)
+    assert plan.estimate.startswith("tokenizer on a sample of 3 rows")
+    assert plan.max_model_len == 8192  # from the model's config.json
+    assert 0.5 < plan.chars_per_token < 10
+
+
+def test_unit_tokens_and_max_unit_rows_bound_units(tmp_path):
+    _write_corpus(tmp_path, [40] * 100, 1)
+    plan = make_plan(_cfg(tmp_path, unit_tokens=1000, max_unit_rows=7), 1)
+    assert all(u.rows <= 7 for u in plan.units)
+    assert all(u.cost <= 1000 for u in plan.units)
+
+
+def test_token_histogram_buckets():
+    assert token_histogram([]) == []
+    hist = dict(token_histogram([1, 63, 64, 200, 1000]))
+    assert hist["0-63"] == 2 and hist["64-127"] == 1 and hist["128-255"] == 1 and hist["512-1023"] == 1
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_more_workers_mean_more_units(tmp_path, workers):
+    _write_corpus(tmp_path, [40] * 300, 1)
+    assert len(make_plan(_cfg(tmp_path), workers).units) >= 8 * workers

@@ -1,0 +1,245 @@
+"""End to end: the real CLI, real worker processes, real vLLM and transformers on the tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import demo_docs, read_results, run_cli, write_config, write_jsonl, write_parquet
+
+pytestmark = pytest.mark.engine
+
+
+def bad_input_corpus(path: Path) -> tuple[Path, list[str], dict[str, str]]:
+    """A JSONL corpus with every kind of bad row; returns the path, the ids in order, expected statuses."""
+    docs = [{**d, "text": d["text"][:1200]} for d in demo_docs(24)]  # ~300 tokens: fit in 512
+    lines = [
+        json.dumps({"id": "good-0", "text": docs[0]["text"], "meta": 1}),
+        json.dumps({"id": "empty", "text": "", "meta": 2}),
+        json.dumps({"id": "null", "text": None, "meta": 3}),
+        json.dumps({"id": "number", "text": 12345, "meta": 4}),
+        '{"id": "latin1", "text": "caf\xe9 au lait, a drink described at length", "meta": 5}',
+        json.dumps({"id": "huge", "text": docs[1]["text"] * 400, "meta": 6}),
+        json.dumps({"id": "good-0", "text": "a duplicate id", "meta": 7}),
+        '{"id": "broken", "text": "unterminated',
+        json.dumps({"text": "no id here", "meta": 9}),
+    ]
+    lines += [json.dumps({"id": f"doc-{i}", "text": d["text"], "meta": d["title"]}) for i, d in enumerate(docs[2:])]
+    with open(path, "wb") as fh:
+        for line in lines:
+            fh.write(line.encode("latin-1") if line.startswith('{"id": "latin1"') else line.encode())
+            fh.write(b"\n")
+    ids = ["good-0", "empty", "null", "number", "latin1", "huge", "good-0", f"{path.name}:7", f"{path.name}:8"]
+    ids += [f"doc-{i}" for i in range(len(docs) - 2)]
+    expected = {"empty": "failed", "null": "failed", "number": "failed", "huge": "truncated",
+                f"{path.name}:7": "failed", f"{path.name}:8": "failed"}
+    return path, ids, expected
+
+
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory, tiny_model, engine_env):
+    tmp = tmp_path_factory.mktemp("bad")
+    corpus, ids, expected = bad_input_corpus(tmp / "docs.jsonl")
+    config = write_config(tmp / "bad.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "run",
+                          input={"path": str(corpus), "id_column": "id", "passthrough": ["meta"]},
+                          run={"directory": str(tmp / "run"), "workers": 2, "unit_tokens": 1500,
+                               "env": {"OMP_NUM_THREADS": "1"}})
+    proc = run_cli(["run", str(config)], engine_env)
+    return proc, tmp / "run", ids, expected, config
+
+
+def test_run_gives_one_result_row_per_input_row_in_order(bad_run):
+    proc, run_dir, ids, expected, _ = bad_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_results(run_dir)
+    assert [r["id"] for r in rows] == ids
+    assert list(rows[0]) == ["id", "output", "status", "error", "prompt_tokens", "output_tokens",
+                             "finish_reason", "meta"]
+    for i, r in enumerate(rows):
+        want = "failed" if i == 6 else expected.get(r["id"], "ok")
+        assert r["status"] == want, (i, r)
+        if r["status"] == "failed":
+            assert r["error"] and r["output"] is None and r["finish_reason"] is None
+        else:
+            assert r["error"] is None and isinstance(r["output"], str)
+            assert 0 < r["prompt_tokens"] <= 512 - 16 and 0 < r["output_tokens"] <= 16
+            assert r["finish_reason"] in ("stop", "length")
+    reasons = {r["id"] if i != 6 else "dup": (r["error"] or "").split(":")[0] for i, r in enumerate(rows)}
+    assert reasons["empty"] == "empty_text" and reasons["null"] == "empty_text"
+    assert reasons["number"] == "not_text" and reasons["dup"] == "duplicate_id"
+    assert reasons[f"docs.jsonl:7"] == "bad_json" and reasons["docs.jsonl:8"] == "missing_id"
+    assert rows[4]["status"] == "ok" and rows[4]["id"] == "latin1"  # invalid UTF-8 replaced, not dropped
+
+
+def test_pass_through_column_of_mixed_types_survives(bad_run):
+    _, run_dir, *_ = bad_run
+    rows = read_results(run_dir)
+    assert [r["meta"] for r in rows[:7]] == ["1", "2", "3", "4", "5", "6", "7"]
+    assert rows[9]["meta"] == demo_docs(3)[2]["title"]
+
+
+def test_report_counts_match_the_results(bad_run):
+    proc, run_dir, *_ = bad_run
+    rows = read_results(run_dir)
+    report = json.loads((run_dir / "report.json").read_text())
+    count = {s: sum(r["status"] == s for r in rows) for s in ("ok", "truncated", "failed")}
+    assert report["rows"] == {"in": len(rows), **count}
+    assert report["rows"]["in"] == sum(count.values())
+    assert report["tokens"]["prompt"] == sum(r["prompt_tokens"] or 0 for r in rows)
+    assert report["tokens"]["output"] == sum(r["output_tokens"] or 0 for r in rows)
+    assert report["failed_by_reason"] == {"bad_json": 1, "duplicate_id": 1, "empty_text": 2,
+                                          "missing_id": 1, "not_text": 1}
+    assert len(report["workers"]) == 2 and sum(w["rows"] for w in report["workers"]) == len(rows)
+    assert all(w["model_load_s"] > 0 and w["tokens_per_s"]["total"] > 0 for w in report["workers"])
+    assert report["tokens_per_s"]["total"] > 0 and report["time_s"]["generation"] > 0
+    assert report["versions"]["vllm"] and report["model"]["engine"] == "vllm"
+    md = (run_dir / "report.md").read_text()
+    assert "| rows in | ok | truncated | failed |" in md and "tokens/s (wall)" in md
+    assert f"results: {(run_dir / 'results').resolve()}" in proc.stdout
+    assert "report.md" in proc.stdout
+
+
+def test_rerun_of_a_finished_run_redoes_nothing(bad_run, engine_env):
+    _, run_dir, _, _, config = bad_run
+    before = sorted(p.name for p in (run_dir / "metrics").iterdir())
+    proc = run_cli(["run", str(config)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / "metrics").iterdir()) == before
+
+
+def test_rerun_with_another_config_is_refused(bad_run, engine_env):
+    _, run_dir, _, _, config = bad_run
+    proc = run_cli(["run", str(config), "sampling.max_tokens=8"], engine_env)
+    assert proc.returncode == 1
+    assert "holds a run of a different config (sampling.max_tokens changed)" in proc.stderr
+    assert "Set run.directory to a new directory" in proc.stderr
+
+
+def test_plan_shows_units_histogram_and_limits_without_a_model_load(bad_run, engine_env, tmp_path):
+    _, _, _, _, config = bad_run
+    proc = run_cli(["plan", str(config), f"run.directory={tmp_path / 'never'}"], engine_env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "# resolved config" in out and "max_model_len: 512" in out
+    assert "units:" in out and "unit      0: rows 0-" in out
+    assert "estimated prompt tokens per row:" in out
+    assert "rows over the limit (estimated): 1" in out and "huge" in out
+    assert "duplicate ids (later rows fail): 1" in out
+    assert not (tmp_path / "never").exists()
+    assert "vllm" not in proc.stderr.lower()  # no engine was started
+
+
+def test_missing_text_column_fails_before_any_work(tmp_path, tiny_model, engine_env):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"body": "x"}])
+    config = write_config(tmp_path / "c.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / "run")
+    proc = run_cli(["run", str(config)], engine_env)
+    assert proc.returncode == 2
+    assert "input.text_column: column 'text' is not in" in proc.stderr and "Columns found: body" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_vllm_and_hf_give_the_same_greedy_tokens_in_float32(tmp_path, tiny_model, engine_env):
+    docs = demo_docs(10, offset=30)
+    corpus = write_parquet(tmp_path / "docs.parquet", [{"text": d["text"][:1000], "title": d["title"]} for d in docs])
+    outputs = {}
+    for engine in ("vllm", "hf"):
+        config = write_config(tmp_path / f"{engine}.yaml", corpus=corpus, model_dir=tiny_model,
+                              run_dir=tmp_path / engine, model={"engine": engine},
+                              sampling={"max_tokens": 24, "ignore_eos": True},
+                              prompt={"user": "About {title}: {text}"})
+        proc = run_cli(["run", str(config)], engine_env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[engine] = read_results(tmp_path / engine)
+    assert len(outputs["vllm"]) == len(outputs["hf"]) == 10
+    for v, h in zip(outputs["vllm"], outputs["hf"]):
+        assert v["status"] == h["status"] == "ok"
+        assert v["output_tokens"] == h["output_tokens"] == 24
+        assert v["prompt_tokens"] == h["prompt_tokens"]
+        assert v["output"] == h["output"] and len(v["output"]) > 0
+    assert len({r["output"] for r in outputs["vllm"]}) > 1  # not one constant answer
+
+
+def test_hf_engine_on_csv_with_too_long_rows_failing(tmp_path, tiny_model, engine_env):
+    docs = demo_docs(6)
+    corpus = tmp_path / "docs.csv"
+    with open(corpus, "w", newline="") as fh:
+        import csv
+        writer = csv.writer(fh)
+        writer.writerow(["text", "n"])
+        writer.writerows([[d["text"][:300], i] for i, d in enumerate(docs)] + [[docs[0]["text"] * 20, 99]])
+    config = write_config(tmp_path / "c.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / "run",
+                          model={"engine": "hf"}, prompt={"too_long": "fail"}, input={"path": str(corpus),
+                                                                                     "passthrough": ["n"]})
+    proc = run_cli(["run", str(config)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_results(tmp_path / "run")
+    assert [r["id"] for r in rows] == [f"docs.csv:{i}" for i in range(7)]
+    assert [r["status"] for r in rows] == ["ok"] * 6 + ["failed"]
+    assert rows[6]["error"].startswith("too_long: prompt has") and rows[6]["n"] == "99"
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["versions"]["transformers"]
+
+
+def _claims(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for p in (run_dir / "claims").glob("unit-*.json"):
+        try:
+            out[int(p.stem.split("-")[1])] = json.loads(p.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue  # being written
+    return out
+
+
+def _kill_a_worker_mid_unit(run_dir: Path, deadline: float) -> int:
+    """Wait for the first committed unit, then kill -9 a worker that holds an unfinished claim."""
+    while time.time() < deadline:
+        done = {int(p.stem.split("-")[1]) for p in (run_dir / "done").glob("unit-*.json")} if (
+            run_dir / "done").is_dir() else set()
+        busy = [c for u, c in _claims(run_dir).items() if u not in done]
+        if done and busy:
+            pid = int(busy[0]["worker"].split(":")[1])
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(0.05)
+    raise AssertionError("no worker was found mid-unit")
+
+
+def test_kill_9_of_a_worker_loses_nothing_and_a_rerun_finishes_identically(tmp_path, tiny_model, engine_env):
+    docs = demo_docs(160)
+    corpus = write_jsonl(tmp_path / "docs.jsonl", [{"text": d["text"], "id": d["id"]} for d in docs])
+    common = dict(corpus=corpus, model_dir=tiny_model, input={"path": str(corpus), "id_column": "id"},
+                  sampling={"max_tokens": 96, "ignore_eos": True})
+    killed = write_config(tmp_path / "k.yaml", run_dir=tmp_path / "k", **common,
+                          run={"directory": str(tmp_path / "k"), "workers": 2, "unit_tokens": 6000,
+                               "env": {"OMP_NUM_THREADS": "1"}})
+    launcher = subprocess.Popen([sys.executable, "-m", "shardinfer.cli", "run", str(killed)], env=engine_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _kill_a_worker_mid_unit(tmp_path / "k", time.time() + 300)
+    out, err = launcher.communicate(timeout=600)
+    assert launcher.returncode == 1, err[-3000:]
+    assert "exited with signal SIGKILL" in err and "Run the same command again" in err
+    run_dir = tmp_path / "k"
+    assert not (run_dir / "results").exists()
+    done = {p.stem for p in (run_dir / "done").glob("unit-*.json")}
+    for part in (run_dir / "parts").glob("unit-*.parquet"):  # every visible part is complete and recorded
+        assert part.stem in done
+        assert pq.read_table(part).num_rows == json.loads((run_dir / "done" / f"{part.stem}.json").read_text())["rows"]
+
+    proc = run_cli(["run", str(killed)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "will be redone" in proc.stderr
+    resumed = read_results(run_dir)
+    assert [r["id"] for r in resumed] == [d["id"] for d in docs]
+
+    clean = write_config(tmp_path / "c.yaml", run_dir=tmp_path / "c", **common,
+                         run={"directory": str(tmp_path / "c"), "workers": 1, "env": {"OMP_NUM_THREADS": "1"}})
+    proc = run_cli(["run", str(clean)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    uninterrupted = read_results(tmp_path / "c")
+    assert [(r["id"], r["output"], r["status"]) for r in resumed] == \
+        [(r["id"], r["output"], r["status"]) for r in uninterrupted]
