@@ -12,7 +12,7 @@ import logging
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,7 +66,7 @@ def reduce_run(run_dir: RunDir) -> dict[str, Any]:
 
 def _result_schema(run_dir: RunDir, plan: Any) -> pa.Schema:
     """One schema for all parts; pass-through columns whose types disagree become strings."""
-    schemas = [pq.read_schema(run_dir.part(u.unit)) for u in plan.units]
+    schemas = [_read_part(run_dir, u.unit, pq.read_schema) for u in plan.units]
     try:
         unified = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -108,17 +108,23 @@ def _write_results(run_dir: RunDir, plan: Any, done: dict[int, Any], schema: pa.
     return totals
 
 
-def _checked_part(run_dir: RunDir, unit: Any, record: dict[str, Any]) -> pa.Table:
-    path = run_dir.part(unit.unit)
-    fix = (f"Delete {run_dir.done_record(unit.unit)} and {path} and run again to redo the unit.")
+def _read_part(run_dir: RunDir, unit: int, reader: Callable[[Any], Any]) -> Any:
     try:
-        table = pq.read_table(path)
+        return reader(run_dir.part(unit))
     except (OSError, pa.ArrowInvalid) as exc:
-        raise RunError(f"part of unit {unit.unit} is unreadable ({exc}). {fix}") from exc
+        raise RunError(f"part of unit {unit} is unreadable ({exc}). {_redo_hint(run_dir, unit)}") from exc
+
+
+def _redo_hint(run_dir: RunDir, unit: int) -> str:
+    return f"Delete {run_dir.done_record(unit)} and {run_dir.part(unit)} and run again to redo the unit."
+
+
+def _checked_part(run_dir: RunDir, unit: Any, record: dict[str, Any]) -> pa.Table:
+    table = _read_part(run_dir, unit.unit, pq.read_table)
     expected = list(range(unit.first_row, unit.first_row + unit.rows))
     if table.column(ROW).to_pylist() != expected or record.get("rows") != unit.rows:
         raise RunError(f"part of unit {unit.unit} does not hold rows {unit.first_row}-"
-                       f"{unit.first_row + unit.rows - 1} once each. {fix}")
+                       f"{unit.first_row + unit.rows - 1} once each. {_redo_hint(run_dir, unit.unit)}")
     return table
 
 

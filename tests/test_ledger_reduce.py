@@ -1,0 +1,134 @@
+"""Claims, atomic commits and the reducer's checks, on a real run directory (no engine needed)."""
+
+import json
+import multiprocessing as mp
+
+import pyarrow.parquet as pq
+import pytest
+
+from shardinfer.config import config_from_dict
+from shardinfer.engines import Completion
+from shardinfer.errors import RunError
+from shardinfer.ledger import Ledger
+from shardinfer.prompts import Prompt
+from shardinfer.reduce import reduce_run
+from shardinfer.results import result_table
+from shardinfer.rundir import RunDir
+from shardinfer.runstate import prepare_run
+from shardinfer.worker import UnitRows, generate_isolating
+
+
+def _claim_all(run_dir: str, units: int, queue) -> None:
+    ledger = Ledger(RunDir(run_dir))
+    queue.put([u for u in range(units) if ledger.claim(u)])
+
+
+def test_racing_processes_never_claim_a_unit_twice(tmp_path):
+    run_dir = RunDir(tmp_path)
+    run_dir.make()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(str(tmp_path), 300, queue)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    claimed = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join()
+    flat = sorted(u for c in claimed for u in c)
+    assert flat == list(range(300))
+
+
+@pytest.fixture
+def planned(tmp_path):
+    with open(tmp_path / "c.jsonl", "w") as fh:
+        for i in range(40):
+            fh.write(json.dumps({"text": f"document {i} " * (5 + i % 7), "id": f"d{i}"}) + "\n")
+    cfg = config_from_dict({"input": {"path": str(tmp_path / "c.jsonl"), "id_column": "id"},
+                            "model": {"path": str(tmp_path / "m"), "max_model_len": 256},
+                            "sampling": {"max_tokens": 8}, "run": {"directory": str(tmp_path / "run"),
+                                                                    "unit_tokens": 200}})
+    run_dir, plan = prepare_run(cfg, 2)
+    return run_dir, plan
+
+
+def _commit(run_dir, unit, rows=None):
+    """Commit a unit with made-up completions (the reducer is what is under test)."""
+    n = rows if rows is not None else unit.rows
+    ur = UnitRows(rows=list(range(unit.first_row, unit.first_row + n)), ids=[f"d{i}" for i in range(n)],
+                  columns=[{} for _ in range(n)])
+    prompts = [Prompt([1, 2, 3]) for _ in range(n)]
+    completions = [Completion([4, 5], "out", "length") for _ in range(n)]
+    Ledger(run_dir).commit(unit.unit, result_table(ur, [None] * n, prompts, completions, []), {"attempt": 1})
+
+
+def test_reduce_merges_committed_parts_in_input_order(planned):
+    run_dir, plan = planned
+    assert len(plan.units) > 3
+    for unit in reversed(plan.units):
+        _commit(run_dir, unit)
+    report = reduce_run(run_dir)
+    table = pq.read_table(run_dir.results)
+    assert table.num_rows == 40 and report["rows"] == {"in": 40, "ok": 40, "truncated": 0, "failed": 0}
+    assert report["tokens"] == {"prompt": 120, "output": 80, "total": 200}
+    assert "_row" not in table.column_names
+
+
+def test_reduce_refuses_missing_units_and_ignores_uncommitted_parts(planned):
+    run_dir, plan = planned
+    for unit in plan.units[1:]:
+        _commit(run_dir, unit)
+    # a crash mid-write leaves only a temporary file; a crash before the done record leaves a part
+    (run_dir.parts / ".unit-000000.parquet.tmp-123").write_bytes(b"PAR1 half")
+    with pytest.raises(RunError, match=r"1 of \d+ units are not done \(units 0\)"):
+        reduce_run(run_dir)
+    assert not run_dir.results.exists()
+    released = Ledger(run_dir).release_unfinished_claims()
+    assert released == [] and not list(run_dir.parts.glob(".unit-*"))
+
+
+def test_reduce_detects_a_part_with_the_wrong_rows(planned):
+    run_dir, plan = planned
+    for unit in plan.units:
+        _commit(run_dir, unit, rows=unit.rows - 1 if unit.unit == 2 else None)
+    with pytest.raises(RunError, match="part of unit 2 does not hold rows .* Delete .*unit-000002"):
+        reduce_run(run_dir)
+
+
+def test_reduce_detects_a_corrupt_part(planned):
+    run_dir, plan = planned
+    for unit in plan.units:
+        _commit(run_dir, unit)
+    run_dir.part(1).write_bytes(run_dir.part(1).read_bytes()[:50])
+    with pytest.raises(RunError, match="part of unit 1 is unreadable"):
+        reduce_run(run_dir)
+
+
+def test_a_claim_of_a_dead_worker_is_released_on_the_next_launch(planned):
+    run_dir, plan = planned
+    ledger = Ledger(run_dir)
+    assert ledger.claim(0) and not ledger.claim(0)
+    _commit(run_dir, plan.units[1])
+    assert ledger.release_unfinished_claims() == [0]
+    assert ledger.claim(0)
+    assert not ledger.claim(1)  # done units are never claimed again
+
+
+class FlakyEngine:
+    """Raises on any batch holding the poisoned prompt, like an engine rejecting one bad request."""
+
+    def __init__(self, poisoned):
+        self.poisoned = poisoned
+        self.calls = 0
+
+    def generate(self, prompts):
+        self.calls += 1
+        if self.poisoned in prompts:
+            raise ValueError("request rejected")
+        return [Completion(p, "ok", "length") for p in prompts]
+
+
+def test_an_engine_error_fails_only_the_row_that_causes_it():
+    prompts = [[i] for i in range(16)]
+    out = generate_isolating(FlakyEngine([5]), prompts)
+    assert [isinstance(o, Exception) for o in out] == [i == 5 for i in range(16)]
+    assert [o.token_ids for o in out if not isinstance(o, Exception)] == [[i] for i in range(16) if i != 5]
