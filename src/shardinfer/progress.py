@@ -17,10 +17,12 @@ class Progress:
         self.rows = self.units = self.tokens_in = self.tokens_out = 0
         self.start = self.last_line = time.monotonic()
         self.bar: Any = None
+        log.debug("stderr is a terminal: %s", sys.stderr.isatty())
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_rows, desc=f"worker {rank}", position=rank, unit="row",
+            # Workers claim units dynamically, so a worker's share is unknown: count without a total.
+            self.bar = tqdm(desc=f"worker {rank} (of {total_rows} rows in the run)", position=rank, unit="row",
                             dynamic_ncols=True, leave=True)
 
     def update(self, *, rows: int, tokens_in: int, tokens_out: int) -> None:
