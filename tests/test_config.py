@@ -116,3 +116,14 @@ def test_every_field_is_documented():
     assert len(rows) > 30
     assert all(text for _, _, text in rows)
     assert ("model.path", "required") == rows[[k for k, _, _ in rows].index("model.path")][:2]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    assert load_config(path).model.path
+
+
+def test_readme_documents_every_config_key():
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key, _, _ in field_help() if f"`{key}`" not in readme]
+    assert missing == [], "README config reference is out of date: run `shardinfer config-reference`"

@@ -63,7 +63,8 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
     print("| key | default | meaning |\n|---|---|---|")
     for key, default, text in field_help():
-        print(f"| `{key}` | `{default}` | {text} |")
+        cell = text.replace("|", r"\|")
+        print(f"| `{key}` | `{default}` | {cell} |")
     return 0
 
 

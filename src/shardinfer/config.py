@@ -64,7 +64,7 @@ class ModelConfig:
     path: str = _f(help="model directory (Hugging Face layout) or name")
     engine: Literal["vllm", "hf"] = _f("vllm", help="vllm: vllm.LLM in-process; hf: transformers generate")
     tokenizer: str | None = _f(None, help="tokenizer directory; default: model path")
-    dtype: str = _f("auto", help="auto | bfloat16 | float16 | float32")
+    dtype: str = _f("auto", help="auto, bfloat16, float16 or float32")
     max_model_len: int | None = _f(None, help="context length; default: the model's")
     vllm_args: dict[str, Any] = _f(
         {}, help="passed through to vllm.LLM, e.g. tensor_parallel_size, quantization, kv_cache_dtype, "
