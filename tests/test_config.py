@@ -127,3 +127,10 @@ def test_readme_documents_every_config_key():
     readme = (REPO / "README.md").read_text()
     missing = [key for key, _, _ in field_help() if f"`{key}`" not in readme]
     assert missing == [], "README config reference is out of date: run `shardinfer config-reference`"
+
+
+def test_pass_through_may_not_shadow_a_results_column():
+    with pytest.raises(ConfigError, match="input.passthrough: 'status' is a results column already"):
+        build(input__passthrough=["lang", "status"])
+    with pytest.raises(ConfigError, match="the id column is the results' id"):
+        build(input__passthrough=["id"], input__id_column="id")

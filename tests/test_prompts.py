@@ -86,3 +86,19 @@ def test_batch_keeps_order_and_mixes_fits_and_truncations(tokenizer):
     assert [p.truncated for p in prompts] == [False, True, False, False]
     assert "a b c" in tokenizer.decode(prompts[0].token_ids)
     assert "d e f" in tokenizer.decode(prompts[2].token_ids)
+
+
+def test_a_row_whose_template_fails_is_failed_alone(tokenizer, monkeypatch):
+    b = builder(tokenizer, user="{text} / {title}")
+    real = tokenizer.apply_chat_template
+
+    def picky(messages, **kw):
+        if "BAD" in messages[-1]["content"]:
+            raise ValueError("template refused this row")
+        return real(messages, **kw)
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", picky)
+    prompts = b.build(["fine", "BAD row", "also fine"], [{"title": "t"}, {"title": "t"}, {"title": None}])
+    assert prompts[0].problem is None and prompts[2].problem is None
+    assert prompts[1].problem == "prompt_error: ValueError: template refused this row"
+    assert tokenizer.decode(prompts[2].token_ids).count("also fine / ") == 1  # a null column renders empty

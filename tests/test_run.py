@@ -243,3 +243,33 @@ def test_kill_9_of_a_worker_loses_nothing_and_a_rerun_finishes_identically(tmp_p
     uninterrupted = read_results(tmp_path / "c")
     assert [(r["id"], r["output"], r["status"]) for r in resumed] == \
         [(r["id"], r["output"], r["status"]) for r in uninterrupted]
+
+
+def test_empty_corpus_gives_an_empty_result_set(tmp_path, tiny_model, engine_env):
+    corpus = write_jsonl(tmp_path / "empty.jsonl", [])
+    config = write_config(tmp_path / "c.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / "run",
+                          input={"path": str(corpus), "passthrough": ["lang"]})
+    proc = run_cli(["run", str(config)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = pq.read_table(tmp_path / "run" / "results")
+    assert table.num_rows == 0
+    assert table.column_names == ["id", "output", "status", "error", "prompt_tokens", "output_tokens",
+                                  "finish_reason", "lang"]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["rows"]["in"] == 0
+
+
+def test_template_columns_include_the_id_and_tolerate_missing_values(tmp_path, tiny_model, engine_env):
+    corpus = write_jsonl(tmp_path / "d.jsonl", [{"key": "a", "title": "First", "body": "one two three"},
+                                                {"key": "b", "body": "four five six"}])
+    config = write_config(tmp_path / "c.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / "run",
+                          model={"engine": "hf"}, prompt={"mode": "raw", "user": "[{key}] {title}: {text}"},
+                          input={"path": str(corpus), "text_column": "body", "id_column": "key",
+                                 "passthrough": ["title"]})
+    proc = run_cli(["run", str(config)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_results(tmp_path / "run")
+    assert [(r["id"], r["status"], r["title"]) for r in rows] == [("a", "ok", "First"), ("b", "ok", None)]
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert rows[0]["prompt_tokens"] == len(tok("[a] First: one two three")["input_ids"])
+    assert rows[1]["prompt_tokens"] == len(tok("[b] : four five six")["input_ids"])

@@ -163,6 +163,14 @@ def _check_values(config: Config) -> None:
         raise ConfigError(f"sampling.temperature: must be >= 0, got {config.sampling.temperature}")
     if not 0 < config.sampling.top_p <= 1:
         raise ConfigError(f"sampling.top_p: must be in (0, 1], got {config.sampling.top_p}")
+    reserved = {"id", "output", "status", "error", "prompt_tokens", "output_tokens", "finish_reason", "_row"}
+    for name in config.input.passthrough:
+        if name in reserved:
+            raise ConfigError(
+                f"input.passthrough: {name!r} is a results column already. Remove it"
+                + (" (the id column is the results' id)" if name == config.input.id_column else "")
+                + f"; results columns are: {', '.join(sorted(reserved - {'_row'}))}."
+            )
     max_len = config.model.max_model_len
     if max_len is not None and config.sampling.max_tokens >= max_len:
         raise ConfigError(

@@ -104,17 +104,26 @@ def needed_columns(cfg: InputConfig, template_fields: list[str]) -> list[str]:
 
 
 def extra_columns(cfg: InputConfig, template_fields: list[str]) -> list[str]:
-    """Columns read besides text and id: pass-through and prompt-template columns."""
-    return [c for c in needed_columns(cfg, template_fields) if c not in (cfg.text_column, cfg.id_column)]
+    """Columns kept per row besides the text: pass-through and prompt-template columns."""
+    names = list(cfg.passthrough) + [f for f in template_fields if f != "text"]
+    return list(dict.fromkeys(names))
 
 
 def check_columns(files: list[Path], cfg: InputConfig, template_fields: list[str]) -> None:
-    """Fail before the run when a configured column exists in no row of the first file."""
-    found = _peek_columns(files[0], file_format(files[0], cfg.format))
+    """Fail before the run when a configured column is in none of the first file's rows.
+
+    The first file with any column is checked; a corpus of empty files has nothing to check.
+    """
+    for path in files:
+        found = _peek_columns(path, file_format(path, cfg.format))
+        if found:
+            break
+    else:
+        return
     for key, name in _configured_columns(cfg, template_fields):
         if name not in found:
             raise ConfigError(
-                f"{key}: column {name!r} is not in {str(files[0])!r}. Columns found: "
+                f"{key}: column {name!r} is not in {str(path)!r}. Columns found: "
                 f"{', '.join(sorted(found)) or '(none)'}. Set {key} to one of them."
             )
 
@@ -124,7 +133,7 @@ def _configured_columns(cfg: InputConfig, template_fields: list[str]) -> list[tu
     if cfg.id_column:
         pairs.append(("input.id_column", cfg.id_column))
     pairs += [("input.passthrough", c) for c in cfg.passthrough]
-    pairs += [("prompt.user", c) for c in template_fields if c != "text"]
+    pairs += [("prompt.user", c) for c in template_fields if c != "text" and c != cfg.text_column]
     return pairs
 
 

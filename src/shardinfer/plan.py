@@ -47,6 +47,7 @@ class Plan:
     over_limit: int = 0
     over_limit_ids: list[str] = field(default_factory=list)
     problem_rows: int = 0
+    replaced_utf8: int = 0  # rows whose invalid UTF-8 bytes were replaced with U+FFFD
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -117,6 +118,7 @@ def make_plan(cfg: Config, workers: int) -> Plan:
         chars_per_token=round(cpt, 4), estimate=estimate, duplicates=scan.duplicates,
         histogram=token_histogram([t for t in prompt_tokens if t]), over_limit=len(over),
         over_limit_ids=[scan.ids[i] for i in over[:20]], problem_rows=scan.problem_rows,
+        replaced_utf8=scan.replaced_utf8,
     )
 
 
@@ -129,6 +131,8 @@ class _Scan:
     duplicates: dict[int, int] = field(default_factory=dict)
     sample: list[str] = field(default_factory=list)
     problem_rows: int = 0
+    replaced_utf8: int = 0
+    sample_chars: int = 0
 
 
 def _scan(files: list[Path], cfg: Config, fields: list[str]) -> _Scan:
@@ -138,6 +142,7 @@ def _scan(files: list[Path], cfg: Config, fields: list[str]) -> _Scan:
     for path, name in zip(files, scan.names):
         rows = corpus.read_rows(path, name, cfg.input, extra)
         scan.rows_per_file.append(len(rows))
+        scan.replaced_utf8 += rows.replaced_utf8
         for text, row_id, problem in zip(rows.texts, rows.ids, rows.problems):
             _scan_row(scan, first_seen, text, row_id, problem, cfg.input.text_column)
     return scan
@@ -154,8 +159,9 @@ def _scan_row(scan: _Scan, first_seen: dict[str, int], text: Any, row_id: str,
         scan.duplicates[index] = first_seen[row_id]
     else:
         first_seen[row_id] = index
-    if not bad and len(scan.sample) < _SAMPLE_ROWS and sum(map(len, scan.sample)) < _SAMPLE_CHARS:
+    if not bad and len(scan.sample) < _SAMPLE_ROWS and scan.sample_chars < _SAMPLE_CHARS:
         scan.sample.append(text)
+        scan.sample_chars += len(text)
 
 
 def _chars_per_token(cfg: Config, sample: list[str]) -> tuple[float, str]:
@@ -218,6 +224,7 @@ def describe(plan: Plan, cfg: Config) -> str:
         lines.append("  e.g. " + ", ".join(plan.over_limit_ids[:10]))
     lines.append(f"rows that will fail on input (empty, not text, unreadable): {plan.problem_rows}")
     lines.append(f"duplicate ids (later rows fail): {len(plan.duplicates)}")
+    lines.append(f"rows with invalid UTF-8 replaced by U+FFFD: {plan.replaced_utf8}")
     return os.linesep.join(lines)
 
 

@@ -58,10 +58,15 @@ class PromptBuilder:
     def build(self, texts: list[str], columns: list[dict[str, Any]]) -> list[Prompt]:
         """Prompts for a batch of valid rows (texts are non-empty strings)."""
         huge = [len(t) > self.limit * _CHARS_PER_TOKEN_BOUND for t in texts]
-        rendered = [self.render(t, c) for t, c, h in zip(texts, columns, huge) if not h]
-        encoded = iter(self._encode(rendered) if rendered else [])
+        rendered: list[str | Exception | None] = [
+            None if h else self._try_render(t, c) for t, c, h in zip(texts, columns, huge)]
+        ok = [r for r in rendered if isinstance(r, str)]
+        encoded = iter(self._encode(ok) if ok else [])
         prompts = []
-        for text, cols, is_huge in zip(texts, columns, huge):
+        for text, cols, is_huge, r in zip(texts, columns, huge, rendered):
+            if isinstance(r, Exception):
+                prompts.append(Prompt(None, problem=f"prompt_error: {type(r).__name__}: {r}"))
+                continue
             ids = None if is_huge else next(encoded)
             if ids is not None and len(ids) <= self.limit:
                 prompts.append(Prompt(ids))
@@ -69,8 +74,15 @@ class PromptBuilder:
                 prompts.append(self._too_long(text, cols, len(ids) if ids else None))
         return prompts
 
+    def _try_render(self, text: str, columns: dict[str, Any]) -> str | Exception:
+        try:
+            return self.render(text, columns)
+        except Exception as exc:  # noqa: BLE001 - a template error fails this row only
+            return exc
+
     def render(self, text: str, columns: dict[str, Any]) -> str:
-        user = self.cfg.user.format_map({**columns, "text": text})
+        values = {k: "" if v is None else v for k, v in columns.items()}
+        user = self.cfg.user.format_map({**values, "text": text})
         if self.cfg.mode == "raw":
             return user
         messages = [{"role": "user", "content": user}]

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from shardinfer.errors import RunError
 from shardinfer.ledger import Ledger
 from shardinfer.report import build_report, write_report
-from shardinfer.results import ROW
+from shardinfer.results import ROW, empty_result_schema
 from shardinfer.rundir import RunDir
 from shardinfer.runstate import load_run
 
@@ -56,7 +56,7 @@ def reduce_run(run_dir: RunDir) -> dict[str, Any]:
             f"{len(missing)} of {len(plan.units)} units are not done (units {_few(missing)}); "
             f"see {run_dir.logs} for the workers' errors. Run the same command again to finish them."
         )
-    schema = _result_schema(run_dir, plan)
+    schema = _result_schema(run_dir, plan, cfg.input.passthrough)
     totals = _write_results(run_dir, plan, done, schema)
     _check_counts(totals, plan.total_rows)
     report = build_report(cfg, plan, run_dir, totals)
@@ -64,9 +64,11 @@ def reduce_run(run_dir: RunDir) -> dict[str, Any]:
     return report
 
 
-def _result_schema(run_dir: RunDir, plan: Any) -> pa.Schema:
+def _result_schema(run_dir: RunDir, plan: Any, passthrough: list[str]) -> pa.Schema:
     """One schema for all parts; pass-through columns whose types disagree become strings."""
     schemas = [_read_part(run_dir, u.unit, pq.read_schema) for u in plan.units]
+    if not schemas:  # an empty corpus still gets a (empty) result set with the contract's columns
+        return empty_result_schema(passthrough)
     try:
         unified = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -101,7 +103,9 @@ def _write_results(run_dir: RunDir, plan: Any, done: dict[int, Any], schema: pa.
             file_index, in_file = file_index + 1, 0
         writer.write_table(_conform(table.drop_columns([ROW]), schema))
         in_file += table.num_rows
-    if writer is not None:
+    if writer is None:
+        pq.write_table(schema.empty_table(), tmp / "part-00000.parquet")
+    else:
         writer.close()
     shutil.rmtree(run_dir.results, ignore_errors=True)
     tmp.rename(run_dir.results)

@@ -42,7 +42,8 @@ def build_report(cfg: Any, plan: Any, run_dir: RunDir, totals: Any) -> dict[str,
                   "max_model_len": plan.max_model_len, "engine_args": cfg.model.vllm_args if cfg.model.engine == "vllm" else cfg.model.hf_args},
         "sampling": vars(cfg.sampling),
         "versions": _versions(metrics),
-        "input": {"files": len(plan.files), "rows": plan.total_rows, "duplicate_ids": len(plan.duplicates)},
+        "input": {"files": len(plan.files), "rows": plan.total_rows, "duplicate_ids": len(plan.duplicates),
+                  "rows_with_replaced_utf8": plan.replaced_utf8},
     }
 
 
@@ -125,6 +126,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {w['launch']} | {w['rank']} | {w['host']} | {w['units']} | {w['rows']} | "
                      f"{w['model_load_s']:.1f} | {w['generation_s']:.1f} | {w['wall_s']:.1f} | "
                      f"{w['tokens_per_s']['total']:.0f} |")
+    if r["input"]["rows_with_replaced_utf8"]:
+        lines += ["", f"{r['input']['rows_with_replaced_utf8']} row(s) had invalid UTF-8 replaced by U+FFFD."]
     m = r["model"]
     lines += ["", f"Model `{m['path']}`, engine {m['engine']}, dtype {m['dtype']}, max_model_len {m['max_model_len']}.",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]

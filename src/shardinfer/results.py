@@ -64,6 +64,10 @@ def _failed(error: str) -> dict[str, Any]:
     return {"status": "failed", "error": error}
 
 
+def empty_result_schema(passthrough: list[str]) -> pa.Schema:
+    return pa.schema([(name, _TYPES[name]) for name in CONTRACT] + [(name, pa.null()) for name in passthrough])
+
+
 def passthrough_array(values: list[Any]) -> pa.Array:
     """Values as Arrow; a column of mixed types (JSONL) falls back to JSON text."""
     try:

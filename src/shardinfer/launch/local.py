@@ -70,6 +70,8 @@ def _run_workers(run_dir: RunDir, cfg: Config, groups: list[list[str]], launch: 
 
 def _spawn(run_dir: RunDir, cfg: Config, rank: int, world: int, gpus: list[str], launch: int) -> subprocess.Popen:
     env = {**os.environ, **cfg.run.env, "PYTHONUNBUFFERED": "1"}
+    if rank > 0:  # one rank shows the engine's start-up details; the others only its warnings
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     cmd = [sys.executable, "-m", "shardinfer.worker", str(run_dir.path), "--rank", str(rank),
