@@ -99,6 +99,8 @@ def test_report_counts_match_the_results(bad_run):
     assert all(w["model_load_s"] > 0 and w["tokens_per_s"]["total"] > 0 for w in report["workers"])
     assert report["tokens_per_s"]["total"] > 0 and report["time_s"]["generation"] > 0
     assert report["versions"]["vllm"] and report["model"]["engine"] == "vllm"
+    assert "[rank 0/2 " in proc.stderr and "[rank 1/2 " in proc.stderr  # rank-prefixed log lines
+    assert "shardinfer.progress: progress: " in proc.stderr  # plain progress lines off a terminal
     md = (run_dir / "report.md").read_text()
     assert "| rows in | ok | truncated | failed |" in md and "tokens/s (wall)" in md
     assert f"results: {(run_dir / 'results').resolve()}" in proc.stdout
@@ -195,17 +197,38 @@ def _claims(run_dir: Path) -> dict[int, dict]:
     return out
 
 
+def _unfinished_claims(run_dir: Path) -> list[int]:
+    """Pids of workers holding a claim on a unit without a done record."""
+    done = {int(p.stem.split("-")[1]) for p in (run_dir / "done").glob("unit-*.json")}
+    return [int(c["worker"].split(":")[1]) for u, c in _claims(run_dir).items() if u not in done]
+
+
+def _wait_stopped(pid: int) -> None:
+    for _ in range(100):
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith(("T", "t", "Z")):
+                return
+        except (OSError, IndexError):
+            return
+        time.sleep(0.01)
+
+
 def _kill_a_worker_mid_unit(run_dir: Path, deadline: float) -> int:
-    """Wait for the first committed unit, then kill -9 a worker that holds an unfinished claim."""
+    """After the first committed unit, freeze a worker; kill -9 it if it is mid-unit, else thaw it."""
     while time.time() < deadline:
-        done = {int(p.stem.split("-")[1]) for p in (run_dir / "done").glob("unit-*.json")} if (
-            run_dir / "done").is_dir() else set()
-        busy = [c for u, c in _claims(run_dir).items() if u not in done]
-        if done and busy:
-            pid = int(busy[0]["worker"].split(":")[1])
-            os.kill(pid, signal.SIGKILL)
-            return pid
         time.sleep(0.05)
+        if not (run_dir / "done").is_dir() or not any((run_dir / "done").iterdir()):
+            continue
+        for pid in set(_unfinished_claims(run_dir)):
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            _wait_stopped(pid)
+            if pid in _unfinished_claims(run_dir):  # frozen while holding an unfinished unit
+                os.kill(pid, signal.SIGKILL)
+                return pid
+            os.kill(pid, signal.SIGCONT)
     raise AssertionError("no worker was found mid-unit")
 
 
@@ -225,10 +248,10 @@ def test_kill_9_of_a_worker_loses_nothing_and_a_rerun_finishes_identically(tmp_p
     assert "exited with signal SIGKILL" in err and "Run the same command again" in err
     run_dir = tmp_path / "k"
     assert not (run_dir / "results").exists()
-    done = {p.stem for p in (run_dir / "done").glob("unit-*.json")}
-    for part in (run_dir / "parts").glob("unit-*.parquet"):  # every visible part is complete and recorded
-        assert part.stem in done
-        assert pq.read_table(part).num_rows == json.loads((run_dir / "done" / f"{part.stem}.json").read_text())["rows"]
+    for record in (run_dir / "done").glob("unit-*.json"):  # every committed unit has its complete part
+        part = run_dir / "parts" / f"{record.stem}.parquet"
+        assert pq.read_table(part).num_rows == json.loads(record.read_text())["rows"]
+    assert len(list((run_dir / "done").iterdir())) < len(json.loads((run_dir / "plan.json").read_text())["units"])
 
     proc = run_cli(["run", str(killed)], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]

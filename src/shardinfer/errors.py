@@ -13,9 +13,13 @@ class RunError(ShardinferError):
     """A run could not finish: workers died or results are incomplete."""
 
 
-def missing_dependency(module: str, extra: str) -> ImportError:
+class MissingDependency(ShardinferError, ImportError):
+    """An optional package (engine, MPI, submitit) is not installed."""
+
+
+def missing_dependency(module: str, extra: str) -> MissingDependency:
     """An ImportError that names the extra to install."""
-    return ImportError(
+    return MissingDependency(
         f"{module} is not installed. Install it with: pip install 'shardinfer[{extra}]'"
         + ("  (CPU-only machine: pip install 'shardinfer[cpu]')" if extra in ("vllm", "hf") else "")
     )

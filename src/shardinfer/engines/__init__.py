@@ -6,10 +6,12 @@ once, so the engine can batch freely) and returns one :class:`Completion` per pr
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Protocol
 
 from shardinfer.config import Config
+from shardinfer.errors import missing_dependency
 
 
 @dataclass
@@ -27,6 +29,16 @@ class Engine(Protocol):
     def generate(self, prompts: list[list[int]]) -> list[Completion]: ...
 
     def versions(self) -> dict[str, str]: ...
+
+
+_MODULES = {"vllm": ("vllm",), "hf": ("torch", "transformers")}
+
+
+def check_installed(engine: str) -> None:
+    """Fail before planning when the engine's packages are missing, naming the extra to install."""
+    for module in _MODULES[engine]:
+        if importlib.util.find_spec(module) is None:
+            raise missing_dependency(module, engine)
 
 
 def make_engine(cfg: Config, max_model_len: int) -> Engine:

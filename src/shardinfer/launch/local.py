@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer.config import Config
+from shardinfer.engines import check_installed
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.gpus import gpu_groups, visible_gpus
 from shardinfer.ledger import Ledger
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 def run_local(cfg: Config) -> tuple[RunDir, dict[str, Any]]:
     """Plan (or reopen) the run, run the workers until no unit is left, reduce, return the report."""
     check_model_path(cfg.model)
+    check_installed(cfg.model.engine)
     workers = default_workers(cfg)
     groups = _gpu_groups(workers)
     run_dir, plan = prepare_run(cfg, workers)
