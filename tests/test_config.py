@@ -25,8 +25,8 @@ def test_demo_config_loads_with_its_typed_values():
     assert cfg.model.engine == "vllm"
     assert cfg.model.max_model_len == 2048
     assert cfg.run.workers == 2
-    assert cfg.input.passthrough == ["title"]
-    assert "{title}" in cfg.prompt.user and "{text}" in cfg.prompt.user
+    assert cfg.input.passthrough == [] and cfg.input.id_column is None
+    assert "{text}" in cfg.prompt.user
 
 
 def test_defaults_fill_missing_sections():

@@ -146,3 +146,17 @@ def test_missing_id_falls_back_and_fails_the_row(tmp_path):
 def test_text_problems(value, reason):
     assert corpus.text_problem(value, "doc").startswith(reason)
     assert corpus.text_problem("real text", "doc") is None
+
+
+def test_byte_order_marks_and_huge_csv_fields(tmp_path):
+    big = "x" * 300_000  # over the csv module's default field limit
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfdoc,key\n" + f"{big},a\nsmall,b\n".encode())
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"doc": "first"}\n{"doc": "second"}\n')
+    for name in ("bom.csv", "bom.jsonl"):
+        path = tmp_path / name
+        c = cfg(path)
+        corpus.check_columns([path], c, [])
+        rows = corpus.read_rows(path, name, c, [])
+        assert rows.problems == [None, None], name
+    assert corpus.read_rows(tmp_path / "bom.csv", "bom.csv", cfg(tmp_path / "bom.csv"), []).texts[0] == big
+

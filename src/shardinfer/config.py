@@ -91,7 +91,7 @@ class SamplingConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    directory: str | None = _f(None, help="run directory; default runs/<config name>")
+    directory: str | None = _f(None, help="run directory; default runs/<config name> (runs/<name>-<config hash> if that holds another config)")
     workers: int | None = _f(
         None, help="local worker processes; default one per model replica on visible GPUs, else 1"
     )

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -200,6 +201,8 @@ def _jsonl_records(path: Path, invalid_utf8: str) -> Iterator[tuple[int, Any, st
     opener = gzip.open if path.suffix.lower() == ".gz" else open
     with opener(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # byte-order mark
             if not raw.strip():
                 continue
             text, problem = _decode(raw, invalid_utf8, f"line {lineno}")
@@ -227,7 +230,11 @@ def _read_csv(path: Path, source: str, cfg: InputConfig, extra: list[str]) -> Ro
     problems: list[str | None] = []
     with _open_text(path) as fh:
         reader = csv.DictReader(fh)
-        for record in reader:
+        for record in _csv_records(reader):
+            if isinstance(record, str):  # a record the csv module could not parse
+                records.append({})
+                problems.append(record)
+                continue
             problem = None
             if None in record:
                 problem = (f"bad_csv: line {reader.line_num} has {len(reader.fieldnames or []) + len(record[None])}"
@@ -243,9 +250,22 @@ def _read_csv(path: Path, source: str, cfg: InputConfig, extra: list[str]) -> Ro
     return rows
 
 
+def _csv_records(reader: csv.DictReader) -> Iterator[dict | str]:
+    """Records of a CSV file; a record that cannot be parsed comes as a problem string instead."""
+    csv.field_size_limit(sys.maxsize)  # documents can be far longer than the 128 KiB default
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield f"bad_csv: line {reader.line_num}: {exc}"
+
+
 def _open_text(path: Path) -> io.TextIOBase:
     opener = gzip.open if path.suffix.lower() == ".gz" else open
-    return io.TextIOWrapper(opener(path, "rb"), encoding="utf-8", errors="surrogateescape", newline="")
+    # utf-8-sig: a byte-order mark (common in spreadsheet exports) is not part of the first column name
+    return io.TextIOWrapper(opener(path, "rb"), encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
 def _fix_surrogates(record: dict, invalid_utf8: str, where: str) -> tuple[dict, str | None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,7 +22,21 @@ _VOLATILE = {("run", "workers"), ("run", "env"), ("run", "log_interval_s")}
 
 
 def run_dir_for(cfg: Config) -> RunDir:
-    return RunDir(cfg.run.directory or Path("runs") / cfg.name)
+    """run.directory; by default runs/<name>, or runs/<name>-<config hash> when that holds another config."""
+    if cfg.run.directory:
+        return RunDir(cfg.run.directory)
+    first = RunDir(Path("runs") / cfg.name)
+    if not first.run_json.is_file() or not _changed_keys(first, cfg):
+        return first
+    other = RunDir(Path("runs") / f"{cfg.name}-{config_hash(cfg)}")
+    log.info("%s holds a run of another config; this config runs in %s", first.path, other.path)
+    return other
+
+
+def config_hash(cfg: Config) -> str:
+    stable = {k: v for k, v in config_to_dict(cfg).items()}
+    stable["run"] = {k: v for k, v in stable["run"].items() if ("run", k) not in _VOLATILE}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
@@ -58,9 +74,13 @@ def load_plan(run_dir: RunDir) -> Plan:
     return Plan.from_json(read_json(run_dir.plan_json))
 
 
-def _check_same_config(run_dir: RunDir, cfg: Config) -> None:
+def _changed_keys(run_dir: RunDir, cfg: Config) -> list[str]:
     saved = read_json(run_dir.run_json)["config"]
-    changed = [key for key in _diff(saved, config_to_dict(cfg)) if tuple(key.split(".")[:2]) not in _VOLATILE]
+    return [key for key in _diff(saved, config_to_dict(cfg)) if tuple(key.split(".")[:2]) not in _VOLATILE]
+
+
+def _check_same_config(run_dir: RunDir, cfg: Config) -> None:
+    changed = _changed_keys(run_dir, cfg)
     if changed:
         raise RunError(
             f"{run_dir.path} holds a run of a different config ({', '.join(changed)} changed). "
