@@ -41,6 +41,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from shardinfer.config import load_config
+    from shardinfer.launch.submit import dry_run, submit
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(dry_run(cfg, args.launcher))
+        return 0
+    submitted = submit(cfg, launcher=args.launcher)
+    print(f"run:        {submitted.run_dir.path.resolve()}")
+    print(f"worker job: {submitted.worker_job}")
+    print(f"reduce job: {submitted.reduce_job} (after the worker job)")
+    print(f"follow it:  shardinfer status {submitted.run_dir.path}")
+    if args.wait:
+        report = submitted.result()
+        print(f"rows: {report['rows']}\nresults: {report['results']}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from shardinfer.rundir import RunDir
+    from shardinfer.status import describe_status, run_status
+
+    print(describe_status(run_status(RunDir(args.run_dir))))
+    return 0
+
+
 def _cmd_reduce(args: argparse.Namespace) -> int:
     from shardinfer.reduce import reduce_run
     from shardinfer.rundir import RunDir
@@ -78,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.workers=2")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("submit", help="plan the run and submit it to SLURM: worker job(s) + a dependent reduce job")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. slurm.nodes=4")
+    p.add_argument("--launcher", choices=["sbatch", "submitit"], default="sbatch")
+    p.add_argument("--dry-run", action="store_true", help="print the batch scripts; plan and submit nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the reduce job and print the outcome")
+    p.set_defaults(fn=_cmd_submit)
+    p = sub.add_parser("status", help="units done / running / pending, rows, tokens, speed, ETA, SLURM jobs")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=_cmd_status)
     p = sub.add_parser("reduce", help="merge committed parts into results/ and write the report")
     p.add_argument("run_dir")
     p.set_defaults(fn=_cmd_reduce)

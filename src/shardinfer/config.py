@@ -104,16 +104,41 @@ class RunConfig:
 
 
 @dataclass(kw_only=True)
+class SlurmConfig:
+    shape: Literal["job", "array"] = _f(
+        "job", help="job: one multi-node job, srun starts a worker per replica; array: one array task per worker"
+    )
+    nodes: int = _f(1, help="nodes (job shape); array shape: nodes' worth of workers")
+    gpus_per_node: int = _f(0, help="GPUs per node; replicas per node = gpus_per_node / GPUs per replica")
+    cpu_workers_per_node: int = _f(1, help="workers per node when gpus_per_node is 0")
+    cpus_per_task: int = _f(8, help="CPUs per worker")
+    mem_gb: int | None = _f(None, help="memory per node in GB; null: the partition's default")
+    time_min: int = _f(60, help="time limit of the worker job (or of each array task), minutes")
+    partition: str | None = _f(None, help="partition (-p)")
+    account: str | None = _f(None, help="account (-A)")
+    qos: str | None = _f(None, help="quality of service (--qos)")
+    constraint: str | None = _f(None, help="node features (-C)")
+    array_parallelism: int | None = _f(None, help="array shape: at most this many tasks at once (%N)")
+    extra_sbatch: list[str] = _f([], help="more sbatch options for the worker job, e.g. --exclusive")
+    setup: list[str] = _f([], help="shell lines run before the workers and the reduce: module load, venv activation")
+    python: str | None = _f(None, help="python on the nodes; default: the one running shardinfer submit")
+    reduce_time_min: int = _f(60, help="time limit of the reduce job, minutes")
+    reduce_cpus: int = _f(2, help="CPUs of the reduce job")
+    reduce_mem_gb: int | None = _f(None, help="memory of the reduce job in GB")
+
+
+@dataclass(kw_only=True)
 class Config:
     input: InputConfig = _f(help="what to read")
     prompt: PromptConfig = _f(help="how rows become prompts")
     model: ModelConfig = _f(help="which model and engine")
     sampling: SamplingConfig = _f(help="generation parameters")
     run: RunConfig = _f(help="where and how wide to run")
+    slurm: SlurmConfig = _f(help="cluster resources for shardinfer submit")
     name: str = _f("run", help="run name (default: the config file's stem)")
 
 
-_DEFAULT_SECTIONS = ("prompt", "sampling", "run")
+_DEFAULT_SECTIONS = ("prompt", "sampling", "run", "slurm")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -155,10 +180,16 @@ def _check_values(config: Config) -> None:
         "run.workers": config.run.workers,
         "run.unit_tokens": config.run.unit_tokens,
         "model.max_model_len": config.model.max_model_len,
+        "slurm.array_parallelism": config.slurm.array_parallelism,
+        "slurm.mem_gb": config.slurm.mem_gb,
     }
+    positive.update({f"slurm.{k}": getattr(config.slurm, k) for k in (
+        "nodes", "cpu_workers_per_node", "cpus_per_task", "time_min", "reduce_time_min", "reduce_cpus")})
     for key, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if config.slurm.gpus_per_node < 0:
+        raise ConfigError(f"slurm.gpus_per_node: must be >= 0, got {config.slurm.gpus_per_node}")
     if config.sampling.temperature < 0:
         raise ConfigError(f"sampling.temperature: must be >= 0, got {config.sampling.temperature}")
     if not 0 < config.sampling.top_p <= 1:

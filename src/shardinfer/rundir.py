@@ -8,6 +8,7 @@ parts/unit-N.parquet  a committed unit's results (written under a temporary name
 done/unit-N.json    the done record, written after the part: only then is the unit finished
 metrics/            per-worker metrics, one file per worker and launch
 logs/               per-worker DEBUG logs
+slurm/              rendered sbatch scripts and the jobs' output; jobs.json: submitted job ids
 results/            merged results (Parquet); report.json and report.md beside them
 ```
 """
@@ -34,9 +35,11 @@ class RunDir:
     results = property(lambda self: self.path / "results")
     report_json = property(lambda self: self.path / "report.json")
     report_md = property(lambda self: self.path / "report.md")
+    jobs_json = property(lambda self: self.path / "jobs.json")
+    slurm = property(lambda self: self.path / "slurm")
 
     def make(self) -> None:
-        for sub in (self.claims, self.parts, self.done, self.metrics, self.logs):
+        for sub in (self.claims, self.parts, self.done, self.metrics, self.logs, self.slurm):
             sub.mkdir(parents=True, exist_ok=True)
 
     def part(self, unit: int) -> Path:

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from shardinfer import corpus
 from shardinfer.engines import Completion, Engine, make_engine
+from shardinfer.env import RankEnv, check_world, detect, gpu_slice, visible_gpu_ids
 from shardinfer.errors import RunError, ShardinferError
 from shardinfer.ledger import Ledger
 from shardinfer.logs import setup_logging
@@ -109,19 +110,25 @@ class WorkerMetrics:
     output_tokens: int = 0
     engine: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    launcher: str = "local"
+    job_id: str | None = None
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the worker
 
 
 class Worker:
-    def __init__(self, run_dir: RunDir, *, rank: int, world: int, launch: int):
+    def __init__(self, run_dir: RunDir, rank_env: RankEnv, *, launch: int):
         self.run_dir = run_dir
-        self.rank, self.world = rank, world
+        self.rank, self.world = rank_env.rank, rank_env.world
         self.cfg, self.plan = load_run(run_dir)
-        self.metrics = WorkerMetrics(rank=rank, world=world, launch=launch, engine=self.cfg.model.engine)
-        self.ledger = Ledger(run_dir, worker=f"{socket.gethostname()}:{os.getpid()}:rank{rank}")
+        self.metrics = WorkerMetrics(rank=self.rank, world=self.world, launch=launch, engine=self.cfg.model.engine,
+                                     launcher=rank_env.launcher, job_id=rank_env.job_id,
+                                     gpus=os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self.ledger = Ledger(run_dir, worker=f"{socket.gethostname()}:{os.getpid()}:rank{self.rank}")
         self.engine: Engine | None = None
         self.builder: PromptBuilder | None = None
 
     def run(self) -> None:
+        os.environ.update(self.cfg.run.env)  # before the engine is imported
         self._load()
         reader = UnitReader(self.plan, self.cfg)
         progress = Progress(rank=self.rank, total_rows=self.plan.total_rows,
@@ -158,8 +165,9 @@ class Worker:
         prompts = self._prompts(rows, problems)
         completions = self._generate(prompts)
         table = result_table(rows, problems, prompts, completions, self.cfg.input.passthrough)
-        self.ledger.commit(unit.unit, table, {"attempt": 1, "launch": self.metrics.launch})
-        self._count(table, progress)
+        stats = table_stats(table)
+        self.ledger.commit(unit.unit, table, {"attempt": 1, "launch": self.metrics.launch, **stats})
+        self._count(stats, progress)
 
     def _row_problems(self, rows: UnitRows) -> list[str | None]:
         problems = []
@@ -195,19 +203,25 @@ class Worker:
             out[i] = c
         return out
 
-    def _count(self, table: pa.Table, progress: Progress) -> None:
-        prompt_tokens = sum(v or 0 for v in table.column("prompt_tokens").to_pylist())
-        output_tokens = sum(v or 0 for v in table.column("output_tokens").to_pylist())
+    def _count(self, stats: dict[str, int], progress: Progress) -> None:
         m = self.metrics
         m.units += 1
-        m.rows += table.num_rows
-        m.prompt_tokens += prompt_tokens
-        m.output_tokens += output_tokens
+        m.rows += stats["rows"]
+        m.prompt_tokens += stats["prompt_tokens"]
+        m.output_tokens += stats["output_tokens"]
         self._save_metrics()
-        progress.update(rows=table.num_rows, tokens_in=prompt_tokens, tokens_out=output_tokens)
+        progress.update(rows=stats["rows"], tokens_in=stats["prompt_tokens"], tokens_out=stats["output_tokens"])
 
     def _save_metrics(self) -> None:
         write_json_atomic(self.run_dir.worker_metrics(self.metrics.launch, self.rank), self.metrics.__dict__)
+
+
+def table_stats(table: pa.Table) -> dict[str, int]:
+    """Rows per status and token sums of a unit's results (kept in its done record)."""
+    statuses = table.column("status").to_pylist()
+    return {"rows": table.num_rows, **{s: statuses.count(s) for s in ("ok", "truncated", "failed")},
+            "prompt_tokens": sum(v or 0 for v in table.column("prompt_tokens").to_pylist()),
+            "output_tokens": sum(v or 0 for v in table.column("output_tokens").to_pylist())}
 
 
 def generate_isolating(engine: Any, prompts: list[list[int]]) -> list[Completion | Exception]:
@@ -223,17 +237,32 @@ def generate_isolating(engine: Any, prompts: list[list[int]]) -> list[Completion
         return generate_isolating(engine, prompts[:mid]) + generate_isolating(engine, prompts[mid:])
 
 
+def _check_allocation(rank_env: RankEnv, expect_world: int | None, gpus_per_replica: int) -> None:
+    """The job matches the config, and this worker sees only its replica's GPUs."""
+    check_world(rank_env, expect_world)
+    if gpus_per_replica and rank_env.launcher != "local":
+        mine = gpu_slice(rank_env, visible_gpu_ids() or [], gpus_per_replica)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+        log.info("pinned to GPUs %s", ",".join(mine))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shardinfer.worker")
     parser.add_argument("run_dir")
-    parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--rank", type=int, help="this worker's rank (local launcher); default: from SLURM")
+    parser.add_argument("--world", type=int, help="number of workers (local launcher); default: from SLURM")
     parser.add_argument("--launch", type=int, default=0)
+    parser.add_argument("--expect-world", type=int, help="fail unless the job has this many workers")
+    parser.add_argument("--gpus-per-replica", type=int, default=0,
+                        help="pin this worker to its local rank's slice of the node's GPUs")
     args = parser.parse_args(argv)
     run_dir = RunDir(args.run_dir)
-    setup_logging(rank=args.rank, world=args.world, log_file=run_dir.worker_log(args.rank))
+    rank_env = detect(rank=args.rank, world=args.world)
+    setup_logging(rank=rank_env.rank, world=rank_env.world, log_file=run_dir.worker_log(rank_env.rank))
     try:
-        Worker(run_dir, rank=args.rank, world=args.world, launch=args.launch).run()
+        _check_allocation(rank_env, args.expect_world, args.gpus_per_replica)
+        log.info("starting %s", rank_env.describe())
+        Worker(run_dir, rank_env, launch=args.launch).run()
     except ShardinferError as exc:
         log.error("%s", exc)
         return 2

@@ -1,0 +1,102 @@
+"""Where this worker stands: rank, world size, local rank, node and GPUs, from one table per launcher.
+
+Nothing else in shardinfer reads launcher environment variables. Detection order: explicit
+arguments (local launcher), a SLURM job array task, a SLURM step (srun, also under submitit), else
+a single local process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Mapping
+
+from shardinfer.errors import RunError
+
+# name -> environment variable, per launcher
+SLURM_STEP = {"rank": "SLURM_PROCID", "world": "SLURM_NTASKS", "local_rank": "SLURM_LOCALID",
+              "node": "SLURM_NODEID", "job_id": "SLURM_JOB_ID"}
+SLURM_ARRAY = {"task": "SLURM_ARRAY_TASK_ID", "count": "SLURM_ARRAY_TASK_COUNT", "min": "SLURM_ARRAY_TASK_MIN",
+               "job_id": "SLURM_ARRAY_JOB_ID"}
+GPU_VARS = ("CUDA_VISIBLE_DEVICES",)
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int
+    world: int
+    local_rank: int
+    node: int
+    launcher: str  # local | slurm | slurm-array
+    job_id: str | None = None
+    host: str = ""
+
+    def describe(self) -> str:
+        job = f", job {self.job_id}" if self.job_id else ""
+        return f"rank {self.rank}/{self.world} (local rank {self.local_rank}, node {self.node}, {self.launcher}{job})"
+
+
+def detect(env: Mapping[str, str] | None = None, *, rank: int | None = None, world: int | None = None) -> RankEnv:
+    env = os.environ if env is None else env
+    host = socket.gethostname()
+    if rank is not None and world is not None:
+        return RankEnv(rank, world, 0, 0, "local", host=host)
+    if SLURM_ARRAY["task"] in env:
+        return _slurm_array(env, host)
+    if SLURM_STEP["rank"] in env and SLURM_STEP["world"] in env:
+        return _slurm_step(env, host)
+    return RankEnv(0, 1, 0, 0, "local", host=host)
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except (KeyError, ValueError) as exc:
+        raise RunError(f"environment variable {name}={env.get(name)!r} is not an integer") from exc
+
+
+def _slurm_array(env: Mapping[str, str], host: str) -> RankEnv:
+    first = _int(env, SLURM_ARRAY["min"]) if SLURM_ARRAY["min"] in env else 0
+    return RankEnv(rank=_int(env, SLURM_ARRAY["task"]) - first, world=_int(env, SLURM_ARRAY["count"]),
+                   local_rank=0, node=0, launcher="slurm-array", job_id=env.get(SLURM_ARRAY["job_id"]), host=host)
+
+
+def _slurm_step(env: Mapping[str, str], host: str) -> RankEnv:
+    return RankEnv(rank=_int(env, SLURM_STEP["rank"]), world=_int(env, SLURM_STEP["world"]),
+                   local_rank=_int(env, SLURM_STEP["local_rank"]) if SLURM_STEP["local_rank"] in env else 0,
+                   node=_int(env, SLURM_STEP["node"]) if SLURM_STEP["node"] in env else 0,
+                   launcher="slurm", job_id=env.get(SLURM_STEP["job_id"]), host=host)
+
+
+def visible_gpu_ids(env: Mapping[str, str] | None = None) -> list[str] | None:
+    """GPU ids in CUDA_VISIBLE_DEVICES, or None when it is not set."""
+    env = os.environ if env is None else env
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [g.strip() for g in value.split(",") if g.strip() and g.strip() != "-1"]
+
+
+def gpu_slice(rank_env: RankEnv, visible: list[str], per_replica: int) -> list[str]:
+    """The GPUs of this worker's replica: the local rank's slice of the node's visible GPUs."""
+    start = rank_env.local_rank * per_replica
+    if len(visible) < start + per_replica:
+        raise RunError(
+            f"allocation mismatch on {rank_env.host}: {rank_env.describe()} needs GPUs "
+            f"{start}..{start + per_replica - 1} ({per_replica} per replica: tensor_parallel_size x "
+            f"pipeline_parallel_size), but only {len(visible)} are visible (CUDA_VISIBLE_DEVICES="
+            f"{','.join(visible) or 'empty'}). Fix: request slurm.gpus_per_node = replicas per node x "
+            f"{per_replica}, or lower model.vllm_args.tensor_parallel_size."
+        )
+    return visible[start:start + per_replica]
+
+
+def check_world(rank_env: RankEnv, expected: int | None) -> None:
+    """The job must have as many workers as the config asked for."""
+    if expected is not None and rank_env.world != expected:
+        raise RunError(
+            f"allocation mismatch: the config asks for {expected} workers, the job has {rank_env.world} "
+            f"({rank_env.launcher}). Fix: submit with `shardinfer submit` (it derives the task count from "
+            f"slurm.nodes, slurm.gpus_per_node and tensor_parallel_size), or change those settings."
+        )
