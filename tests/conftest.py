@@ -81,7 +81,7 @@ def write_config(path: Path, *, corpus: Path, model_dir: Path, run_dir: Path, **
         "run": {"directory": str(run_dir), "workers": 1, "env": CPU_ENV},
     }
     for name, values in sections.items():
-        cfg[name].update(values)
+        cfg.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -112,7 +112,7 @@ class SlurmConfig:
     gpus_per_node: int = _f(0, help="GPUs per node; replicas per node = gpus_per_node / GPUs per replica")
     cpu_workers_per_node: int = _f(1, help="workers per node when gpus_per_node is 0")
     cpus_per_task: int = _f(8, help="CPUs per worker")
-    mem_gb: int | None = _f(None, help="memory per node in GB; null: the partition's default")
+    mem_gb: int | None = _f(None, help="memory in GB per node (job shape) or per array task; null: the partition's default")
     time_min: int = _f(60, help="time limit of the worker job (or of each array task), minutes")
     partition: str | None = _f(None, help="partition (-p)")
     account: str | None = _f(None, help="account (-A)")

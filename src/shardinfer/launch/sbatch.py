@@ -128,7 +128,7 @@ def check_request(script: Path, cfg: Config, lay: Layout) -> None:
     except SubmitError as exc:
         s = cfg.slurm
         raise SubmitError(
-            f"{exc}\nAsked: {lay.workers} worker(s) = slurm.nodes {s.nodes} x {lay.replicas_per_node} per node, "
+            f"{exc}\nNothing was submitted. Asked: {lay.workers} worker(s) = slurm.nodes {s.nodes} x {lay.replicas_per_node} per node, "
             f"gpus_per_node {s.gpus_per_node}, cpus_per_task {s.cpus_per_task}, partition {s.partition or '(default)'}. "
             f"Fix: compare with `sinfo -o '%P %D %c %m %G'` and lower slurm.nodes / slurm.gpus_per_node / "
             f"slurm.cpus_per_task, or set slurm.partition to an existing partition."

@@ -8,6 +8,7 @@ its finished units merged) and ``--kill-on-invalid-dep=yes``.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ def submit(config: Config | str | Path, *, launcher: str = "sbatch", overrides: 
         raise ConfigError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
     lay = layout(cfg)
     check_model_path(cfg.model)
+    _check_request(cfg, lay)
     run_dir, _ = prepare_run(cfg, lay.workers)
     _refuse_if_active(run_dir)
     Ledger(run_dir).release_unfinished_claims()
@@ -110,12 +112,19 @@ def _submit_sbatch(cfg: Config, lay: Layout, run_dir: RunDir, launch: int) -> Su
     scripts = sb.render_scripts(cfg, lay, run_dir=str(run_dir.path.resolve()), launch=launch, python=python)
     worker = sb.write_script(run_dir.slurm / f"launch-{launch:03d}-worker.sbatch", scripts.worker)
     reduce = sb.write_script(run_dir.slurm / f"launch-{launch:03d}-reduce.sbatch", scripts.reduce)
-    sb.check_request(worker, cfg, lay)
     worker_job = sb.sbatch(worker)
     reduce_job = sb.sbatch(reduce, f"--dependency=afterany:{worker_job}", "--kill-on-invalid-dep=yes")
     log.info("submitted worker job %s (%d workers, %s) and reduce job %s", worker_job, lay.workers, lay.shape,
              reduce_job)
     return SubmittedRun(run_dir, "sbatch", launch, worker_job, reduce_job)
+
+
+def _check_request(cfg: Config, lay: Layout) -> None:
+    """Ask SLURM whether the worker job could ever run, before anything is planned or submitted."""
+    run_path = str(run_dir_for(cfg).path.resolve())
+    script = sb.render_scripts(cfg, lay, run_dir=run_path, launch=0, python=cfg.slurm.python or sb.default_python())
+    with tempfile.TemporaryDirectory() as tmp:
+        sb.check_request(sb.write_script(Path(tmp) / "worker.sbatch", script.worker), cfg, lay)
 
 
 def _record(submitted: SubmittedRun) -> None:

@@ -1,0 +1,129 @@
+"""Against a real 2-node SLURM cluster (accounting, fake GPUs) that this module brings up itself."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import demo_docs, read_results, run_cli, write_config, write_jsonl
+
+CLUSTER = Path(__file__).parent / "cluster"
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def cluster_env(engine_env):
+    """Start the cluster (installing SLURM if needed), yield an environment that reaches it, stop it."""
+    directory = Path(tempfile.mkdtemp(prefix="si-slurm-", dir="/tmp"))  # short: munge socket path limit
+    directory.chmod(0o755)  # munged wants every directory above its socket searchable
+    env = {**engine_env, "SLURM_TEST_PORT": str(20000 + (os.getpid() % 100) * 200)}
+    up = subprocess.run(["bash", str(CLUSTER / "slurm-up.sh"), str(directory)], env=env, capture_output=True,
+                        text=True, timeout=900)
+    if up.returncode != 0:
+        pytest.fail(f"the test cluster did not start:\n{up.stderr[-4000:]}")
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines()
+                   if line.startswith("export "))
+    yield {**env, **exports}
+    subprocess.run(["bash", str(CLUSTER / "slurm-down.sh"), str(directory), "--purge"], env=env,
+                   capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_model, engine_env):
+    """A small job, and its results from a local run to compare the cluster runs with."""
+    tmp = tmp_path_factory.mktemp("cluster-job")
+    docs = demo_docs(30, offset=100)
+    corpus = write_jsonl(tmp / "docs.jsonl", [{"id": d["id"], "text": d["text"][:1500]} for d in docs])
+    config = write_config(tmp / "job.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "local",
+                          input={"path": str(corpus), "id_column": "id"},
+                          run={"directory": str(tmp / "local"), "workers": 1, "unit_tokens": 2000,
+                               "env": {"OMP_NUM_THREADS": "1"}},
+                          slurm={"cpus_per_task": 1, "time_min": 10, "reduce_time_min": 10, "reduce_cpus": 1})
+    proc = run_cli(["run", str(config)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return config, tmp, _outputs(tmp / "local")
+
+
+def _outputs(run_dir: Path) -> list[tuple]:
+    return [(r["id"], r["status"], r["output"]) for r in read_results(run_dir)]
+
+
+def _report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def _sacct_times(env: dict, *job_ids: str) -> dict[str, tuple[str, str]]:
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), "-o", "JobID,Start,End"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    return {j.split("_")[0]: (s, e) for j, s, e in (line.split("|") for line in out.splitlines())}
+
+
+def test_two_node_job_then_reduce_matches_a_local_run(cluster_env, job):
+    config, tmp, local = job
+    run_dir = tmp / "two-nodes"
+    proc = run_cli(["submit", str(config), "slurm.nodes=2", f"run.directory={run_dir}", "--wait"], cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker job:" in proc.stdout and "reduce job:" in proc.stdout
+    assert _outputs(run_dir) == local
+    report = _report(run_dir)
+    assert sorted(w["host"] for w in report["workers"]) == ["node1", "node2"]
+    assert {w["rank"] for w in report["workers"]} == {0, 1}
+    [record] = json.loads((run_dir / "jobs.json").read_text())
+    times = _sacct_times(cluster_env, record["worker_job"], record["reduce_job"])
+    assert times[record["reduce_job"]][0] >= times[record["worker_job"]][1]  # reduce started after the workers
+    script = (run_dir / "slurm" / "launch-000-worker.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "--expect-world 2" in script
+    status = run_cli(["status", str(run_dir)], cluster_env)
+    assert status.returncode == 0, status.stderr
+    assert f"worker job {record['worker_job']} COMPLETED, reduce job {record['reduce_job']} COMPLETED" in status.stdout
+    assert "units: " in status.stdout and "(finished: results and report written)" in status.stdout
+
+
+def test_array_of_workers_with_one_fake_gpu_each(cluster_env, job):
+    config, tmp, local = job
+    run_dir = tmp / "array"
+    proc = run_cli(["submit", str(config), "slurm.shape=array", "slurm.gpus_per_node=2",
+                    f"run.directory={run_dir}", "--wait"], cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _outputs(run_dir) == local
+    metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
+    assert sorted(m["gpus"] for m in metrics) == ["0", "1"]  # each task pinned to its own GPU
+    assert {m["launcher"] for m in metrics} == {"slurm-array"}
+    assert "#SBATCH --array=0-1" in (run_dir / "slurm" / "launch-000-worker.sbatch").read_text()
+
+
+def test_submitit_from_python_returns_the_report(cluster_env, job):
+    config, tmp, local = job
+    run_dir = tmp / "submitit"
+    code = (
+        "import json, shardinfer\n"
+        f"job = shardinfer.submit({str(config)!r}, launcher='submitit', "
+        f"overrides=['slurm.nodes=2', 'run.directory={run_dir}'])\n"
+        "print(json.dumps(job.result()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=cluster_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["rows"]["in"] == len(local) and report["rows"]["failed"] == 0
+    assert sorted(w["host"] for w in report["workers"]) == ["node1", "node2"]
+    assert _outputs(run_dir) == local
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("slurm.nodes=3", "Requested node configuration is not available"),
+    ("slurm.partition=nope", "invalid partition"),
+])
+def test_impossible_requests_fail_at_once_with_the_fix(cluster_env, job, override, expect):
+    config, tmp, _ = job
+    run_dir = tmp / f"bad-{override.split('=')[1]}"
+    before = subprocess.run(["squeue", "-h", "-t", "all"], env=cluster_env, capture_output=True, text=True).stdout
+    proc = run_cli(["submit", str(config), override, f"run.directory={run_dir}"], cluster_env)
+    assert proc.returncode == 1
+    assert expect in proc.stderr.lower() or expect in proc.stderr
+    assert "Nothing was submitted" in proc.stderr and "Fix:" in proc.stderr
+    after = subprocess.run(["squeue", "-h", "-t", "all"], env=cluster_env, capture_output=True, text=True).stdout
+    assert after == before and not run_dir.exists()

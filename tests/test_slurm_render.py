@@ -1,0 +1,117 @@
+"""Rendered batch scripts (golden files), worker layout, and rank/GPU detection: no cluster needed."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shardinfer.config import config_from_dict
+from shardinfer.env import RankEnv, check_world, detect, gpu_slice, visible_gpu_ids
+from shardinfer.errors import ConfigError, RunError
+from shardinfer.launch.layout import layout
+from shardinfer.launch.sbatch import render_scripts
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def cluster_cfg(**slurm):
+    return config_from_dict({
+        "name": "summarize",
+        "input": {"path": "/data/docs/*.parquet"},
+        "model": {"path": "/models/m", "vllm_args": {"tensor_parallel_size": 2}},
+        "run": {"env": {"HF_HUB_OFFLINE": "1"}},
+        "slurm": {"nodes": 4, "gpus_per_node": 8, "cpus_per_task": 16, "mem_gb": 400, "time_min": 720,
+                  "partition": "gpu", "account": "proj-42", "qos": "high", "constraint": "h100",
+                  "extra_sbatch": ["--exclusive", "#SBATCH --mail-type=END"],
+                  "setup": ["module load cuda/12.4", "source /opt/venv/bin/activate"], **slurm},
+    })
+
+
+def _check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("SHARDINFER_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} changed; rerun with SHARDINFER_UPDATE_GOLDEN=1 if intended"
+
+
+@pytest.mark.parametrize("shape", ["job", "array"])
+def test_rendered_scripts_match_the_golden_files(shape):
+    cfg = cluster_cfg(shape=shape, array_parallelism=3)
+    scripts = render_scripts(cfg, layout(cfg), run_dir="/shared/runs/summarize", launch=2,
+                             python="/opt/venv/bin/python")
+    _check_golden(f"{shape}-worker.sbatch", scripts.worker)
+    _check_golden(f"{shape}-reduce.sbatch", scripts.reduce)
+
+
+def test_job_shape_counts_come_from_one_place():
+    cfg = cluster_cfg()
+    lay = layout(cfg)
+    assert (lay.workers, lay.replicas_per_node, lay.gpus_per_replica) == (16, 4, 2)
+    worker = render_scripts(cfg, lay, run_dir="/r", launch=0, python="py").worker
+    assert "#SBATCH --nodes=4\n#SBATCH --ntasks-per-node=4\n" in worker
+    assert "#SBATCH --gpus-per-node=8" in worker
+    assert "--expect-world 16 --gpus-per-replica 2" in worker
+
+
+def test_array_shape_gives_each_task_one_replica():
+    cfg = cluster_cfg(shape="array")
+    worker = render_scripts(cfg, layout(cfg), run_dir="/r", launch=0, python="py").worker
+    assert "#SBATCH --array=0-15\n" in worker and "#SBATCH --gpus-per-node=2" in worker
+    assert "#SBATCH --ntasks=1" in worker
+
+
+def test_cpu_nodes_and_hf_engine_layouts():
+    cpu = config_from_dict({"input": {"path": "x"}, "model": {"path": "m"},
+                            "slurm": {"nodes": 3, "cpu_workers_per_node": 2}})
+    assert (layout(cpu).workers, layout(cpu).gpus_per_replica) == (6, 0)
+    hf = config_from_dict({"input": {"path": "x"}, "model": {"path": "m", "engine": "hf"},
+                           "slurm": {"nodes": 2, "gpus_per_node": 4}})
+    assert (layout(hf).workers, layout(hf).gpus_per_replica) == (2, 4)
+
+
+def test_gpus_per_node_must_hold_whole_replicas():
+    with pytest.raises(ConfigError, match=r"slurm.gpus_per_node \(6\) is not a multiple .* \(4 = tensor"):
+        layout(config_from_dict({"input": {"path": "x"},
+                                 "model": {"path": "m", "vllm_args": {"tensor_parallel_size": 4}},
+                                 "slurm": {"gpus_per_node": 6}}))
+
+
+SLURM_STEP = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+              "SLURM_JOB_ID": "77"}
+SLURM_ARRAY = {"SLURM_ARRAY_TASK_ID": "13", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "10",
+               "SLURM_ARRAY_JOB_ID": "90", **{k: "0" for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID")},
+               "SLURM_NTASKS": "1"}
+
+
+@pytest.mark.parametrize("env,expect", [
+    (SLURM_STEP, (5, 8, 1, 2, "slurm", "77")),
+    (SLURM_ARRAY, (3, 4, 0, 0, "slurm-array", "90")),
+    ({}, (0, 1, 0, 0, "local", None)),
+])
+def test_rank_detection_table(env, expect):
+    r = detect(env)
+    assert (r.rank, r.world, r.local_rank, r.node, r.launcher, r.job_id) == expect
+
+
+def test_explicit_rank_wins_over_the_environment():
+    r = detect(SLURM_STEP, rank=1, world=2)
+    assert (r.rank, r.world, r.launcher) == (1, 2, "local")
+
+
+def test_gpu_slices_per_local_rank():
+    visible = visible_gpu_ids({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"})
+    env = RankEnv(rank=5, world=8, local_rank=1, node=1, launcher="slurm", host="n1")
+    assert gpu_slice(env, visible, 2) == ["2", "3"]
+    assert gpu_slice(RankEnv(7, 8, 3, 1, "slurm", host="n1"), visible, 2) == ["6", "7"]
+    assert visible_gpu_ids({}) is None and visible_gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == []
+
+
+def test_allocation_mismatches_say_what_was_asked_found_and_the_fix():
+    env = RankEnv(rank=3, world=4, local_rank=3, node=0, launcher="slurm", host="n1")
+    with pytest.raises(RunError) as err:
+        gpu_slice(env, ["0", "1", "2", "3"], 2)
+    msg = str(err.value)
+    assert "needs GPUs 6..7" in msg and "only 4 are visible" in msg and "Fix: request slurm.gpus_per_node" in msg
+    with pytest.raises(RunError, match="the config asks for 8 workers, the job has 4 .* Fix:"):
+        check_world(env, 8)
+    check_world(env, 4)
