@@ -99,13 +99,9 @@ def test_array_of_workers_with_one_fake_gpu_each(cluster_env, job):
 def test_submitit_from_python_returns_the_report(cluster_env, job):
     config, tmp, local = job
     run_dir = tmp / "submitit"
-    code = (
-        "import json, shardinfer\n"
-        f"job = shardinfer.submit({str(config)!r}, launcher='submitit', "
-        f"overrides=['slurm.nodes=2', 'run.directory={run_dir}'])\n"
-        "print(json.dumps(job.result()))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=cluster_env, capture_output=True, text=True, timeout=600)
+    example = Path(__file__).parents[1] / "jobs" / "submitit_example.py"
+    proc = subprocess.run([sys.executable, str(example), str(config), "slurm.nodes=2", f"run.directory={run_dir}"],
+                          env=cluster_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["rows"]["in"] == len(local) and report["rows"]["failed"] == 0
