@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
+
+from shardinfer.env import visible_gpu_ids
 
 
 def visible_gpus() -> list[str]:
     """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    visible = visible_gpu_ids()
+    if visible is not None:
+        return visible
     if shutil.which("nvidia-smi") is None:
         return []
     try:
