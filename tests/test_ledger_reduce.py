@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing as mp
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from shardinfer.config import config_from_dict
 from shardinfer.engines import Completion
 from shardinfer.errors import RunError
-from shardinfer.ledger import Ledger
+from shardinfer.ledger import Heartbeat, Ledger
 from shardinfer.prompts import Prompt
 from shardinfer.reduce import reduce_run
 from shardinfer.results import result_table
@@ -58,7 +59,9 @@ def _commit(run_dir, unit, rows=None):
                   columns=[{} for _ in range(n)])
     prompts = [Prompt([1, 2, 3]) for _ in range(n)]
     completions = [Completion([4, 5], "out", "length") for _ in range(n)]
-    Ledger(run_dir).commit(unit.unit, result_table(ur, [None] * n, prompts, completions, []), {"attempt": 1})
+    ledger = Ledger(run_dir)
+    assert ledger.claim(unit.unit)
+    ledger.commit(unit.unit, result_table(ur, [None] * n, prompts, completions, []), {"attempt": 1})
 
 
 def test_reduce_merges_committed_parts_in_input_order(planned):
@@ -132,3 +135,58 @@ def test_an_engine_error_fails_only_the_row_that_causes_it():
     out = generate_isolating(FlakyEngine([5]), prompts)
     assert [isinstance(o, Exception) for o in out] == [i == 5 for i in range(16)]
     assert [o.token_ids for o in out if not isinstance(o, Exception)] == [[i] for i in range(16) if i != 5]
+
+
+def test_a_stale_lease_is_taken_over_once_and_the_old_owner_cannot_commit(planned):
+    run_dir, plan = planned
+    unit = plan.units[0]
+    old = Ledger(run_dir, worker="old", lease_timeout_s=0.3)
+    assert old.claim(unit.unit)
+    new = Ledger(run_dir, worker="new", lease_timeout_s=0.3)
+    rival = Ledger(run_dir, worker="rival", lease_timeout_s=0.3)
+    assert not new.claim(unit.unit)  # the lease is fresh
+    time.sleep(0.5)
+    assert new.claim(unit.unit) and not rival.claim(unit.unit)  # stale: exactly one takes it over
+    assert json.loads(run_dir.claim(unit.unit).read_text())["attempt"] == 2
+    ur = UnitRows(rows=list(range(unit.first_row, unit.first_row + unit.rows)), ids=["x"] * unit.rows,
+                  columns=[{} for _ in range(unit.rows)])
+    result = result_table(ur, [None] * unit.rows, [Prompt([1])] * unit.rows,
+                          [Completion([2], "o", "length")] * unit.rows, [])
+    assert not old.commit(unit.unit, result, {})  # lost its lease: its work is discarded
+    assert not run_dir.done_record(unit.unit).exists()
+    assert new.commit(unit.unit, result, {})
+    assert json.loads(run_dir.done_record(unit.unit).read_text())["attempt"] == 2
+
+
+def test_a_heartbeat_keeps_a_slow_unit_from_being_taken(planned):
+    run_dir, plan = planned
+    owner = Ledger(run_dir, worker="owner", lease_timeout_s=0.4)
+    assert owner.claim(1)
+    beat = Heartbeat(owner)
+    beat.hold(1)
+    try:
+        time.sleep(1.0)
+        assert not Ledger(run_dir, worker="other", lease_timeout_s=0.4).claim(1)
+        assert not beat.lost
+    finally:
+        beat.stop()
+
+
+def test_released_units_are_claimable_at_once(planned):
+    run_dir, _ = planned
+    a, b = Ledger(run_dir, worker="a"), Ledger(run_dir, worker="b")
+    assert a.claim(3) and not b.claim(3)
+    a.release(3)
+    assert b.claim(3)
+
+
+def test_verify_committed_redoes_corrupt_and_truncated_parts(planned):
+    run_dir, plan = planned
+    for unit in plan.units:
+        _commit(run_dir, unit)
+    run_dir.part(1).write_bytes(run_dir.part(1).read_bytes()[:50])
+    run_dir.part(2).unlink()
+    expected = {u.unit: u.rows for u in plan.units}
+    assert Ledger(run_dir).verify_committed(expected) == [1, 2]
+    assert not run_dir.done_record(1).exists() and not run_dir.claim(2).exists()
+    assert Ledger(run_dir).verify_committed(expected) == []

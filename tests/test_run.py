@@ -214,7 +214,11 @@ def _wait_stopped(pid: int) -> None:
 
 
 def _kill_a_worker_mid_unit(run_dir: Path, deadline: float) -> int:
-    """After the first committed unit, freeze a worker; kill -9 it if it is mid-unit, else thaw it."""
+    return _signal_a_worker_mid_unit(run_dir, signal.SIGKILL, deadline)
+
+
+def _signal_a_worker_mid_unit(run_dir: Path, signum: int, deadline: float) -> int:
+    """After the first committed unit, freeze a worker; signal it if it is mid-unit, else thaw it."""
     while time.time() < deadline:
         time.sleep(0.05)
         if not (run_dir / "done").is_dir() or not any((run_dir / "done").iterdir()):
@@ -226,46 +230,124 @@ def _kill_a_worker_mid_unit(run_dir: Path, deadline: float) -> int:
                 continue
             _wait_stopped(pid)
             if pid in _unfinished_claims(run_dir):  # frozen while holding an unfinished unit
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signum)
+                if signum != signal.SIGKILL:
+                    os.kill(pid, signal.SIGCONT)
                 return pid
             os.kill(pid, signal.SIGCONT)
     raise AssertionError("no worker was found mid-unit")
 
 
-def test_kill_9_of_a_worker_loses_nothing_and_a_rerun_finishes_identically(tmp_path, tiny_model, engine_env):
+@pytest.fixture(scope="module")
+def long_job(tmp_path_factory, tiny_model, engine_env):
+    """A job long enough to interrupt, and its outputs from an uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("long")
     docs = demo_docs(160)
-    corpus = write_jsonl(tmp_path / "docs.jsonl", [{"text": d["text"], "id": d["id"]} for d in docs])
-    common = dict(corpus=corpus, model_dir=tiny_model, input={"path": str(corpus), "id_column": "id"},
-                  sampling={"max_tokens": 96, "ignore_eos": True})
-    killed = write_config(tmp_path / "k.yaml", run_dir=tmp_path / "k", **common,
-                          run={"directory": str(tmp_path / "k"), "workers": 2, "unit_tokens": 6000,
-                               "env": {"OMP_NUM_THREADS": "1"}})
-    launcher = subprocess.Popen([sys.executable, "-m", "shardinfer.cli", "run", str(killed)], env=engine_env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _kill_a_worker_mid_unit(tmp_path / "k", time.time() + 300)
+    corpus = write_jsonl(tmp / "docs.jsonl", [{"text": d["text"], "id": d["id"]} for d in docs])
+
+    def config(name, **run):
+        return write_config(tmp / f"{name}.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / name,
+                            input={"path": str(corpus), "id_column": "id"},
+                            sampling={"max_tokens": 96, "ignore_eos": True},
+                            run={"directory": str(tmp / name), "workers": 2, "unit_tokens": 6000,
+                                 "lease_timeout_s": 3, "env": {"OMP_NUM_THREADS": "1"}, **run})
+
+    proc = run_cli(["run", str(config("clean", workers=1))], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return config, tmp, [(r["id"], r["output"], r["status"]) for r in read_results(tmp / "clean")], docs
+
+
+def _start(config, env):
+    return subprocess.Popen([sys.executable, "-m", "shardinfer.cli", "run", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _triples(run_dir):
+    return [(r["id"], r["output"], r["status"]) for r in read_results(run_dir)]
+
+
+def test_kill_9_of_a_worker_mid_unit_is_taken_over_in_the_same_run(long_job, engine_env):
+    config, tmp, clean, _ = long_job
+    launcher = _start(config("killed"), engine_env)
+    _kill_a_worker_mid_unit(tmp / "killed", time.time() + 300)
     out, err = launcher.communicate(timeout=600)
-    assert launcher.returncode == 1, err[-3000:]
-    assert "exited with signal SIGKILL" in err and "Run the same command again" in err
-    run_dir = tmp_path / "k"
+    assert launcher.returncode == 0, err[-3000:]
+    assert "exited with signal SIGKILL" in err  # said, not hidden
+    assert _triples(tmp / "killed") == clean  # every row once, same outputs as without the kill
+    logs = "".join(p.read_text() for p in (tmp / "killed" / "logs").glob("*.log"))
+    assert "took over unit" in logs and "(attempt 2)" in logs
+
+
+def test_kill_9_of_the_whole_run_then_resume_finishes_identically(long_job, engine_env):
+    config, tmp, clean, _ = long_job
+    run_dir = tmp / "crashed"
+    launcher = _start(config("crashed"), engine_env)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((run_dir / "done").glob("*.json")) if (run_dir / "done").is_dir() else []) < 2:
+        time.sleep(0.05)
+    os.killpg(launcher.pid, signal.SIGKILL)  # launcher and workers, mid-unit
+    launcher.communicate(timeout=60)
     assert not (run_dir / "results").exists()
     for record in (run_dir / "done").glob("unit-*.json"):  # every committed unit has its complete part
         part = run_dir / "parts" / f"{record.stem}.parquet"
         assert pq.read_table(part).num_rows == json.loads(record.read_text())["rows"]
     assert len(list((run_dir / "done").iterdir())) < len(json.loads((run_dir / "plan.json").read_text())["units"])
-
-    proc = run_cli(["run", str(killed)], engine_env)
+    proc = run_cli(["resume", str(run_dir)], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "will be redone" in proc.stderr
-    resumed = read_results(run_dir)
-    assert [r["id"] for r in resumed] == [d["id"] for d in docs]
+    assert _triples(run_dir) == clean
 
-    clean = write_config(tmp_path / "c.yaml", run_dir=tmp_path / "c", **common,
-                         run={"directory": str(tmp_path / "c"), "workers": 1, "env": {"OMP_NUM_THREADS": "1"}})
-    proc = run_cli(["run", str(clean)], engine_env)
+
+def test_usr2_drains_a_worker_and_the_others_finish(long_job, engine_env):
+    config, tmp, clean, _ = long_job
+    run_dir = tmp / "drained"
+    launcher = _start(config("drained"), engine_env)
+    pid = _signal_a_worker_mid_unit(run_dir, signal.SIGUSR2, time.time() + 300)
+    out, err = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, err[-3000:]
+    assert _triples(run_dir) == clean
+    metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
+    drained = [m for m in metrics if m["pid"] == pid]
+    assert drained and drained[0]["drained"] and drained[0]["units"] >= 1  # committed what it had
+    assert "signal SIGUSR2: finishing the current unit" in err
+
+
+def test_resume_redoes_a_corrupt_part_and_refuses_a_changed_input(long_job, engine_env):
+    config, tmp, clean, docs = long_job
+    run_dir = tmp / "clean"
+    part = run_dir / "parts" / "unit-000002.parquet"
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    proc = run_cli(["resume", str(run_dir)], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    uninterrupted = read_results(tmp_path / "c")
-    assert [(r["id"], r["output"], r["status"]) for r in resumed] == \
-        [(r["id"], r["output"], r["status"]) for r in uninterrupted]
+    assert "units [2] had a missing or corrupt part" in proc.stderr
+    assert _triples(run_dir) == clean
+    corpus = tmp / "docs.jsonl"
+    os.utime(corpus, (time.time(), time.time() + 5))
+    proc = run_cli(["resume", str(run_dir)], engine_env)
+    assert proc.returncode == 1
+    assert "was started with another model, engine, prompt, sampling or input" in proc.stderr
+    assert "input.0.mtime" in proc.stderr and "run.directory=NEW_DIR" in proc.stderr
+
+
+def test_retry_failed_reruns_only_failed_rows(tmp_path, tiny_model, engine_env):
+    docs = demo_docs(12)
+    records = [{"text": d["text"][:800]} for d in docs] + [{"text": docs[0]["text"] * 30}, {"text": ""}]
+    corpus = write_jsonl(tmp_path / "d.jsonl", records)
+    config = write_config(tmp_path / "c.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / "run",
+                          prompt={"too_long": "fail"}, run={"directory": str(tmp_path / "run"), "unit_tokens": 1500,
+                                                            "env": {"OMP_NUM_THREADS": "1"}})
+    assert run_cli(["run", str(config)], engine_env).returncode == 0
+    before = read_results(tmp_path / "run")
+    done_before = {p.name: json.loads(p.read_text()) for p in (tmp_path / "run" / "done").glob("*.json")}
+    proc = run_cli(["resume", str(tmp_path / "run"), "--retry-failed"], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = read_results(tmp_path / "run")
+    assert [(r["id"], r["status"], r["output"]) for r in after] == [(r["id"], r["status"], r["output"]) for r in before]
+    assert [r["status"] for r in after[-2:]] == ["failed", "failed"]
+    done_after = {p.name: json.loads(p.read_text()) for p in (tmp_path / "run" / "done").glob("*.json")}
+    redone = {name for name in done_after if done_after[name]["launch"] != done_before[name]["launch"]}
+    assert redone and all(done_before[n]["failed"] > 0 for n in redone)  # only units holding failed rows
+    assert all(done_before[n]["failed"] == 0 for n in set(done_after) - redone)
+    assert not list((tmp_path / "run" / "parts").glob("*.retry-source.parquet"))
 
 
 def test_empty_corpus_gives_an_empty_result_set(tmp_path, tiny_model, engine_env):

@@ -32,13 +32,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir, report = run_local(cfg)
+    _print_report(run_dir, report)
+    return 0
+
+
+def _print_report(run_dir, report) -> None:  # type: ignore[no-untyped-def]
     rows, rate = report["rows"], report["tokens_per_s"]
     print(f"\nrows: {rows['in']} in, {rows['ok']} ok, {rows['truncated']} truncated, {rows['failed']} failed")
     print(f"throughput: {rate['total']:.0f} tokens/s ({rate['input']:.0f} in, {rate['output']:.0f} out) "
           f"over {report['time_s']['wall']:.1f} s")
     print(f"results: {run_dir.results.resolve()}")
     print(f"report:  {run_dir.report_md.resolve()} (and report.json)")
-    return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -65,6 +69,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from shardinfer.status import describe_status, run_status
 
     print(describe_status(run_status(RunDir(args.run_dir))))
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from shardinfer.resume import resume
+    from shardinfer.rundir import RunDir
+
+    run_dir = RunDir(args.run_dir)
+    outcome = resume(run_dir, retry_failed=args.retry_failed, launcher=args.launcher)
+    if isinstance(outcome, dict):
+        _print_report(run_dir, outcome)
+    else:
+        print(f"worker job: {outcome.worker_job}\nreduce job: {outcome.reduce_job} (after the worker job)")
     return 0
 
 
@@ -115,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="units done / running / pending, rows, tokens, speed, ETA, SLURM jobs")
     p.add_argument("run_dir")
     p.set_defaults(fn=_cmd_status)
+    p = sub.add_parser("resume", help="run only what is not done in RUN_DIR, with its config and launcher")
+    p.add_argument("run_dir")
+    p.add_argument("--retry-failed", action="store_true", help="also redo the rows whose status is failed")
+    p.add_argument("--launcher", choices=["local", "sbatch", "submitit"],
+                   help="default: the run's last launcher (local when it was never submitted)")
+    p.set_defaults(fn=_cmd_resume)
     p = sub.add_parser("reduce", help="merge committed parts into results/ and write the report")
     p.add_argument("run_dir")
     p.set_defaults(fn=_cmd_reduce)

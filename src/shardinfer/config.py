@@ -101,6 +101,10 @@ class RunConfig:
     max_unit_rows: int = _f(4096, help="upper bound on rows per work unit")
     env: dict[str, str] = _f({}, help="environment variables set in every worker")
     log_interval_s: float = _f(30.0, help="seconds between progress lines when not on a terminal")
+    lease_timeout_s: float = _f(
+        300.0, help="a claimed unit whose worker sent no heartbeat for this long is taken over by another"
+    )
+    max_attempts: int = _f(3, help="tries (with backoff) of a unit the engine fails entirely before its rows fail")
 
 
 @dataclass(kw_only=True)
@@ -173,6 +177,7 @@ def _check_values(config: Config) -> None:
     """Range checks that types alone cannot express."""
     positive = {
         "sampling.max_tokens": config.sampling.max_tokens,
+        "run.max_attempts": config.run.max_attempts,
         "run.max_unit_rows": config.run.max_unit_rows,
         "model.hf_batch_tokens": config.model.hf_batch_tokens,
     }

@@ -2,6 +2,7 @@
 
 ```
 run.json            resolved config, versions, the worker count the plan was cut for
+fingerprint.json    model identity, chat template, engine version, input files: what resume checks
 plan.json           files, units, duplicates, token histogram
 claims/unit-N.json  a worker's claim on a unit (exclusive create)
 parts/unit-N.parquet  a committed unit's results (written under a temporary name, then renamed)
@@ -36,6 +37,7 @@ class RunDir:
     report_json = property(lambda self: self.path / "report.json")
     report_md = property(lambda self: self.path / "report.md")
     jobs_json = property(lambda self: self.path / "jobs.json")
+    fingerprint_json = property(lambda self: self.path / "fingerprint.json")
     slurm = property(lambda self: self.path / "slurm")
 
     def make(self) -> None:
@@ -44,6 +46,10 @@ class RunDir:
 
     def part(self, unit: int) -> Path:
         return self.parts / f"unit-{unit:06d}.parquet"
+
+    def retry_source(self, unit: int) -> Path:
+        """A committed part set aside by `resume --retry-failed`: its failed rows are redone."""
+        return self.parts / f"unit-{unit:06d}.retry-source.parquet"
 
     def done_record(self, unit: int) -> Path:
         return self.done / f"unit-{unit:06d}.json"

@@ -12,13 +12,15 @@ from typing import Any
 from shardinfer import __version__
 from shardinfer.config import Config, config_from_dict, config_to_dict
 from shardinfer.errors import RunError
+from shardinfer.fingerprint import differences, fingerprint
 from shardinfer.plan import Plan, make_plan
 from shardinfer.rundir import RunDir, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 # Settings that may change between launches of the same run without changing its results.
-_VOLATILE = {("run", "workers"), ("run", "env"), ("run", "log_interval_s")}
+_VOLATILE = {("run", "directory"), ("run", "workers"), ("run", "env"), ("run", "log_interval_s"), ("run", "lease_timeout_s"),
+             ("run", "max_attempts")}
 
 
 def run_dir_for(cfg: Config) -> RunDir:
@@ -50,6 +52,7 @@ def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
     plan = make_plan(cfg, workers)
     run_dir.make()
     write_json_atomic(run_dir.plan_json, plan.to_json())
+    write_json_atomic(run_dir.fingerprint_json, fingerprint(cfg, plan.files))
     write_json_atomic(run_dir.run_json, {"config": config_to_dict(cfg), "created_at": time.time(),
                                          "planned_workers": workers, "shardinfer": __version__,
                                          "launches": 0})
@@ -68,6 +71,24 @@ def load_run(run_dir: RunDir) -> tuple[Config, Plan]:
     if not run_dir.run_json.is_file():
         raise RunError(f"{run_dir.path} is not a run directory (no run.json). Start one with `shardinfer run`.")
     return config_from_dict(read_json(run_dir.run_json)["config"]), load_plan(run_dir)
+
+
+def check_fingerprint(run_dir: RunDir, cfg: Config, plan: Plan) -> None:
+    """Refuse to continue a run whose model, engine, prompt, sampling or input changed since it began."""
+    saved = read_json(run_dir.fingerprint_json)
+    now_files = []
+    for f in plan.files:
+        path = Path(f["path"])
+        stat = path.stat() if path.is_file() else None
+        now_files.append({**f, "bytes": stat.st_size if stat else None, "mtime": stat.st_mtime if stat else None})
+    changed = differences(saved, fingerprint(cfg, now_files))
+    if changed:
+        shown = "\n  ".join(changed[:20]) + ("\n  ..." if len(changed) > 20 else "")
+        raise RunError(
+            f"{run_dir.path} was started with another model, engine, prompt, sampling or input; resuming "
+            f"would mix two runs. What changed:\n  {shown}\nRestore them, or start a new run explicitly: "
+            f"shardinfer run CONFIG run.directory=NEW_DIR"
+        )
 
 
 def load_plan(run_dir: RunDir) -> Plan:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -18,18 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
 
 from shardinfer import corpus
 from shardinfer.engines import Completion, Engine, make_engine
 from shardinfer.env import RankEnv, check_world, detect, gpu_slice, visible_gpu_ids
 from shardinfer.errors import RunError, ShardinferError
-from shardinfer.ledger import Ledger
+from shardinfer.ledger import Heartbeat, Ledger
 from shardinfer.logs import setup_logging
 from shardinfer.model_info import load_tokenizer
 from shardinfer.plan import Plan, Unit
 from shardinfer.progress import Progress
 from shardinfer.prompts import Prompt, PromptBuilder, template_fields
-from shardinfer.results import result_table
+from shardinfer.results import ROW, result_table
 from shardinfer.rundir import RunDir, write_json_atomic
 from shardinfer.runstate import load_run
 
@@ -113,6 +116,7 @@ class WorkerMetrics:
     launcher: str = "local"
     job_id: str | None = None
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the worker
+    drained: bool = False  # stopped early on SIGUSR2/SIGTERM
 
 
 class Worker:
@@ -123,23 +127,54 @@ class Worker:
         self.metrics = WorkerMetrics(rank=self.rank, world=self.world, launch=launch, engine=self.cfg.model.engine,
                                      launcher=rank_env.launcher, job_id=rank_env.job_id,
                                      gpus=os.environ.get("CUDA_VISIBLE_DEVICES"))
-        self.ledger = Ledger(run_dir, worker=f"{socket.gethostname()}:{os.getpid()}:rank{self.rank}")
+        self.ledger = Ledger(run_dir, worker=f"{socket.gethostname()}:{os.getpid()}:rank{self.rank}",
+                             lease_timeout_s=self.cfg.run.lease_timeout_s)
         self.engine: Engine | None = None
         self.builder: PromptBuilder | None = None
+        self.draining = False
+        self.failed_units_in_a_row = 0
+
+    def drain(self, signum: int, _frame: Any = None) -> None:
+        """On SIGUSR2/SIGTERM: finish and commit the current unit, claim no more, exit."""
+        log.warning("signal %s: finishing the current unit, then stopping", signal.Signals(signum).name)
+        self.draining = True
 
     def run(self) -> None:
         os.environ.update(self.cfg.run.env)  # before the engine is imported
         self._load()
+        for signum in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(signum, self.drain)
         reader = UnitReader(self.plan, self.cfg)
         progress = Progress(rank=self.rank, total_rows=self.plan.total_rows,
                             interval_s=self.cfg.run.log_interval_s)
-        for unit in self._unit_order():
-            if self.ledger.claim(unit.unit):
-                self._process(unit, reader, progress)
-        progress.close()
+        heartbeat = Heartbeat(self.ledger)
+        try:
+            self._work(reader, progress, heartbeat)
+        finally:
+            heartbeat.stop()
+            progress.close()
         self.metrics.finished_at = time.time()
+        self.metrics.drained = self.draining
         self._save_metrics()
-        log.info("no units left: %d units, %d rows done by this worker", self.metrics.units, self.metrics.rows)
+        log.info("%s: %d units, %d rows done by this worker", "drained" if self.draining else "no units left",
+                 self.metrics.units, self.metrics.rows)
+
+    def _work(self, reader: UnitReader, progress: Progress, heartbeat: Heartbeat) -> None:
+        """Claim units until all are done; wait for others' leases to finish or go stale."""
+        while not self.draining:
+            progressed = False
+            for unit in self._unit_order():
+                if self.draining:
+                    return
+                if self.ledger.claim(unit.unit):
+                    heartbeat.hold(unit.unit)
+                    self._process(unit, reader, progress)
+                    heartbeat.hold(None)
+                    progressed = True
+            if len(self.ledger.done_units()) >= len(self.plan.units):
+                return
+            if not progressed:
+                time.sleep(min(self.cfg.run.lease_timeout_s / 4, 10.0))
 
     def _load(self) -> None:
         start = time.time()
@@ -161,13 +196,26 @@ class Worker:
 
     def _process(self, unit: Unit, reader: UnitReader, progress: Progress) -> None:
         rows = reader.read(unit)
+        previous = _previous_results(self.run_dir, unit.unit)
+        if previous is not None:  # --retry-failed: only the rows that failed last time
+            rows = _subset(rows, _failed_rows(previous))
+        table = self._results(rows)
+        if previous is not None:
+            table = _merge(previous, table)
+        stats = table_stats(table)
+        if self.ledger.commit(unit.unit, table, {"launch": self.metrics.launch, **stats}):
+            self.run_dir.retry_source(unit.unit).unlink(missing_ok=True)
+            self._count(stats, progress)
+        if self.failed_units_in_a_row >= 2:
+            raise RunError(f"the engine failed every row of {self.failed_units_in_a_row} units in a row "
+                           f"({self.cfg.run.max_attempts} attempts each); stopping this worker. "
+                           f"Its rows are recorded as failed: `shardinfer resume --retry-failed` redoes them.")
+
+    def _results(self, rows: UnitRows) -> pa.Table:
         problems = self._row_problems(rows)
         prompts = self._prompts(rows, problems)
         completions = self._generate(prompts)
-        table = result_table(rows, problems, prompts, completions, self.cfg.input.passthrough)
-        stats = table_stats(table)
-        self.ledger.commit(unit.unit, table, {"attempt": 1, "launch": self.metrics.launch, **stats})
-        self._count(stats, progress)
+        return result_table(rows, problems, prompts, completions, self.cfg.input.passthrough)
 
     def _row_problems(self, rows: UnitRows) -> list[str | None]:
         problems = []
@@ -194,14 +242,27 @@ class Worker:
             return out
         start = time.time()
         self.metrics.first_generate_at = self.metrics.first_generate_at or start
-        done = generate_isolating(self.engine, [prompts[i].token_ids for i in todo])
+        done = self._generate_with_retries([prompts[i].token_ids for i in todo])
         self.metrics.generation_s += time.time() - start
         self.metrics.last_generate_end = time.time()
-        if all(isinstance(c, Exception) for c in done):
-            raise RunError(f"the engine failed on every row of the unit: {done[0]!r}") from done[0]
         for i, c in zip(todo, done):
             out[i] = c
         return out
+
+    def _generate_with_retries(self, prompts: list[list[int]]) -> list[Completion | Exception]:
+        """Retry a unit the engine failed entirely (out of memory, engine death) with backoff;
+        after run.max_attempts its rows are recorded as failed with the error."""
+        attempts = self.cfg.run.max_attempts
+        for attempt in range(1, attempts + 1):
+            done = generate_isolating(self.engine, prompts)
+            if not all(isinstance(c, Exception) for c in done):
+                self.failed_units_in_a_row = 0
+                return done
+            log.error("attempt %d/%d: the engine failed every row of the unit: %r", attempt, attempts, done[0])
+            if attempt < attempts:
+                time.sleep(min(2.0 ** attempt, 60.0))
+        self.failed_units_in_a_row += 1
+        return done
 
     def _count(self, stats: dict[str, int], progress: Progress) -> None:
         m = self.metrics
@@ -214,6 +275,30 @@ class Worker:
 
     def _save_metrics(self) -> None:
         write_json_atomic(self.run_dir.worker_metrics(self.metrics.launch, self.rank), self.metrics.__dict__)
+
+
+def _previous_results(run_dir: RunDir, unit: int) -> pa.Table | None:
+    path = run_dir.retry_source(unit)
+    return pq.read_table(path) if path.is_file() else None
+
+
+def _failed_rows(previous: pa.Table) -> set[int]:
+    return {r for r, s in zip(previous.column(ROW).to_pylist(), previous.column("status").to_pylist())
+            if s == "failed"}
+
+
+def _subset(rows: UnitRows, keep: set[int]) -> UnitRows:
+    index = [i for i, r in enumerate(rows.rows) if r in keep]
+    return UnitRows(rows=[rows.rows[i] for i in index], ids=[rows.ids[i] for i in index],
+                    texts=[rows.texts[i] for i in index], columns=[rows.columns[i] for i in index],
+                    problems=[rows.problems[i] for i in index])
+
+
+def _merge(previous: pa.Table, redone: pa.Table) -> pa.Table:
+    """The previous results with the redone rows in place of the failed ones, in row order."""
+    kept = previous.filter(pa.compute.invert(pa.compute.is_in(previous.column(ROW), redone.column(ROW))))
+    merged = pa.concat_tables([kept, redone], promote_options="permissive")
+    return merged.sort_by(ROW)
 
 
 def table_stats(table: pa.Table) -> dict[str, int]:

@@ -31,7 +31,17 @@ def run_local(cfg: Config) -> tuple[RunDir, dict[str, Any]]:
     workers = default_workers(cfg)
     groups = _gpu_groups(workers)
     run_dir, plan = prepare_run(cfg, workers)
+    return run_dir, execute_local(cfg, run_dir, plan, groups)
+
+
+def execute_local(cfg: Config, run_dir: RunDir, plan: Any, groups: list[list[str]] | None = None) -> dict[str, Any]:
+    """Run local workers on the units not done yet, then reduce; returns the report."""
+    if groups is None:
+        check_installed(cfg.model.engine)
+        groups = _gpu_groups(default_workers(cfg))
+    workers = len(groups)
     ledger = Ledger(run_dir)
+    ledger.verify_committed({u.unit: u.rows for u in plan.units})
     released = ledger.release_unfinished_claims()
     if released:
         log.info("units %s were claimed by workers that did not finish them; they will be redone", released)
@@ -42,8 +52,10 @@ def run_local(cfg: Config) -> tuple[RunDir, dict[str, Any]]:
         n = min(workers, len(todo))
         log.info("%d units to do (%d rows in the run); starting %d worker(s)", len(todo), plan.total_rows, n)
         failures = _run_workers(run_dir, cfg, groups[:n], launch)
+    if failures:
+        log.warning("some workers died%s; the others finished their units", _failure_text(run_dir, failures))
     try:
-        return run_dir, reduce_run(run_dir)
+        return reduce_run(run_dir)
     except RunError as exc:
         raise RunError(f"{exc}{_failure_text(run_dir, failures)}") from exc
 
