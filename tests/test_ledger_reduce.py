@@ -16,7 +16,7 @@ from shardinfer.reduce import reduce_run
 from shardinfer.results import result_table
 from shardinfer.rundir import RunDir
 from shardinfer.runstate import prepare_run
-from shardinfer.worker import UnitRows, generate_isolating
+from shardinfer.worker import UnitRows, generate_isolating, generate_with_retries
 
 
 def _claim_all(run_dir: str, units: int, queue) -> None:
@@ -190,3 +190,26 @@ def test_verify_committed_redoes_corrupt_and_truncated_parts(planned):
     assert Ledger(run_dir).verify_committed(expected) == [1, 2]
     assert not run_dir.done_record(1).exists() and not run_dir.claim(2).exists()
     assert Ledger(run_dir).verify_committed(expected) == []
+
+
+class DownThenUp:
+    """Fails every call (like an engine out of memory) for the first ``down`` calls."""
+
+    def __init__(self, down):
+        self.down = down
+        self.calls = 0
+
+    def generate(self, prompts):
+        self.calls += 1
+        if self.calls <= self.down:
+            raise RuntimeError("CUDA out of memory")
+        return [Completion(p, "ok", "length") for p in prompts]
+
+
+def test_a_failing_unit_is_retried_with_backoff_then_its_rows_fail():
+    prompts = [[1], [2]]
+    recovered = generate_with_retries(DownThenUp(3), prompts, attempts=3, backoff_s=0.01)
+    assert [c.text for c in recovered] == ["ok", "ok"]  # 1st try: 3 failed calls (batch + halves)
+    engine = DownThenUp(10**6)
+    failed = generate_with_retries(engine, prompts, attempts=3, backoff_s=0.01)
+    assert all(isinstance(c, RuntimeError) for c in failed) and engine.calls == 9

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,81 @@ def test_impossible_requests_fail_at_once_with_the_fix(cluster_env, job, overrid
     assert "Nothing was submitted" in proc.stderr and "Fix:" in proc.stderr
     after = subprocess.run(["squeue", "-h", "-t", "all"], env=cluster_env, capture_output=True, text=True).stdout
     assert after == before and not run_dir.exists()
+
+
+@pytest.fixture(scope="module")
+def long_job(tmp_path_factory, tiny_model, engine_env):
+    """A job long enough to interrupt on the cluster, and its outputs from a local run."""
+    tmp = tmp_path_factory.mktemp("cluster-long")
+    docs = demo_docs(100, offset=60)
+    corpus = write_jsonl(tmp / "docs.jsonl", [{"id": d["id"], "text": d["text"]} for d in docs])
+    config = write_config(tmp / "long.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "local",
+                          input={"path": str(corpus), "id_column": "id"},
+                          sampling={"max_tokens": 96, "ignore_eos": True},
+                          run={"directory": str(tmp / "local"), "workers": 1, "unit_tokens": 4000,
+                               "lease_timeout_s": 5, "env": {"OMP_NUM_THREADS": "1"}},
+                          slurm={"nodes": 2, "cpus_per_task": 1, "time_min": 10, "reduce_time_min": 10,
+                                 "reduce_cpus": 1})
+    proc = run_cli(["run", str(config)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return config, tmp, _outputs(tmp / "local")
+
+
+def _submit_and_wait_for_progress(config, run_dir: Path, env: dict) -> dict:
+    proc = run_cli(["submit", str(config), f"run.directory={run_dir}"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (run_dir / "done").is_dir() and len(list((run_dir / "done").glob("*.json"))) >= 2:
+            return json.loads((run_dir / "jobs.json").read_text())[-1]
+        time.sleep(0.1)
+    raise AssertionError("the job made no progress")
+
+
+def _wait_gone(env: dict, *job_ids: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids)], env=env, capture_output=True,
+                             text=True).stdout
+        if not out.strip():
+            return
+        time.sleep(1)
+    raise AssertionError(f"jobs {job_ids} still queued")
+
+
+def test_scancel_mid_run_then_resume_resubmits_only_what_is_left(cluster_env, long_job):
+    config, tmp, local = long_job
+    run_dir = tmp / "cancelled"
+    jobs = _submit_and_wait_for_progress(config, run_dir, cluster_env)
+    subprocess.run(["scancel", jobs["worker_job"]], env=cluster_env, check=True)
+    _wait_gone(cluster_env, jobs["worker_job"], jobs["reduce_job"])
+    done_before = len(list((run_dir / "done").glob("*.json")))
+    assert not (run_dir / "results").exists()  # the reduce job found units missing
+    proc = run_cli(["resume", str(run_dir)], cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "worker job:" in proc.stdout  # resubmitted with the run's launcher (sbatch)
+    record = json.loads((run_dir / "jobs.json").read_text())[-1]
+    assert record["launch"] == 1
+    _wait_gone(cluster_env, record["worker_job"], record["reduce_job"])
+    assert _outputs(run_dir) == local
+    redone = [json.loads(p.read_text()) for p in (run_dir / "done").glob("*.json")]
+    assert sum(r["launch"] == 0 for r in redone) == done_before  # finished units were not redone
+
+
+@pytest.mark.parametrize("how", ["usr2-signal", "scontrol-requeue"])
+def test_a_requeued_job_continues_by_itself(cluster_env, long_job, how):
+    config, tmp, local = long_job
+    run_dir = tmp / how
+    jobs = _submit_and_wait_for_progress(config, run_dir, cluster_env)
+    if how == "usr2-signal":  # what SLURM sends --signal=B:USR2@grace before the time limit
+        subprocess.run(["scancel", "--signal=USR2", "--batch", jobs["worker_job"]], env=cluster_env, check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", jobs["worker_job"]], env=cluster_env, check=True)
+    _wait_gone(cluster_env, jobs["worker_job"], jobs["reduce_job"])
+    assert _outputs(run_dir) == local
+    metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
+    assert {m["restart"] for m in metrics} == {0, 1}  # the same job ran twice
+    if how == "usr2-signal":
+        assert all(m["drained"] for m in metrics if m["restart"] == 0)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["rows"]["in"] == len(local) and report["launches"] == 2

@@ -126,6 +126,10 @@ class SlurmConfig:
     extra_sbatch: list[str] = _f([], help="more sbatch options for the worker job, e.g. --exclusive")
     setup: list[str] = _f([], help="shell lines run before the workers and the reduce: module load, venv activation")
     python: str | None = _f(None, help="python on the nodes; default: the one running shardinfer submit")
+    signal_grace_s: int = _f(
+        300, help="SLURM sends USR2 this long before the time limit: workers commit their unit, the job requeues"
+    )
+    requeue: bool = _f(True, help="requeue the worker job after a USR2 drain (time limit, preemption notice)")
     reduce_time_min: int = _f(60, help="time limit of the reduce job, minutes")
     reduce_cpus: int = _f(2, help="CPUs of the reduce job")
     reduce_mem_gb: int | None = _f(None, help="memory of the reduce job in GB")

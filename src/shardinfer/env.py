@@ -7,6 +7,7 @@ a single local process.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class RankEnv:
     launcher: str  # local | slurm | slurm-array
     job_id: str | None = None
     host: str = ""
+    restart: int = 0  # SLURM_RESTART_COUNT: how often the job was requeued
 
     def describe(self) -> str:
         job = f", job {self.job_id}" if self.job_id else ""
@@ -42,10 +44,11 @@ def detect(env: Mapping[str, str] | None = None, *, rank: int | None = None, wor
     host = socket.gethostname()
     if rank is not None and world is not None:
         return RankEnv(rank, world, 0, 0, "local", host=host)
+    restart = int(env.get("SLURM_RESTART_COUNT") or 0)
     if SLURM_ARRAY["task"] in env:
-        return _slurm_array(env, host)
+        return dataclasses.replace(_slurm_array(env, host), restart=restart)
     if SLURM_STEP["rank"] in env and SLURM_STEP["world"] in env:
-        return _slurm_step(env, host)
+        return dataclasses.replace(_slurm_step(env, host), restart=restart)
     return RankEnv(0, 1, 0, 0, "local", host=host)
 
 

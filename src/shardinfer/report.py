@@ -37,7 +37,7 @@ def build_report(cfg: Any, plan: Any, run_dir: RunDir, totals: Any) -> dict[str,
         "tokens_per_s": _rates(tokens, wall),
         "generation_tokens_per_s": _rates(tokens, generation),
         "workers": [_worker_row(m) for m in metrics],
-        "launches": len({m["launch"] for m in metrics}),
+        "launches": len({(m["launch"], m.get("restart", 0)) for m in metrics}),
         "model": {"path": cfg.model.path, "engine": cfg.model.engine, "dtype": cfg.model.dtype,
                   "max_model_len": plan.max_model_len, "engine_args": cfg.model.vllm_args if cfg.model.engine == "vllm" else cfg.model.hf_args},
         "sampling": vars(cfg.sampling),
@@ -49,9 +49,9 @@ def build_report(cfg: Any, plan: Any, run_dir: RunDir, totals: Any) -> dict[str,
 
 def _wall_time(metrics: list[dict[str, Any]]) -> float:
     """Summed over launches: first worker start to last worker end of each launch."""
-    by_launch: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    by_launch: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for m in metrics:
-        by_launch[m["launch"]].append(m)
+        by_launch[(m["launch"], m.get("restart", 0))].append(m)
     total = 0.0
     for group in by_launch.values():
         ends = [m.get("finished_at") or m.get("last_generate_end") or m["started_at"] for m in group]
@@ -61,10 +61,10 @@ def _wall_time(metrics: list[dict[str, Any]]) -> float:
 
 def _generation_span(metrics: list[dict[str, Any]]) -> float:
     """Summed over launches: first generate call to the end of the last one."""
-    by_launch: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    by_launch: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for m in metrics:
         if m.get("first_generate_at"):
-            by_launch[m["launch"]].append(m)
+            by_launch[(m["launch"], m.get("restart", 0))].append(m)
     return sum(max(m["last_generate_end"] for m in g) - min(m["first_generate_at"] for m in g)
                for g in by_launch.values())
 

@@ -60,8 +60,9 @@ class RunDir:
     def worker_log(self, rank: int) -> Path:
         return self.logs / f"worker-{rank:05d}.log"
 
-    def worker_metrics(self, launch: int, rank: int) -> Path:
-        return self.metrics / f"launch-{launch:03d}-worker-{rank:05d}.json"
+    def worker_metrics(self, launch: int, rank: int, restart: int = 0) -> Path:
+        again = f"-restart-{restart}" if restart else ""
+        return self.metrics / f"launch-{launch:03d}{again}-worker-{rank:05d}.json"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -46,8 +46,10 @@ def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
     run_dir = run_dir_for(cfg)
     if run_dir.run_json.is_file():
         _check_same_config(run_dir, cfg)
+        plan = load_plan(run_dir)
+        check_fingerprint(run_dir, cfg, plan)
         log.info("continuing the run in %s", run_dir.path)
-        return run_dir, load_plan(run_dir)
+        return run_dir, plan
     log.info("planning %s", run_dir.path)
     plan = make_plan(cfg, workers)
     run_dir.make()

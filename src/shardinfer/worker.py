@@ -117,6 +117,7 @@ class WorkerMetrics:
     job_id: str | None = None
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the worker
     drained: bool = False  # stopped early on SIGUSR2/SIGTERM
+    restart: int = 0  # requeues of the SLURM job before this start
 
 
 class Worker:
@@ -126,7 +127,7 @@ class Worker:
         self.cfg, self.plan = load_run(run_dir)
         self.metrics = WorkerMetrics(rank=self.rank, world=self.world, launch=launch, engine=self.cfg.model.engine,
                                      launcher=rank_env.launcher, job_id=rank_env.job_id,
-                                     gpus=os.environ.get("CUDA_VISIBLE_DEVICES"))
+                                     gpus=os.environ.get("CUDA_VISIBLE_DEVICES"), restart=rank_env.restart)
         self.ledger = Ledger(run_dir, worker=f"{socket.gethostname()}:{os.getpid()}:rank{self.rank}",
                              lease_timeout_s=self.cfg.run.lease_timeout_s)
         self.engine: Engine | None = None
@@ -252,16 +253,9 @@ class Worker:
     def _generate_with_retries(self, prompts: list[list[int]]) -> list[Completion | Exception]:
         """Retry a unit the engine failed entirely (out of memory, engine death) with backoff;
         after run.max_attempts its rows are recorded as failed with the error."""
-        attempts = self.cfg.run.max_attempts
-        for attempt in range(1, attempts + 1):
-            done = generate_isolating(self.engine, prompts)
-            if not all(isinstance(c, Exception) for c in done):
-                self.failed_units_in_a_row = 0
-                return done
-            log.error("attempt %d/%d: the engine failed every row of the unit: %r", attempt, attempts, done[0])
-            if attempt < attempts:
-                time.sleep(min(2.0 ** attempt, 60.0))
-        self.failed_units_in_a_row += 1
+        done = generate_with_retries(self.engine, prompts, attempts=self.cfg.run.max_attempts)
+        all_failed = all(isinstance(c, Exception) for c in done)
+        self.failed_units_in_a_row = self.failed_units_in_a_row + 1 if all_failed else 0
         return done
 
     def _count(self, stats: dict[str, int], progress: Progress) -> None:
@@ -274,7 +268,8 @@ class Worker:
         progress.update(rows=stats["rows"], tokens_in=stats["prompt_tokens"], tokens_out=stats["output_tokens"])
 
     def _save_metrics(self) -> None:
-        write_json_atomic(self.run_dir.worker_metrics(self.metrics.launch, self.rank), self.metrics.__dict__)
+        path = self.run_dir.worker_metrics(self.metrics.launch, self.rank, self.metrics.restart)
+        write_json_atomic(path, self.metrics.__dict__)
 
 
 def _previous_results(run_dir: RunDir, unit: int) -> pa.Table | None:
@@ -307,6 +302,20 @@ def table_stats(table: pa.Table) -> dict[str, int]:
     return {"rows": table.num_rows, **{s: statuses.count(s) for s in ("ok", "truncated", "failed")},
             "prompt_tokens": sum(v or 0 for v in table.column("prompt_tokens").to_pylist()),
             "output_tokens": sum(v or 0 for v in table.column("output_tokens").to_pylist())}
+
+
+def generate_with_retries(engine: Any, prompts: list[list[int]], *, attempts: int,
+                          backoff_s: float = 2.0) -> list[Completion | Exception]:
+    """Retry a batch the engine failed entirely, with exponential backoff (each try splits the
+    batch on errors, so smaller batches are tried too); the last try's errors are returned."""
+    for attempt in range(1, attempts + 1):
+        done = generate_isolating(engine, prompts)
+        if not all(isinstance(c, Exception) for c in done):
+            return done
+        log.error("attempt %d/%d: the engine failed every row of the unit: %r", attempt, attempts, done[0])
+        if attempt < attempts:
+            time.sleep(min(backoff_s ** attempt, 60.0))
+    return done
 
 
 def generate_isolating(engine: Any, prompts: list[list[int]]) -> list[Completion | Exception]:

@@ -38,6 +38,8 @@ def render_scripts(cfg: Config, lay: Layout, *, run_dir: str, launch: int, pytho
     return Scripts(worker=_render("worker.sbatch", cfg, run_dir=run_dir, python=python,
                                   sbatch_lines=_lines(worker_options(cfg, lay, run_dir)),
                                   launch=str(launch), workers=str(lay.workers), shape=lay.shape,
+                                  requeue_line=('scontrol requeue "$SLURM_JOB_ID"' if cfg.slurm.requeue
+                                                else ": # slurm.requeue is off"),
                                   launch_line=_launch_line(cfg, lay, run_dir, launch, python)),
                    reduce=_render("reduce.sbatch", cfg, run_dir=run_dir, python=python,
                                   sbatch_lines=_lines(reduce_options(cfg, run_dir))))
@@ -62,6 +64,7 @@ def worker_options(cfg: Config, lay: Layout, run_dir: str) -> list[tuple[str, st
     if s.mem_gb:
         opts.append(("mem", f"{s.mem_gb}G"))
     opts.append(("time", str(s.time_min)))
+    opts += [("signal", f"B:USR2@{s.signal_grace_s}"), ("requeue" if s.requeue else "no-requeue", None)]
     return opts + _placement(cfg) + [_extra(line) for line in s.extra_sbatch]
 
 
