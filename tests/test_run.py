@@ -96,7 +96,8 @@ def test_report_counts_match_the_results(bad_run):
     assert report["failed_by_reason"] == {"bad_json": 1, "duplicate_id": 1, "empty_text": 2,
                                           "missing_id": 1, "not_text": 1}
     assert len(report["workers"]) == 2 and sum(w["rows"] for w in report["workers"]) == len(rows)
-    assert all(w["model_load_s"] > 0 and w["tokens_per_s"]["total"] > 0 for w in report["workers"])
+    assert all(w["model_load_s"] > 0 for w in report["workers"])
+    assert all(w["tokens_per_s"]["total"] > 0 for w in report["workers"] if w["rows"])
     assert report["tokens_per_s"]["total"] > 0 and report["time_s"]["generation"] > 0
     assert report["versions"]["vllm"] and report["model"]["engine"] == "vllm"
     assert "[rank 0/2 " in proc.stderr and "[rank 1/2 " in proc.stderr  # rank-prefixed log lines

@@ -31,9 +31,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from shardinfer.launch.local import run_local
 
     cfg = load_config(args.config, args.overrides)
+    if args.launcher == "mpi":
+        return _run_mpi(args, cfg)
     run_dir, report = run_local(cfg)
     _print_report(run_dir, report)
     return 0
+
+
+def _run_mpi(args: argparse.Namespace, cfg) -> int:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+
+    from shardinfer.launch.mpi import mpirun_command
+    from shardinfer.plan import default_workers
+
+    cmd = mpirun_command(args.config, args.overrides, default_workers(cfg))
+    log.info("starting %s", " ".join(cmd))
+    return subprocess.call(cmd, env={**os.environ, **cfg.run.env})
 
 
 def _print_report(run_dir, report) -> None:  # type: ignore[no-untyped-def]
@@ -122,10 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.workers=2")
         p.set_defaults(fn=fn)
+        if name == "run":
+            p.add_argument("--launcher", choices=["local", "mpi"], default="local",
+                           help="mpi: one mpirun of run.workers ranks that plans, infers and reduces")
     p = sub.add_parser("submit", help="plan the run and submit it to SLURM: worker job(s) + a dependent reduce job")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. slurm.nodes=4")
-    p.add_argument("--launcher", choices=["sbatch", "submitit"], default="sbatch")
+    p.add_argument("--launcher", choices=["sbatch", "submitit", "mpi"], default="sbatch",
+                   help="mpi: one job whose MPI ranks plan, infer and reduce (slurm.mpi_start: srun or mpirun)")
     p.add_argument("--dry-run", action="store_true", help="print the batch scripts; plan and submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the reduce job and print the outcome")
     p.set_defaults(fn=_cmd_submit)
@@ -135,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="run only what is not done in RUN_DIR, with its config and launcher")
     p.add_argument("run_dir")
     p.add_argument("--retry-failed", action="store_true", help="also redo the rows whose status is failed")
-    p.add_argument("--launcher", choices=["local", "sbatch", "submitit"],
+    p.add_argument("--launcher", choices=["local", "sbatch", "submitit", "mpi"],
                    help="default: the run's last launcher (local when it was never submitted)")
     p.set_defaults(fn=_cmd_resume)
     p = sub.add_parser("reduce", help="merge committed parts into results/ and write the report")
@@ -152,7 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow options: `run CONFIG --launcher mpi run.workers=4`
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from shardinfer.logs import setup_logging
 
     setup_logging()

@@ -20,6 +20,9 @@ SLURM_STEP = {"rank": "SLURM_PROCID", "world": "SLURM_NTASKS", "local_rank": "SL
               "node": "SLURM_NODEID", "job_id": "SLURM_JOB_ID"}
 SLURM_ARRAY = {"task": "SLURM_ARRAY_TASK_ID", "count": "SLURM_ARRAY_TASK_COUNT", "min": "SLURM_ARRAY_TASK_MIN",
                "job_id": "SLURM_ARRAY_JOB_ID"}
+# mpirun (Open MPI); under srun --mpi=pmix the SLURM step variables say the same
+OPEN_MPI = {"rank": "OMPI_COMM_WORLD_RANK", "world": "OMPI_COMM_WORLD_SIZE",
+            "local_rank": "OMPI_COMM_WORLD_LOCAL_RANK", "node": "OMPI_COMM_WORLD_NODE_RANK"}
 GPU_VARS = ("CUDA_VISIBLE_DEVICES",)
 
 
@@ -29,7 +32,7 @@ class RankEnv:
     world: int
     local_rank: int
     node: int
-    launcher: str  # local | slurm | slurm-array
+    launcher: str  # local | slurm | slurm-array | mpi
     job_id: str | None = None
     host: str = ""
     restart: int = 0  # SLURM_RESTART_COUNT: how often the job was requeued
@@ -47,6 +50,9 @@ def detect(env: Mapping[str, str] | None = None, *, rank: int | None = None, wor
     restart = int(env.get("SLURM_RESTART_COUNT") or 0)
     if SLURM_ARRAY["task"] in env:
         return dataclasses.replace(_slurm_array(env, host), restart=restart)
+    if OPEN_MPI["rank"] in env and OPEN_MPI["world"] in env:
+        return dataclasses.replace(_open_mpi(env, host), restart=restart,
+                                   job_id=env.get(SLURM_STEP["job_id"]))
     if SLURM_STEP["rank"] in env and SLURM_STEP["world"] in env:
         return dataclasses.replace(_slurm_step(env, host), restart=restart)
     return RankEnv(0, 1, 0, 0, "local", host=host)
@@ -63,6 +69,12 @@ def _slurm_array(env: Mapping[str, str], host: str) -> RankEnv:
     first = _int(env, SLURM_ARRAY["min"]) if SLURM_ARRAY["min"] in env else 0
     return RankEnv(rank=_int(env, SLURM_ARRAY["task"]) - first, world=_int(env, SLURM_ARRAY["count"]),
                    local_rank=0, node=0, launcher="slurm-array", job_id=env.get(SLURM_ARRAY["job_id"]), host=host)
+
+
+def _open_mpi(env: Mapping[str, str], host: str) -> RankEnv:
+    optional = {k: _int(env, OPEN_MPI[k]) if OPEN_MPI[k] in env else 0 for k in ("local_rank", "node")}
+    return RankEnv(rank=_int(env, OPEN_MPI["rank"]), world=_int(env, OPEN_MPI["world"]), launcher="mpi",
+                   host=host, **optional)
 
 
 def _slurm_step(env: Mapping[str, str], host: str) -> RankEnv:
@@ -103,3 +115,17 @@ def check_world(rank_env: RankEnv, expected: int | None) -> None:
             f"({rank_env.launcher}). Fix: submit with `shardinfer submit` (it derives the task count from "
             f"slurm.nodes, slurm.gpus_per_node and tensor_parallel_size), or change those settings."
         )
+
+
+def from_mpi(comm: object) -> RankEnv:
+    """Rank and world from an mpi4py communicator; local rank from the ranks sharing this node."""
+    from mpi4py import MPI
+
+    world_comm = comm  # type: ignore[assignment]
+    node_comm = world_comm.Split_type(MPI.COMM_TYPE_SHARED)  # type: ignore[attr-defined]
+    leaders = world_comm.allgather(world_comm.Get_rank() if node_comm.Get_rank() == 0 else None)  # type: ignore
+    node = sorted(r for r in leaders if r is not None).index(node_comm.bcast(world_comm.Get_rank(), root=0))
+    return RankEnv(rank=world_comm.Get_rank(), world=world_comm.Get_size(),  # type: ignore[attr-defined]
+                   local_rank=node_comm.Get_rank(), node=node, launcher="mpi",
+                   job_id=os.environ.get(SLURM_STEP["job_id"]), host=socket.gethostname(),
+                   restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0))

@@ -14,7 +14,7 @@ from shardinfer.runstate import check_fingerprint, load_run
 
 log = logging.getLogger(__name__)
 
-LAUNCHERS = ("local", "sbatch", "submitit")
+LAUNCHERS = ("local", "sbatch", "submitit", "mpi")
 
 
 def resume(run_dir: RunDir, *, retry_failed: bool = False, launcher: str | None = None) -> Any:

@@ -331,7 +331,7 @@ def generate_isolating(engine: Any, prompts: list[list[int]]) -> list[Completion
         return generate_isolating(engine, prompts[:mid]) + generate_isolating(engine, prompts[mid:])
 
 
-def _check_allocation(rank_env: RankEnv, expect_world: int | None, gpus_per_replica: int) -> None:
+def check_allocation(rank_env: RankEnv, expect_world: int | None, gpus_per_replica: int) -> None:
     """The job matches the config, and this worker sees only its replica's GPUs."""
     check_world(rank_env, expect_world)
     if gpus_per_replica and rank_env.launcher != "local":
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     rank_env = detect(rank=args.rank, world=args.world)
     setup_logging(rank=rank_env.rank, world=rank_env.world, log_file=run_dir.worker_log(rank_env.rank))
     try:
-        _check_allocation(rank_env, args.expect_world, args.gpus_per_replica)
+        check_allocation(rank_env, args.expect_world, args.gpus_per_replica)
         log.info("starting %s", rank_env.describe())
         Worker(run_dir, rank_env, launch=args.launch).run()
     except ShardinferError as exc:

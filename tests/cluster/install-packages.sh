@@ -19,6 +19,8 @@ if [ "$ACCT" = 1 ]; then
     command -v "${c%%:*}" >/dev/null || pkgs+=("${c#*:}")
   done
 fi
+# MPI for the mpirun / srun --mpi=pmix tests (mpi4py's wheel loads the system libmpi)
+command -v mpirun >/dev/null || pkgs+=(openmpi-bin libopenmpi-dev)
 if [ ${#pkgs[@]} -gt 0 ]; then
   pkgs+=(slurm-wlm)
   log "apt-get install ${pkgs[*]}"

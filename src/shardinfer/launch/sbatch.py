@@ -34,13 +34,13 @@ class Scripts:
     reduce: str
 
 
-def render_scripts(cfg: Config, lay: Layout, *, run_dir: str, launch: int, python: str) -> Scripts:
+def render_scripts(cfg: Config, lay: Layout, *, run_dir: str, launch: int, python: str, mpi: bool = False) -> Scripts:
     return Scripts(worker=_render("worker.sbatch", cfg, run_dir=run_dir, python=python,
                                   sbatch_lines=_lines(worker_options(cfg, lay, run_dir)),
                                   launch=str(launch), workers=str(lay.workers), shape=lay.shape,
                                   requeue_line=('scontrol requeue "$SLURM_JOB_ID"' if cfg.slurm.requeue
                                                 else ": # slurm.requeue is off"),
-                                  launch_line=_launch_line(cfg, lay, run_dir, launch, python)),
+                                  launch_line=(_mpi_line if mpi else _launch_line)(cfg, lay, run_dir, launch, python)),
                    reduce=_render("reduce.sbatch", cfg, run_dir=run_dir, python=python,
                                   sbatch_lines=_lines(reduce_options(cfg, run_dir))))
 
@@ -109,6 +109,14 @@ def template_text(name: str) -> str:
     if checkout.is_file():
         return checkout.read_text()
     return importlib.resources.files("shardinfer.slurm_templates").joinpath(name).read_text()
+
+
+def _mpi_line(cfg: Config, lay: Layout, run_dir: str, launch: int, python: str) -> str:
+    entry = (f"{shlex.quote(python)} -m shardinfer.launch.mpi {shlex.quote(run_dir)} --launch {launch} "
+             f"--gpus-per-replica {lay.gpus_per_replica}")
+    if cfg.slurm.mpi_start == "mpirun":  # mpirun takes its slots from the allocation
+        return f"mpirun {entry}"
+    return f"srun --mpi=pmix --unbuffered --cpus-per-task={cfg.slurm.cpus_per_task} {entry}"
 
 
 def _render(name: str, cfg: Config, *, run_dir: str, python: str, **values: str) -> str:

@@ -25,7 +25,7 @@ from shardinfer.runstate import next_launch, prepare_run, run_dir_for
 
 log = logging.getLogger(__name__)
 
-LAUNCHERS = ("sbatch", "submitit")
+LAUNCHERS = ("sbatch", "submitit", "mpi")
 
 
 @dataclass
@@ -89,6 +89,8 @@ def submit(config: Config | str | Path, *, launcher: str = "sbatch", overrides: 
         from shardinfer.launch.submitit_launcher import submit_submitit
 
         submitted = submit_submitit(cfg, lay, run_dir, launch)
+    elif launcher == "mpi":
+        submitted = _submit_mpi(cfg, lay, run_dir, launch)
     else:
         submitted = _submit_sbatch(cfg, lay, run_dir, launch)
     _record(submitted)
@@ -117,6 +119,17 @@ def _submit_sbatch(cfg: Config, lay: Layout, run_dir: RunDir, launch: int) -> Su
     log.info("submitted worker job %s (%d workers, %s) and reduce job %s", worker_job, lay.workers, lay.shape,
              reduce_job)
     return SubmittedRun(run_dir, "sbatch", launch, worker_job, reduce_job)
+
+
+def _submit_mpi(cfg: Config, lay: Layout, run_dir: RunDir, launch: int) -> SubmittedRun:
+    """One job: its MPI ranks claim units and rank 0 reduces at the end, so no reduce job."""
+    python = cfg.slurm.python or sb.default_python()
+    scripts = sb.render_scripts(cfg, lay, run_dir=str(run_dir.path.resolve()), launch=launch, python=python,
+                                mpi=True)
+    worker = sb.write_script(run_dir.slurm / f"launch-{launch:03d}-mpi.sbatch", scripts.worker)
+    job = sb.sbatch(worker)
+    log.info("submitted MPI job %s (%d ranks); rank 0 reduces at the end", job, lay.workers)
+    return SubmittedRun(run_dir, "mpi", launch, job, job)
 
 
 def _check_request(cfg: Config, lay: Layout) -> None:

@@ -1,0 +1,62 @@
+"""MPI launch mode with real mpirun (Open MPI) and mpi4py on the tiny model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import demo_docs, read_results, run_cli, write_config, write_jsonl
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def mpi_job(tmp_path_factory, tiny_model, engine_env):
+    tmp = tmp_path_factory.mktemp("mpi")
+    docs = demo_docs(24, offset=200)
+    corpus = write_jsonl(tmp / "docs.jsonl", [{"id": d["id"], "text": d["text"][:1500]} for d in docs])
+    config = write_config(tmp / "mpi.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "local",
+                          input={"path": str(corpus), "id_column": "id"},
+                          run={"directory": str(tmp / "local"), "workers": 1, "unit_tokens": 1500,
+                               "env": {"OMP_NUM_THREADS": "1"}})
+    proc = run_cli(["run", str(config)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return config, tmp, _outputs(tmp / "local")
+
+
+def _outputs(run_dir):
+    return [(r["id"], r["status"], r["output"]) for r in read_results(run_dir)]
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_mpirun_ranks_share_the_ledger_and_rank_0_reduces(mpi_job, engine_env, ranks):
+    config, tmp, local = mpi_job
+    run_dir = tmp / f"ranks-{ranks}"
+    proc = run_cli(["run", str(config), "--launcher", "mpi", f"run.workers={ranks}", f"run.directory={run_dir}"],
+                   engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"results: {run_dir.resolve() / 'results'}" in proc.stdout
+    assert _outputs(run_dir) == local
+    report = json.loads((run_dir / "report.json").read_text())
+    assert sorted(w["rank"] for w in report["workers"]) == list(range(ranks))
+    metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
+    assert {m["launcher"] for m in metrics} == {"mpi"} and {m["world"] for m in metrics} == {ranks}
+
+
+def test_a_failing_rank_aborts_all_ranks_and_resume_finishes(mpi_job, engine_env):
+    config, tmp, local = mpi_job
+    run_dir = tmp / "failing"
+    # rank 1 is asked to use a second GPU that is not there: it fails at start-up, rank 0 is working
+    cmd = ["mpirun", "-n", "2", "--oversubscribe", "--allow-run-as-root", sys.executable, "-m",
+           "shardinfer.launch.mpi", str(config), f"run.directory={run_dir}", "--gpus-per-replica", "1"]
+    proc = subprocess.run(cmd, env={**engine_env, "CUDA_VISIBLE_DEVICES": "0"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "rank 1 failed; aborting all 2 ranks" in out and "allocation mismatch" in out
+    assert not (run_dir / "results").exists()
+    proc = run_cli(["run", str(config), "--launcher", "mpi", "run.workers=2", f"run.directory={run_dir}"],
+                   engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _outputs(run_dir) == local
