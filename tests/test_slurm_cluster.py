@@ -202,3 +202,20 @@ def test_a_requeued_job_continues_by_itself(cluster_env, long_job, how):
         assert all(m["drained"] for m in metrics if m["restart"] == 0)
     report = json.loads((run_dir / "report.json").read_text())
     assert report["rows"]["in"] == len(local) and report["launches"] == 2
+
+
+def test_mpi_job_over_srun_pmix_on_two_nodes_plans_infers_and_reduces(cluster_env, job):
+    config, tmp, local = job
+    run_dir = tmp / "mpi"
+    proc = run_cli(["submit", str(config), "--launcher", "mpi", "slurm.nodes=2", f"run.directory={run_dir}",
+                    "--wait"], cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _outputs(run_dir) == local
+    report = _report(run_dir)
+    assert sorted(w["host"] for w in report["workers"]) == ["node1", "node2"]
+    metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
+    assert {m["launcher"] for m in metrics} == {"mpi"}
+    script = (run_dir / "slurm" / "launch-000-mpi.sbatch").read_text()
+    assert "srun --mpi=pmix" in script and "shardinfer.launch.mpi" in script
+    [record] = json.loads((run_dir / "jobs.json").read_text())
+    assert record["launcher"] == "mpi" and record["worker_job"] == record["reduce_job"]  # one allocation

@@ -115,3 +115,17 @@ def test_allocation_mismatches_say_what_was_asked_found_and_the_fix():
     with pytest.raises(RunError, match="the config asks for 8 workers, the job has 4 .* Fix:"):
         check_world(env, 8)
     check_world(env, 4)
+
+
+@pytest.mark.parametrize("start,line", [
+    ("srun", "srun --mpi=pmix --unbuffered --cpus-per-task=16 /opt/venv/bin/python -m shardinfer.launch.mpi "
+             "/shared/runs/summarize --launch 0 --gpus-per-replica 2 &"),
+    ("mpirun", "mpirun /opt/venv/bin/python -m shardinfer.launch.mpi /shared/runs/summarize --launch 0 "
+               "--gpus-per-replica 2 &"),
+])
+def test_mpi_job_starts_ranks_with_srun_pmix_or_mpirun(start, line):
+    cfg = cluster_cfg(mpi_start=start)
+    script = render_scripts(cfg, layout(cfg), run_dir="/shared/runs/summarize", launch=0,
+                            python="/opt/venv/bin/python", mpi=True).worker
+    assert line in script
+    assert "#SBATCH --ntasks-per-node=4" in script
