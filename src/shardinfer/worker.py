@@ -175,7 +175,7 @@ class Worker:
             if len(self.ledger.done_units()) >= len(self.plan.units):
                 return
             if not progressed:
-                time.sleep(min(self.cfg.run.lease_timeout_s / 4, 10.0))
+                time.sleep(min(self.cfg.run.lease_timeout_s / 4, 2.0))  # others still hold units
 
     def _load(self) -> None:
         start = time.time()
