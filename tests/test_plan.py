@@ -15,7 +15,7 @@ def test_cut_units_puts_every_row_in_exactly_one_unit(costs, target, max_rows):
     covered = [i for a, b in ranges for i in range(a, b)]
     assert covered == list(range(len(costs)))
     for a, b in ranges:
-        assert 1 <= b - a <= max_rows
+        assert b - a >= 1 and b - a <= max_rows
         # a unit only goes over the target when a single row does
         assert sum(costs[a:b]) <= target or b - a == 1 or sum(costs[a:b - 1]) <= target
     assert cut_units(costs, target, max_rows) == ranges  # deterministic
