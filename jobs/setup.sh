@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a development machine (CPU): .venv with shardinfer (editable), the CPU build
-# of vLLM, transformers and the test tools; then the tiny local model in .cache/tiny-qwen3.
+# of vLLM, transformers, matplotlib and the test tools; then the tiny local model in .cache/tiny-qwen3.
 # Re-running it is cheap: packages are reinstalled only when pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +15,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setup: installing shardinfer[cpu,test] into $VENV (a few minutes the first time; log: $VENV/setup.log)"
-  if ! "$VENV/bin/pip" install -e ".[cpu,test]" > "$VENV/setup.log" 2>&1; then
+  echo "setup: installing shardinfer[cpu,plot,test] into $VENV (a few minutes the first time; log: $VENV/setup.log)"
+  if ! "$VENV/bin/pip" install -e ".[cpu,plot,test]" > "$VENV/setup.log" 2>&1; then
     tail -30 "$VENV/setup.log"; echo "setup: pip install failed; full log in $VENV/setup.log" >&2; exit 1
   fi
   # pip pulls torchvision/torchaudio built for another torch; transformers then fails to import.

@@ -16,7 +16,8 @@ from shardinfer.reduce import reduce_run
 from shardinfer.results import result_table
 from shardinfer.rundir import RunDir
 from shardinfer.runstate import prepare_run
-from shardinfer.worker import UnitRows, generate_isolating, generate_with_retries
+from shardinfer.engines.retry import generate_isolating, generate_with_retries
+from shardinfer.worker import UnitRows
 
 
 def _claim_all(run_dir: str, units: int, queue) -> None:

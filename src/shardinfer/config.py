@@ -73,8 +73,9 @@ class ModelConfig:
     hf_args: dict[str, Any] = _f(
         {}, help="passed through to from_pretrained, e.g. device_map, attn_implementation (engine hf only)"
     )
-    hf_batch_tokens: int = _f(
-        32768, help="hf engine: token budget of one padded batch (prompt + max_tokens per row)"
+    hf_batch_tokens: int | None = _f(
+        None, help="hf engine: token budget of one padded batch (prompt + max_tokens per row); default: what "
+                   "80% of the free GPU memory holds (32768 on CPU); halved on out-of-memory"
     )
 
 
@@ -105,6 +106,9 @@ class RunConfig:
         300.0, help="a claimed unit whose worker sent no heartbeat for this long is taken over by another"
     )
     max_attempts: int = _f(3, help="tries (with backoff) of a unit the engine fails entirely before its rows fail")
+    gpu_hour_price: float | None = _f(
+        None, help="price of one GPU-hour (worker-hour on CPU); the report then gives the cost per million tokens"
+    )
 
 
 @dataclass(kw_only=True)
@@ -186,12 +190,12 @@ def _check_values(config: Config) -> None:
         "sampling.max_tokens": config.sampling.max_tokens,
         "run.max_attempts": config.run.max_attempts,
         "run.max_unit_rows": config.run.max_unit_rows,
-        "model.hf_batch_tokens": config.model.hf_batch_tokens,
     }
     optional = {
         "run.workers": config.run.workers,
         "run.unit_tokens": config.run.unit_tokens,
         "model.max_model_len": config.model.max_model_len,
+        "model.hf_batch_tokens": config.model.hf_batch_tokens,
         "slurm.array_parallelism": config.slurm.array_parallelism,
         "slurm.mem_gb": config.slurm.mem_gb,
     }
@@ -202,6 +206,8 @@ def _check_values(config: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if config.slurm.gpus_per_node < 0:
         raise ConfigError(f"slurm.gpus_per_node: must be >= 0, got {config.slurm.gpus_per_node}")
+    if config.run.gpu_hour_price is not None and config.run.gpu_hour_price < 0:
+        raise ConfigError(f"run.gpu_hour_price: must be >= 0, got {config.run.gpu_hour_price}")
     if config.sampling.temperature < 0:
         raise ConfigError(f"sampling.temperature: must be >= 0, got {config.sampling.temperature}")
     if not 0 < config.sampling.top_p <= 1:

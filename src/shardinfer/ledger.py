@@ -168,25 +168,35 @@ def _part_ok(path: Path, recorded: int | None, expected: int | None) -> bool:
 
 
 class Heartbeat:
-    """Renews the lease of the unit being worked on, from a background thread."""
+    """Renews the leases of the units being worked on, from a background thread."""
 
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
-        self.unit: int | None = None
-        self.lost = False
+        self.units: set[int] = set()
+        self.lost: set[int] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-heartbeat", daemon=True)
         self._thread.start()
 
-    def hold(self, unit: int | None) -> None:
-        self.unit, self.lost = unit, False
+    def hold(self, unit: int) -> None:
+        with self._lock:
+            self.units.add(unit)
+            self.lost.discard(unit)
+
+    def drop(self, unit: int) -> None:
+        with self._lock:
+            self.units.discard(unit)
 
     def _loop(self) -> None:
         interval = max(self.ledger.lease_timeout_s / 4, 0.05)
         while not self._stop.wait(interval):
-            unit = self.unit
-            if unit is not None and not self.ledger.heartbeat(unit):
-                self.lost = True
+            with self._lock:
+                units = list(self.units)
+            for unit in units:
+                if not self.ledger.heartbeat(unit):
+                    with self._lock:
+                        self.lost.add(unit)
 
     def stop(self) -> None:
         self._stop.set()

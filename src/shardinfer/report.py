@@ -1,4 +1,5 @@
-"""The run report: rows, tokens, times and throughput, overall and per worker (JSON and Markdown)."""
+"""The run report: rows, tokens, times, phases, throughput over time and cost, overall and per worker
+(JSON, Markdown and a PNG plot of tokens per second)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 import pyarrow
 
 from shardinfer import __version__
+from shardinfer.plot import plot_rates
 from shardinfer.rundir import RunDir, read_json, write_json_atomic
+from shardinfer.timeline import merge, phases, rates
 
 
 def load_metrics(run_dir: RunDir) -> list[dict[str, Any]]:
@@ -36,6 +39,9 @@ def build_report(cfg: Any, plan: Any, run_dir: RunDir, totals: Any) -> dict[str,
                    "generation": round(generation, 3)},
         "tokens_per_s": _rates(tokens, wall),
         "generation_tokens_per_s": _rates(tokens, generation),
+        "phases_s": _phases(metrics),
+        "timeline": _timeline(metrics),
+        "cost": _cost(metrics, tokens, cfg.run.gpu_hour_price),
         "workers": [_worker_row(m) for m in metrics],
         "launches": len({(m["launch"], m.get("restart", 0)) for m in metrics}),
         "model": {"path": cfg.model.path, "engine": cfg.model.engine, "dtype": cfg.model.dtype,
@@ -69,6 +75,48 @@ def _generation_span(metrics: list[dict[str, Any]]) -> float:
                for g in by_launch.values())
 
 
+def _timeline(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Input and output tokens per second over time, all workers together."""
+    merged = merge([m["timeline"] for m in metrics if m.get("timeline")])
+    series = rates(merged)
+    return {"bin_s": merged.bin_s, "t": [round(t, 3) for t, _, _ in series],
+            "input_tokens_per_s": [round(i, 1) for _, i, _ in series],
+            "output_tokens_per_s": [round(o, 1) for _, _, o in series]}
+
+
+def _phases(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """Start-up, steady-state and tail seconds of the run (all launches on one time axis)."""
+    timelines = [m["timeline"] for m in metrics if m.get("timeline")]
+    if not timelines:
+        return {"startup_s": 0.0, "steady_s": 0.0, "tail_s": 0.0, "steady_tokens_per_s": 0.0}
+    merged = merge(timelines, start=min(m["started_at"] for m in metrics))
+    firsts = [m["first_generate_at"] for m in metrics if m.get("first_generate_at")]
+    end = max(m.get("finished_at") or m.get("last_generate_end") or m["started_at"] for m in metrics)
+    return phases(merged, min(firsts) if firsts else None, end)
+
+
+def _cost(metrics: list[dict[str, Any]], tokens: dict[str, int], price: float | None) -> dict[str, Any] | None:
+    """Device-hours (GPUs held by each worker, or the worker itself on CPU) times the price; each
+    per-million figure charges the whole cost to that kind of token."""
+    if price is None:
+        return None
+    gpus = sum(_gpu_count(m) for m in metrics)
+    hours = sum(_busy_s(m) * max(_gpu_count(m), 1) for m in metrics) / 3600
+    total = hours * price
+    per_million = {k: round(total / tokens[k] * 1e6, 6) if tokens[k] else None for k in ("prompt", "output", "total")}
+    return {"gpu_hour_price": price, "device": "GPU" if gpus else "CPU worker", "device_hours": round(hours, 4),
+            "total": round(total, 4), "per_million_input_tokens": per_million["prompt"],
+            "per_million_output_tokens": per_million["output"], "per_million_tokens": per_million["total"]}
+
+
+def _gpu_count(m: dict[str, Any]) -> int:
+    return len([g for g in (m.get("gpus") or "").split(",") if g.strip()])
+
+
+def _busy_s(m: dict[str, Any]) -> float:
+    return (m.get("finished_at") or m.get("last_generate_end") or m["started_at"]) - m["started_at"]
+
+
 def _rates(tokens: dict[str, int], seconds: float) -> dict[str, float]:
     if seconds <= 0:
         return {"input": 0.0, "output": 0.0, "total": 0.0}
@@ -79,7 +127,7 @@ def _rates(tokens: dict[str, int], seconds: float) -> dict[str, float]:
 def _worker_row(m: dict[str, Any]) -> dict[str, Any]:
     tokens = {"prompt": m["prompt_tokens"], "output": m["output_tokens"],
               "total": m["prompt_tokens"] + m["output_tokens"]}
-    busy = (m.get("finished_at") or m.get("last_generate_end") or m["started_at"]) - m["started_at"]
+    busy = _busy_s(m)
     return {"launch": m["launch"], "rank": m["rank"], "host": m["host"], "units": m["units"], "rows": m["rows"],
             "prompt_tokens": m["prompt_tokens"], "output_tokens": m["output_tokens"],
             "model_load_s": round(m["model_load_s"], 3), "generation_s": round(m["generation_s"], 3),
@@ -96,6 +144,15 @@ def _versions(metrics: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def write_report(run_dir: RunDir, report: dict[str, Any]) -> None:
+    line = report["timeline"]
+    report["plot"] = None
+    if line["t"]:
+        points = list(zip(line["t"], line["input_tokens_per_s"], line["output_tokens_per_s"]))
+        written = plot_rates(run_dir.throughput_png, {
+            "total": [(t, i + o) for t, i, o in points], "input": [(t, i) for t, i, _ in points],
+            "output": [(t, o) for t, _, o in points]},
+            title=f"{report['run']}: tokens per second ({line['bin_s']:g} s bins)")
+        report["plot"] = written.name if written else None
     write_json_atomic(run_dir.report_json, report)
     tmp = run_dir.report_md.with_name(".report.md.tmp")
     tmp.write_text(render_markdown(report))
@@ -119,6 +176,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         _rate_line("tokens/s (generation)", r["generation_tokens_per_s"]), "",
         f"Wall time {t['wall']:.1f} s, model load {t['model_load']:.1f} s, generation {t['generation']:.1f} s, "
         f"{r['launches']} launch(es).", "",
+        _phases_line(r["phases_s"]), "",
+        *_cost_lines(r["cost"]),
+        *([f"![tokens per second over time]({r['plot']})", ""] if r.get("plot") else []),
         "| launch | rank | host | units | rows | load s | generation s | wall s | total tok/s |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -132,6 +192,22 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["", f"Model `{m['path']}`, engine {m['engine']}, dtype {m['dtype']}, max_model_len {m['max_model_len']}.",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _phases_line(p: dict[str, float]) -> str:
+    return (f"Phases: start-up {p['startup_s']:.1f} s, steady state {p['steady_s']:.1f} s at "
+            f"{p['steady_tokens_per_s']:.0f} tokens/s, tail {p['tail_s']:.1f} s (below half the steady rate).")
+
+
+def _cost_lines(c: dict[str, Any] | None) -> list[str]:
+    if not c:
+        return []
+    def money(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+    return [f"Cost: {c['device_hours']:.3f} {c['device']}-hours x {c['gpu_hour_price']:g} = {c['total']:.2f}; "
+            f"per million input tokens {money(c['per_million_input_tokens'])}, per million output tokens "
+            f"{money(c['per_million_output_tokens'])}, per million tokens {money(c['per_million_tokens'])} "
+            "(each figure charges the whole cost to that kind of token).", ""]
 
 
 def _rate_line(label: str, rates: dict[str, float]) -> str:

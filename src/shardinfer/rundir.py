@@ -36,6 +36,7 @@ class RunDir:
     results = property(lambda self: self.path / "results")
     report_json = property(lambda self: self.path / "report.json")
     report_md = property(lambda self: self.path / "report.md")
+    throughput_png = property(lambda self: self.path / "throughput.png")
     jobs_json = property(lambda self: self.path / "jobs.json")
     fingerprint_json = property(lambda self: self.path / "fingerprint.json")
     slurm = property(lambda self: self.path / "slurm")

@@ -35,6 +35,7 @@ from shardinfer.prompts import Prompt, PromptBuilder, template_fields
 from shardinfer.results import ROW, result_table
 from shardinfer.rundir import RunDir, write_json_atomic
 from shardinfer.runstate import load_run
+from shardinfer.timeline import Timeline
 
 log = logging.getLogger("shardinfer.worker")
 
@@ -95,6 +96,23 @@ def _check_unchanged(path: Path, info: dict[str, Any]) -> None:
 
 
 @dataclass
+class InFlight:
+    """A claimed unit whose rows are with the engine."""
+    unit: Unit
+    rows: UnitRows
+    problems: list[str | None]
+    prompts: list[Prompt | None]
+    previous: pa.Table | None  # --retry-failed: the unit's earlier results
+    sent: list[int]  # positions of the rows handed to the engine
+    results: list[Completion | Exception | None]
+    waiting: int = -1  # rows still with the engine
+
+    def __post_init__(self) -> None:
+        if self.waiting < 0:
+            self.waiting = len(self.sent)
+
+
+@dataclass
 class WorkerMetrics:
     rank: int
     world: int
@@ -118,6 +136,7 @@ class WorkerMetrics:
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the worker
     drained: bool = False  # stopped early on SIGUSR2/SIGTERM
     restart: int = 0  # requeues of the SLURM job before this start
+    timeline: dict[str, Any] = field(default_factory=dict)  # tokens finished per time bin
 
 
 class Worker:
@@ -134,6 +153,8 @@ class Worker:
         self.builder: PromptBuilder | None = None
         self.draining = False
         self.failed_units_in_a_row = 0
+        self.in_flight: dict[int, InFlight] = {}
+        self.timeline = Timeline(start=self.metrics.started_at)
 
     def drain(self, signum: int, _frame: Any = None) -> None:
         """On SIGUSR2/SIGTERM: finish and commit the current unit, claim no more, exit."""
@@ -161,21 +182,19 @@ class Worker:
                  self.metrics.units, self.metrics.rows)
 
     def _work(self, reader: UnitReader, progress: Progress, heartbeat: Heartbeat) -> None:
-        """Claim units until all are done; wait for others' leases to finish or go stale."""
-        while not self.draining:
-            progressed = False
-            for unit in self._unit_order():
-                if self.draining:
-                    return
-                if self.ledger.claim(unit.unit):
-                    heartbeat.hold(unit.unit)
-                    self._process(unit, reader, progress)
-                    heartbeat.hold(None)
-                    progressed = True
-            if len(self.ledger.done_units()) >= len(self.plan.units):
+        """Keep the engine fed with claimed units, commit each as its last row finishes; when no
+        unit is left to claim, wait for others' leases to finish or go stale."""
+        candidates = self._unit_order()
+        while True:
+            if not self.draining:
+                candidates = self._fill(candidates, reader, heartbeat)
+            if self.in_flight:
+                self._step(progress, heartbeat)
+                continue
+            if self.draining or len(self.ledger.done_units()) >= len(self.plan.units):
                 return
-            if not progressed:
-                time.sleep(min(self.cfg.run.lease_timeout_s / 4, 2.0))  # others still hold units
+            time.sleep(min(self.cfg.run.lease_timeout_s / 4, 2.0))  # others still hold units
+            candidates = [u for u in self._unit_order() if not self.ledger.is_done(u.unit)]
 
     def _load(self) -> None:
         start = time.time()
@@ -195,28 +214,68 @@ class Worker:
         start = self.rank * len(units) // max(self.world, 1)
         return units[start:] + units[:start]
 
-    def _process(self, unit: Unit, reader: UnitReader, progress: Progress) -> None:
+    def _fill(self, candidates: list[Unit], reader: UnitReader, heartbeat: Heartbeat) -> list[Unit]:
+        """Claim and submit units while the engine wants more work; returns the unclaimed rest."""
+        while candidates and not self.draining and self.engine.wants_more():
+            unit = candidates.pop(0)
+            if not self.ledger.claim(unit.unit):
+                continue
+            heartbeat.hold(unit.unit)
+            flight = self._prepare(unit, reader)
+            self.in_flight[unit.unit] = flight
+            if flight.waiting:
+                now = time.time()
+                self.metrics.first_generate_at = self.metrics.first_generate_at or now
+                self.engine.submit(unit.unit, [flight.prompts[i].token_ids for i in flight.sent])
+                self.metrics.generation_s += time.time() - now
+        return candidates
+
+    def _prepare(self, unit: Unit, reader: UnitReader) -> "InFlight":
         rows = reader.read(unit)
         previous = _previous_results(self.run_dir, unit.unit)
         if previous is not None:  # --retry-failed: only the rows that failed last time
             rows = _subset(rows, _failed_rows(previous))
-        table = self._results(rows)
-        if previous is not None:
-            table = _merge(previous, table)
+        problems = self._row_problems(rows)
+        prompts = self._prompts(rows, problems)
+        sent = [i for i, p in enumerate(prompts) if p is not None and p.token_ids is not None]
+        return InFlight(unit=unit, rows=rows, problems=problems, prompts=prompts, previous=previous,
+                        sent=sent, results=[None] * len(prompts))
+
+    def _step(self, progress: Progress, heartbeat: Heartbeat) -> None:
+        """One engine poll: place the finished rows, commit the units that are complete."""
+        start = time.time()
+        finished = self.engine.poll()
+        now = time.time()
+        self.metrics.generation_s += now - start
+        for batch, index, result in finished:
+            flight = self.in_flight[batch]
+            row = flight.sent[index]
+            flight.results[row] = result
+            flight.waiting -= 1
+            if not isinstance(result, Exception):
+                self.timeline.add(now, len(flight.prompts[row].token_ids), len(result.token_ids))
+        if finished:
+            self.metrics.last_generate_end = now
+        for unit in [u for u, f in self.in_flight.items() if not f.waiting]:
+            self._commit(self.in_flight.pop(unit), progress)
+            heartbeat.drop(unit)
+
+    def _commit(self, flight: "InFlight", progress: Progress) -> None:
+        table = result_table(flight.rows, flight.problems, flight.prompts, flight.results,
+                             self.cfg.input.passthrough)
+        if flight.previous is not None:
+            table = _merge(flight.previous, table)
+        sent = [flight.results[i] for i in flight.sent]
+        failed_all = bool(sent) and all(isinstance(r, Exception) for r in sent)
+        self.failed_units_in_a_row = self.failed_units_in_a_row + 1 if failed_all else 0
         stats = table_stats(table)
-        if self.ledger.commit(unit.unit, table, {"launch": self.metrics.launch, **stats}):
-            self.run_dir.retry_source(unit.unit).unlink(missing_ok=True)
+        if self.ledger.commit(flight.unit.unit, table, {"launch": self.metrics.launch, **stats}):
+            self.run_dir.retry_source(flight.unit.unit).unlink(missing_ok=True)
             self._count(stats, progress)
         if self.failed_units_in_a_row >= 2:
             raise RunError(f"the engine failed every row of {self.failed_units_in_a_row} units in a row "
                            f"({self.cfg.run.max_attempts} attempts each); stopping this worker. "
                            f"Its rows are recorded as failed: `shardinfer resume --retry-failed` redoes them.")
-
-    def _results(self, rows: UnitRows) -> pa.Table:
-        problems = self._row_problems(rows)
-        prompts = self._prompts(rows, problems)
-        completions = self._generate(prompts)
-        return result_table(rows, problems, prompts, completions, self.cfg.input.passthrough)
 
     def _row_problems(self, rows: UnitRows) -> list[str | None]:
         problems = []
@@ -236,28 +295,6 @@ class Worker:
             prompts[i] = prompt
         return prompts
 
-    def _generate(self, prompts: list[Prompt | None]) -> list[Completion | Exception | None]:
-        todo = [i for i, p in enumerate(prompts) if p is not None and p.token_ids is not None]
-        out: list[Completion | Exception | None] = [None] * len(prompts)
-        if not todo:
-            return out
-        start = time.time()
-        self.metrics.first_generate_at = self.metrics.first_generate_at or start
-        done = self._generate_with_retries([prompts[i].token_ids for i in todo])
-        self.metrics.generation_s += time.time() - start
-        self.metrics.last_generate_end = time.time()
-        for i, c in zip(todo, done):
-            out[i] = c
-        return out
-
-    def _generate_with_retries(self, prompts: list[list[int]]) -> list[Completion | Exception]:
-        """Retry a unit the engine failed entirely (out of memory, engine death) with backoff;
-        after run.max_attempts its rows are recorded as failed with the error."""
-        done = generate_with_retries(self.engine, prompts, attempts=self.cfg.run.max_attempts)
-        all_failed = all(isinstance(c, Exception) for c in done)
-        self.failed_units_in_a_row = self.failed_units_in_a_row + 1 if all_failed else 0
-        return done
-
     def _count(self, stats: dict[str, int], progress: Progress) -> None:
         m = self.metrics
         m.units += 1
@@ -268,6 +305,7 @@ class Worker:
         progress.update(rows=stats["rows"], tokens_in=stats["prompt_tokens"], tokens_out=stats["output_tokens"])
 
     def _save_metrics(self) -> None:
+        self.metrics.timeline = self.timeline.to_json()
         path = self.run_dir.worker_metrics(self.metrics.launch, self.rank, self.metrics.restart)
         write_json_atomic(path, self.metrics.__dict__)
 
@@ -302,33 +340,6 @@ def table_stats(table: pa.Table) -> dict[str, int]:
     return {"rows": table.num_rows, **{s: statuses.count(s) for s in ("ok", "truncated", "failed")},
             "prompt_tokens": sum(v or 0 for v in table.column("prompt_tokens").to_pylist()),
             "output_tokens": sum(v or 0 for v in table.column("output_tokens").to_pylist())}
-
-
-def generate_with_retries(engine: Any, prompts: list[list[int]], *, attempts: int,
-                          backoff_s: float = 2.0) -> list[Completion | Exception]:
-    """Retry a batch the engine failed entirely, with exponential backoff (each try splits the
-    batch on errors, so smaller batches are tried too); the last try's errors are returned."""
-    for attempt in range(1, attempts + 1):
-        done = generate_isolating(engine, prompts)
-        if not all(isinstance(c, Exception) for c in done):
-            return done
-        log.error("attempt %d/%d: the engine failed every row of the unit: %r", attempt, attempts, done[0])
-        if attempt < attempts:
-            time.sleep(min(backoff_s ** attempt, 60.0))
-    return done
-
-
-def generate_isolating(engine: Any, prompts: list[list[int]]) -> list[Completion | Exception]:
-    """Generate a whole batch; if the engine raises, split it to isolate the rows that fail."""
-    try:
-        return list(engine.generate(prompts))
-    except Exception as exc:  # noqa: BLE001 - any engine error is retried on halves, then recorded
-        if len(prompts) == 1:
-            log.warning("engine error on one row: %r", exc)
-            return [exc]
-        log.warning("engine error on a batch of %d rows (%r); splitting it", len(prompts), exc)
-        mid = len(prompts) // 2
-        return generate_isolating(engine, prompts[:mid]) + generate_isolating(engine, prompts[mid:])
 
 
 def check_allocation(rank_env: RankEnv, expect_world: int | None, gpus_per_replica: int) -> None:

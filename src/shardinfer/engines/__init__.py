@@ -1,35 +1,14 @@
-"""Engines: one module per backend behind one small interface.
-
-``load()`` builds the model once; ``generate(prompts)`` takes prompt token ids (the whole unit at
-once, so the engine can batch freely) and returns one :class:`Completion` per prompt, in order.
-"""
+"""Engines: one module per backend behind one small interface (see :mod:`shardinfer.engines.base`)."""
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
-from typing import Protocol
 
 from shardinfer.config import Config
+from shardinfer.engines.base import BatchQueue, Completion, Engine, Finished
 from shardinfer.errors import missing_dependency
 
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_tokens reached)
-
-
-class Engine(Protocol):
-    name: str
-
-    def load(self) -> None: ...
-
-    def generate(self, prompts: list[list[int]]) -> list[Completion]: ...
-
-    def versions(self) -> dict[str, str]: ...
-
+__all__ = ["BatchQueue", "Completion", "Engine", "Finished", "check_installed", "make_engine"]
 
 _MODULES = {"vllm": ("vllm",), "hf": ("torch", "transformers")}
 
@@ -45,7 +24,7 @@ def make_engine(cfg: Config, max_model_len: int) -> Engine:
     if cfg.model.engine == "vllm":
         from shardinfer.engines.vllm_engine import VllmEngine
 
-        return VllmEngine(cfg.model, cfg.sampling, max_model_len)
+        return VllmEngine(cfg.model, cfg.sampling, max_model_len, attempts=cfg.run.max_attempts)
     from shardinfer.engines.hf_engine import HfEngine
 
-    return HfEngine(cfg.model, cfg.sampling, max_model_len)
+    return HfEngine(cfg.model, cfg.sampling, max_model_len, attempts=cfg.run.max_attempts)

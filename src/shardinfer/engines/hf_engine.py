@@ -1,31 +1,42 @@
 """Hugging Face transformers engine: ``generate`` on length-sorted, left-padded batches.
 
 Batches are filled under a token budget (longest prompt + max_tokens, times rows) rather than a fixed
-row count, so short documents go in wide batches and long ones in narrow ones. ``device_map`` (default
-``auto`` when GPUs are visible) spreads a model too big for one GPU over all of them.
+row count, so short documents go in wide batches and long ones in narrow ones. The budget defaults to
+what the free GPU memory holds after loading (KV cache plus working memory per token); a batch that
+still runs out of memory is split and the budget halved, so the run slows down instead of dying.
+``device_map`` (default ``auto`` when GPUs are visible) spreads a model too big for one GPU over all
+of them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 from shardinfer.config import ModelConfig, SamplingConfig
-from shardinfer.engines import Completion
+from shardinfer.engines.base import BatchQueue, Completion
 from shardinfer.errors import ConfigError, missing_dependency
 
 log = logging.getLogger(__name__)
 
+CPU_BATCH_TOKENS = 32768
+_MEMORY_FRACTION = 0.8  # of the free GPU memory after loading, for the batches
 
-class HfEngine:
+
+class HfEngine(BatchQueue):
     name = "hf"
 
-    def __init__(self, model: ModelConfig, sampling: SamplingConfig, max_model_len: int):
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig, max_model_len: int, *,
+                 attempts: int = 3, backoff_s: float = 2.0):
+        super().__init__(attempts, backoff_s)
         self.model_cfg = model
         self.sampling = sampling
         self.max_model_len = max_model_len
         self.model: Any = None
         self.tokenizer: Any = None
+        self.batch_tokens = model.hf_batch_tokens or CPU_BATCH_TOKENS
+        self.out_of_memory = 0  # batches split after running out of memory
 
     def load(self) -> None:
         try:
@@ -45,14 +56,42 @@ class HfEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_cfg.tokenizer or self.model_cfg.path)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        if self.model_cfg.hf_batch_tokens is None and torch.cuda.is_available():
+            self.batch_tokens = _gpu_batch_tokens(self.model, torch)
+        log.info("batch token budget %d", self.batch_tokens)
 
     def generate(self, prompts: list[list[int]]) -> list[Completion]:
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[Completion | None] = [None] * len(prompts)
-        for batch in self._batches(order, prompts):
-            for i, completion in zip(batch, self._generate_batch([prompts[i] for i in batch])):
+        todo = deque(self._batches(order, prompts))
+        while todo:
+            batch = todo.popleft()
+            try:
+                done = self._generate_batch([prompts[i] for i in batch])
+            except Exception as exc:
+                if not _is_out_of_memory(exc) or len(batch) == 1:
+                    raise
+                todo.extendleft(reversed(self._back_off(batch, prompts)))
+                continue
+            for i, completion in zip(batch, done):
                 results[i] = completion
         return results  # type: ignore[return-value]
+
+    def _back_off(self, batch: list[int], prompts: list[list[int]]) -> list[list[int]]:
+        """Out of memory: halve the budget below this batch's size and split the batch under it."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        size = (len(prompts[batch[0]]) + self.sampling.max_tokens) * len(batch)
+        self.batch_tokens = max(size // 2, 1)
+        self.out_of_memory += 1
+        log.warning("out of memory on a batch of %d rows (%d tokens): budget lowered to %d tokens, "
+                    "splitting the batch", len(batch), size, self.batch_tokens)
+        return self._batches(batch, prompts)
 
     def _batches(self, order: list[int], prompts: list[list[int]]) -> list[list[int]]:
         """Consecutive rows (longest first) while (longest + max_tokens) * rows fits the budget."""
@@ -60,7 +99,7 @@ class HfEngine:
         current: list[int] = []
         for i in order:
             width = len(prompts[current[0]]) if current else len(prompts[i])
-            if current and (width + self.sampling.max_tokens) * (len(current) + 1) > self.model_cfg.hf_batch_tokens:
+            if current and (width + self.sampling.max_tokens) * (len(current) + 1) > self.batch_tokens:
                 batches.append(current)
                 current = []
             current.append(i)
@@ -116,6 +155,26 @@ class HfEngine:
         import transformers
 
         return {"transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
+
+
+def _gpu_batch_tokens(model: Any, torch: Any) -> int:
+    """Tokens whose KV cache and working memory fit in most of the free memory of the emptiest GPU."""
+    free = min(torch.cuda.mem_get_info(d)[0] for d in range(torch.cuda.device_count()))
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    width = next(model.parameters()).element_size()
+    kv = 2 * c.num_hidden_layers * kv_heads * head_dim * width
+    working = (4 * c.hidden_size + 3 * getattr(c, "intermediate_size", 4 * c.hidden_size)) * width
+    return max(int(free * _MEMORY_FRACTION / (kv + working)), 1024)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -1,28 +1,54 @@
-"""vLLM engine: one in-process ``vllm.LLM`` per worker, fed a whole unit per ``generate`` call."""
+"""vLLM engine: one in-process ``vllm.LLM`` per worker, fed continuously.
+
+``submit`` adds requests straight to the engine (longest prompt first) and ``poll`` runs engine
+steps, so the next unit's requests are already queued while the current one finishes: the batch
+never drains between units. ``wants_more`` keeps about twice what the engine can run at once queued
+(by sequences and by KV-cache tokens). If a step fails (engine error, out of memory), the requests
+in flight are aborted and redone through ``generate`` with retries and row isolation.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from shardinfer.config import ModelConfig, SamplingConfig
-from shardinfer.engines import Completion
+from shardinfer.engines.base import Completion, Finished
+from shardinfer.engines.retry import generate_with_retries
 from shardinfer.errors import ConfigError, missing_dependency
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Request:
+    batch: Any
+    index: int
+    prompt: list[int]
+
+
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, model: ModelConfig, sampling: SamplingConfig, max_model_len: int):
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig, max_model_len: int, *,
+                 attempts: int = 3, backoff_s: float = 2.0):
         self.model = model
         self.sampling = sampling
         self.max_model_len = max_model_len
+        self.attempts = attempts
+        self.backoff_s = backoff_s
         self.llm: Any = None
         self.params: Any = None
+        self.stream_params: Any = None
+        self._in_flight: dict[str, _Request] = {}
+        self._in_flight_tokens = 0
+        self._ready: list[Finished] = []  # rejected at submit or redone after a failed step
+        self._next_id = 0
+        self.max_requests = 512  # queued requests that keep the engine busy (set at load)
+        self.max_tokens_queued: int | None = None
 
     def load(self) -> None:
         try:
@@ -41,13 +67,78 @@ class VllmEngine:
         log.info("loading vLLM %s: %s", vllm.__version__, kwargs)
         self.llm = vllm.LLM(**kwargs)
         self.params = vllm.SamplingParams(**sampling_kwargs(self.sampling))
+        from vllm.sampling_params import RequestOutputKind
+
+        self.stream_params = vllm.SamplingParams(**sampling_kwargs(self.sampling),
+                                                 output_kind=RequestOutputKind.FINAL_ONLY)
+        self.max_requests, self.max_tokens_queued = _queue_limits(self.llm)
+        log.info("keeping up to %d requests / %s tokens queued in the engine", self.max_requests,
+                 self.max_tokens_queued or "unbounded")
 
     def generate(self, prompts: list[list[int]]) -> list[Completion]:
+        """One blocking ``LLM.generate`` over all prompts (retries and benchmarks)."""
         from vllm.inputs import TokensPrompt
 
         requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
         outputs = self.llm.generate(requests, self.params, use_tqdm=False)
         return [_completion(o) for o in outputs]
+
+    def submit(self, batch: Any, prompts: list[list[int]]) -> None:
+        from vllm.inputs import TokensPrompt
+
+        engine = self.llm.llm_engine
+        for index in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+            request_id = f"shardinfer-{self._next_id}"
+            self._next_id += 1
+            try:
+                engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompts[index]), self.stream_params)
+            except Exception as exc:  # noqa: BLE001 - a request the engine refuses fails its row only
+                log.warning("the engine refused row %d of batch %s: %r", index, batch, exc)
+                self._ready.append((batch, index, exc))
+                continue
+            self._in_flight[request_id] = _Request(batch, index, prompts[index])
+            self._in_flight_tokens += len(prompts[index]) + self.sampling.max_tokens
+
+    def wants_more(self) -> bool:
+        if len(self._in_flight) >= self.max_requests:
+            return False
+        return self.max_tokens_queued is None or self._in_flight_tokens < self.max_tokens_queued
+
+    def pending(self) -> int:
+        return len(self._in_flight) + len(self._ready)
+
+    def poll(self) -> list[Finished]:
+        """One engine step: the rows it finished (or, after a failed step, every row in flight)."""
+        if self._ready:
+            ready, self._ready = self._ready, []
+            return ready
+        if not self._in_flight:
+            return []
+        try:
+            outputs = self.llm.llm_engine.step()
+        except Exception as exc:  # noqa: BLE001 - redo what was in flight with retries
+            return self._redo_in_flight(exc)
+        done: list[Finished] = []
+        for output in outputs:
+            if output.finished and output.request_id in self._in_flight:
+                request = self._in_flight.pop(output.request_id)
+                self._in_flight_tokens -= len(request.prompt) + self.sampling.max_tokens
+                done.append((request.batch, request.index, _completion(output)))
+        return done
+
+    def _redo_in_flight(self, exc: Exception) -> list[Finished]:
+        log.error("engine step failed with %d requests in flight: %r; redoing them with retries",
+                  len(self._in_flight), exc)
+        requests = list(self._in_flight.values())
+        try:
+            self.llm.llm_engine.abort_request(list(self._in_flight))
+        except Exception as abort_exc:  # noqa: BLE001 - the engine may be dead; retries will tell
+            log.warning("could not abort the requests in flight: %r", abort_exc)
+        self._in_flight.clear()
+        self._in_flight_tokens = 0
+        results = generate_with_retries(self, [r.prompt for r in requests], attempts=self.attempts,
+                                        backoff_s=self.backoff_s)
+        return [(r.batch, r.index, result) for r, result in zip(requests, results)]
 
     def versions(self) -> dict[str, str]:
         import torch
@@ -80,6 +171,16 @@ def check_engine_args(engine_args: dict[str, Any], engine_args_cls: type) -> Non
                 f"model.vllm_args.{key}: not an argument of this vLLM version"
                 + (f". Did you mean {', '.join(close)}?" if close else ". See vllm.EngineArgs for the list.")
             )
+
+
+def _queue_limits(llm: Any) -> tuple[int, int | None]:
+    """About twice what the engine can run at once: by sequences, and by KV-cache tokens."""
+    config = getattr(llm.llm_engine, "vllm_config", None)
+    max_seqs = getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None) or 256
+    cache = getattr(config, "cache_config", None)
+    blocks, block_size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
+    kv_tokens = blocks * block_size if blocks and block_size else None
+    return 2 * max_seqs, (2 * kv_tokens if kv_tokens else None)
 
 
 def _completion(output: Any) -> Completion:

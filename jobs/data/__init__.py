@@ -1,0 +1,1 @@
+"""The bundled corpus (PSF-licensed Python documentation), shipped as package data."""

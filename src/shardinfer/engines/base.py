@@ -1,0 +1,73 @@
+"""The engine interface shared by all backends.
+
+An engine is fed work as it goes: ``submit(batch, prompts)`` queues prompt token ids under a batch
+key, ``poll()`` returns the rows that finished since the last call as ``(batch, index, result)``,
+where ``result`` is a :class:`Completion` or the exception that row failed with. ``wants_more()``
+says whether the engine needs more queued work to stay busy, so the worker hands it the next unit
+before the current one drains and the accelerator never waits between units.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_tokens reached)
+
+
+Finished = tuple[Any, int, "Completion | Exception"]
+
+
+class Engine(Protocol):
+    name: str
+
+    def load(self) -> None: ...
+
+    def generate(self, prompts: list[list[int]]) -> list[Completion]: ...
+
+    def submit(self, batch: Any, prompts: list[list[int]]) -> None: ...
+
+    def poll(self) -> list[Finished]: ...
+
+    def wants_more(self) -> bool: ...
+
+    def pending(self) -> int: ...
+
+    def versions(self) -> dict[str, str]: ...
+
+
+class BatchQueue:
+    """``submit``/``poll`` for engines that only have a blocking ``generate``: each ``poll`` runs
+    the oldest submitted batch (with retries), and more work is wanted only when none is queued."""
+
+    def __init__(self, attempts: int = 3, backoff_s: float = 2.0):
+        self._queue: deque[tuple[Any, list[list[int]]]] = deque()
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+
+    def submit(self, batch: Any, prompts: list[list[int]]) -> None:
+        self._queue.append((batch, prompts))
+
+    def wants_more(self) -> bool:
+        return not self._queue
+
+    def pending(self) -> int:
+        return sum(len(p) for _, p in self._queue)
+
+    def poll(self) -> list[Finished]:
+        from shardinfer.engines.retry import generate_with_retries
+
+        if not self._queue:
+            return []
+        batch, prompts = self._queue.popleft()
+        done = generate_with_retries(self, prompts, attempts=self.attempts, backoff_s=self.backoff_s)
+        return [(batch, i, result) for i, result in enumerate(done)]
+
+    def generate(self, prompts: list[list[int]]) -> list[Completion]:
+        raise NotImplementedError
