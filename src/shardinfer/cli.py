@@ -109,6 +109,65 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from shardinfer.bench.measure import BenchOptions, run_bench
+    from shardinfer.config import apply_override
+
+    engine_args: dict = {}
+    for item in args.engine_arg:
+        apply_override(engine_args, item)
+    opts = BenchOptions(out=Path(args.out), config=args.config, model=args.model, tokenizer=args.tokenizer,
+                        engine=args.engine, dummy_weights=args.dummy_weights, docs=args.docs,
+                        input_len=_length_range(args.input_len), output_len=args.output_len,
+                        max_model_len=args.max_model_len, engine_args=engine_args, workers=args.workers,
+                        overrides=args.overrides, text_source=args.text_source, seed=args.seed,
+                        skip_raw=args.skip_raw, strategies=args.strategies, static_batch=args.static_batch,
+                        strategy_docs=args.strategy_docs)
+    result = run_bench(opts, args.command_line[1:])
+    print((Path(args.out) / "bench.md").read_text())
+    print(f"results: {Path(args.out).resolve()}/bench.json, bench.md" +
+          "".join(f", {p}" for p in result.get("plots", {}).values()))
+    return 0
+
+
+def _length_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    try:
+        return (int(lo), int(hi)) if sep else (int(lo), int(lo))
+    except ValueError:
+        raise ConfigError(f"--input-len {text!r}: give MIN-MAX prompt tokens, e.g. 2000-4000") from None
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    text = ("throughput of the full pipeline against raw vLLM (or the naive transformers loop) on a "
+            "synthetic corpus of real text; JSON, Markdown and plots")
+    p = sub.add_parser("bench", help=text, description=text)
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of --config")
+    p.add_argument("--config", help="YAML config whose model, prompt, engine and run settings are benchmarked")
+    p.add_argument("--model", help="model directory (instead of, or overriding, the config's)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    p.add_argument("--engine", choices=["vllm", "hf"], help="default: the config's, else vllm")
+    p.add_argument("--dummy-weights", action="store_true",
+                   help="random weights from the model's config.json (vLLM load_format=dummy)")
+    p.add_argument("--docs", type=int, default=1024, help="documents in the synthetic corpus (default 1024)")
+    p.add_argument("--input-len", default="2000-4000", help="prompt tokens, MIN-MAX, uniform (default 2000-4000)")
+    p.add_argument("--output-len", type=int, default=200, help="output tokens per document (default 200)")
+    p.add_argument("--max-model-len", type=int, help="default: MAX + output rounded up to 1024, within the model's")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine argument (vllm.LLM or from_pretrained), value parsed as YAML; repeatable")
+    p.add_argument("--workers", type=int, help="pipeline workers (default: one per GPU replica, else 1)")
+    p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    p.add_argument("--text-source", help="JSONL(.gz) with a 'text' field (default: the bundled documentation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")
+    p.add_argument("--skip-raw", action="store_true", help="measure the pipeline only")
+    p.add_argument("--strategies", action="store_true",
+                   help="also compare one-at-a-time, static batches and continuous batching (vLLM)")
+    p.add_argument("--static-batch", type=int, default=16, help="rows per static batch (default 16)")
+    p.add_argument("--strategy-docs", type=int, default=64,
+                   help="documents for the strategy comparison (default 64: one at a time is slow)")
+    p.set_defaults(fn=_cmd_bench)
+
+
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from shardinfer.tiny_model import build_tiny_model
 
@@ -159,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reduce", help="merge committed parts into results/ and write the report")
     p.add_argument("run_dir")
     p.set_defaults(fn=_cmd_reduce)
+    _add_bench_parser(sub)
     p = sub.add_parser("tiny-model", help="build the tiny local test model (no download)")
     p.add_argument("out_dir")
     p.add_argument("--corpus", default=str(Path("jobs/data/python-docs.jsonl.gz")),
@@ -172,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)
     # overrides may also follow options: `run CONFIG --launcher mpi run.workers=4`
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra

@@ -1,7 +1,7 @@
 """Tokens per second over time: per-worker time bins, merged for a run, split into phases.
 
-A worker adds every finished row (prompt and output tokens at the time it finished). Bins start one
-second wide and double whenever there would be more than ``max_bins``, so a week-long run keeps a
+A worker adds every finished row (prompt and output tokens at the time it finished). Bins start 0.25 s
+wide and double whenever there would be more than ``max_bins``, so a week-long run keeps a
 few thousand numbers per worker. Phases of a run: start-up (start to the first request handed to
 the engine), steady state, and tail (the end stretch running below half the steady rate).
 """
@@ -18,7 +18,7 @@ TAIL_FRACTION = 0.5
 @dataclass
 class Timeline:
     start: float
-    bin_s: float = 1.0
+    bin_s: float = 0.25
     max_bins: int = 2048
     prompt: list[int] = field(default_factory=list)
     output: list[int] = field(default_factory=list)

@@ -55,15 +55,7 @@ class VllmEngine:
             import vllm
         except ImportError as exc:
             raise missing_dependency("vllm", "vllm") from exc
-        check_engine_args(self.model.vllm_args, vllm.EngineArgs)
-        kwargs: dict[str, Any] = {
-            "model": self.model.path,
-            "tokenizer": self.model.tokenizer or self.model.path,
-            "dtype": self.model.dtype,
-            "max_model_len": self.max_model_len,
-            **({"seed": self.sampling.seed} if self.sampling.seed is not None else {}),
-            **self.model.vllm_args,
-        }
+        kwargs = engine_kwargs(self.model, self.sampling, self.max_model_len, vllm.EngineArgs)
         log.info("loading vLLM %s: %s", vllm.__version__, kwargs)
         self.llm = vllm.LLM(**kwargs)
         self.params = vllm.SamplingParams(**sampling_kwargs(self.sampling))
@@ -145,6 +137,20 @@ class VllmEngine:
         import vllm
 
         return {"vllm": vllm.__version__, "torch": torch.__version__}
+
+
+def engine_kwargs(model: ModelConfig, sampling: SamplingConfig, max_model_len: int,
+                  engine_args_cls: type) -> dict[str, Any]:
+    """The ``vllm.LLM`` arguments of a config (checked against ``vllm.EngineArgs``)."""
+    check_engine_args(model.vllm_args, engine_args_cls)
+    return {
+        "model": model.path,
+        "tokenizer": model.tokenizer or model.path,
+        "dtype": model.dtype,
+        "max_model_len": max_model_len,
+        **({"seed": sampling.seed} if sampling.seed is not None else {}),
+        **model.vllm_args,
+    }
 
 
 def sampling_kwargs(s: SamplingConfig) -> dict[str, Any]:
