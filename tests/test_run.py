@@ -49,7 +49,7 @@ def bad_run(tmp_path_factory, tiny_model, engine_env):
     config = write_config(tmp / "bad.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "run",
                           input={"path": str(corpus), "id_column": "id", "passthrough": ["meta"]},
                           run={"directory": str(tmp / "run"), "workers": 2, "unit_tokens": 1500,
-                               "env": {"OMP_NUM_THREADS": "1"}})
+                               "env": {"OMP_NUM_THREADS": "1"}, "gpu_hour_price": 3.0})
     proc = run_cli(["run", str(config)], engine_env)
     return proc, tmp / "run", ids, expected, config
 
@@ -106,6 +106,28 @@ def test_report_counts_match_the_results(bad_run):
     assert "| rows in | ok | truncated | failed |" in md and "tokens/s (wall)" in md
     assert f"results: {(run_dir / 'results').resolve()}" in proc.stdout
     assert "report.md" in proc.stdout
+
+
+def test_report_has_tokens_per_second_over_time_phases_cost_and_a_plot(bad_run):
+    _, run_dir, *_ = bad_run
+    report = json.loads((run_dir / "report.json").read_text())
+    line = report["timeline"]
+    bin_s = line["bin_s"]
+    assert len(line["t"]) == len(line["input_tokens_per_s"]) == len(line["output_tokens_per_s"]) > 0
+    assert round(sum(line["input_tokens_per_s"]) * bin_s) == report["tokens"]["prompt"]
+    assert round(sum(line["output_tokens_per_s"]) * bin_s) == report["tokens"]["output"]
+    phases = report["phases_s"]
+    assert phases["startup_s"] >= min(w["model_load_s"] for w in report["workers"])
+    assert phases["steady_s"] > 0 and phases["tail_s"] >= 0 and phases["steady_tokens_per_s"] > 0
+    assert phases["startup_s"] + phases["steady_s"] + phases["tail_s"] <= report["time_s"]["wall"] + 0.5
+    cost = report["cost"]
+    hours = sum(w["wall_s"] for w in report["workers"]) / 3600  # CPU: one device per worker
+    assert cost["device"] == "CPU worker" and abs(cost["device_hours"] - hours) < 1e-3
+    assert abs(cost["per_million_output_tokens"] - 3.0 * hours / report["tokens"]["output"] * 1e6) < 1e-3
+    png = run_dir / report["plot"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    md = (run_dir / "report.md").read_text()
+    assert "Phases: start-up" in md and "per million output tokens" in md and "](throughput.png)" in md
 
 
 def test_rerun_of_a_finished_run_redoes_nothing(bad_run, engine_env):

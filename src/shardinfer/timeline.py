@@ -67,25 +67,25 @@ def rates(timeline: Timeline) -> list[tuple[float, float, float]]:
 def phases(timeline: Timeline, first_request_at: float | None, end: float) -> dict[str, float]:
     """Start-up, steady-state and tail seconds, and the steady-state rate (total tok/s).
 
-    The steady rate is the mean over the middle 80% of the generation span; the tail starts after
-    the last moment the rate, smoothed over 5% of the span, is still at least half of it.
+    Rates are smoothed over 5% of the generation span. The tail starts after the last moment the
+    smoothed rate is still at least half its median; the steady rate is the tokens finished before
+    the tail over the steady-state time.
     """
     first = first_request_at if first_request_at is not None else timeline.start
     startup = max(first - timeline.start, 0.0)
-    totals = [p + o for p, o in zip(timeline.prompt, timeline.output)]
-    active = totals[int(startup / timeline.bin_s):]
+    first_bin = int(startup / timeline.bin_s)
+    active = [p + o for p, o in zip(timeline.prompt[first_bin:], timeline.output[first_bin:])]
     if not any(active):
         return {"startup_s": round(startup, 3), "steady_s": 0.0, "tail_s": 0.0, "steady_tokens_per_s": 0.0}
-    n = len(active)
-    middle = active[n // 10: n - n // 10] or active
-    steady_rate = sum(middle) / (len(middle) * timeline.bin_s)
-    smoothed = _smooth(active, max(n // 20, 1))
-    last = max((i for i, v in enumerate(smoothed) if v / timeline.bin_s >= TAIL_FRACTION * steady_rate), default=n - 1)
-    tail_start = timeline.start + (int(startup / timeline.bin_s) + last + 1) * timeline.bin_s
+    smoothed = _smooth(active, max(len(active) // 20, 1))
+    typical = statistics.median(smoothed)
+    last = max((i for i, v in enumerate(smoothed) if v >= TAIL_FRACTION * typical), default=len(active) - 1)
+    tail_start = timeline.start + (first_bin + last + 1) * timeline.bin_s
     tail = min(max(end - tail_start, 0.0), max(end - first, 0.0))
     steady = max(end - first - tail, 0.0)
+    steady_tokens = sum(active[: last + 1])
     return {"startup_s": round(startup, 3), "steady_s": round(steady, 3), "tail_s": round(tail, 3),
-            "steady_tokens_per_s": round(steady_rate, 1)}
+            "steady_tokens_per_s": round(steady_tokens / steady, 1) if steady else 0.0}
 
 
 def _smooth(values: list[int], half_width: int) -> list[float]:

@@ -1,0 +1,76 @@
+"""``shardinfer bench``: the synthetic corpus, and a whole benchmark on the tiny model."""
+
+import json
+
+import pytest
+
+from conftest import CPU_ENV, run_cli, write_config
+from shardinfer.bench.synth import make_docs, source_texts
+from shardinfer.config import PromptConfig
+from shardinfer.errors import ConfigError
+from shardinfer.prompts import PromptBuilder
+
+
+def _builder(tokenizer, max_model_len=2048, max_tokens=16):
+    cfg = PromptConfig(system="Summarize.", user="Summarize this:\n\n{text}")
+    return PromptBuilder(cfg, tokenizer, max_model_len=max_model_len, max_tokens=max_tokens)
+
+
+def test_synthetic_prompts_hit_the_requested_token_range(tokenizer):
+    builder = _builder(tokenizer)
+    docs = make_docs(builder, tokenizer, source_texts(None), docs=40, lengths=(300, 700), seed=1)
+    lengths = [len(d.prompt_ids) for d in docs]
+    assert all(300 <= n <= 700 for n in lengths)
+    assert max(lengths) - min(lengths) > 200  # spread over the range, not one size
+    for doc in docs[:5]:  # the ids are exactly what the pipeline builds from the text
+        assert builder.build([doc.text], [{}])[0].token_ids == doc.prompt_ids
+    again = make_docs(builder, tokenizer, source_texts(None), docs=40, lengths=(300, 700), seed=1)
+    assert [d.text for d in again] == [d.text for d in docs]  # same seed, same corpus
+    assert len({d.text for d in docs}) == 40
+
+
+def test_synthetic_corpus_rejects_ranges_it_cannot_build(tokenizer):
+    builder = _builder(tokenizer, max_model_len=512, max_tokens=16)
+    with pytest.raises(ConfigError, match="do not fit max_model_len 512"):
+        make_docs(builder, tokenizer, source_texts(None), docs=2, lengths=(100, 600))
+    with pytest.raises(ConfigError, match="the prompt template alone is"):
+        make_docs(builder, tokenizer, source_texts(None), docs=2, lengths=(3, 50))
+    with pytest.raises(ConfigError, match="MIN-MAX"):
+        make_docs(builder, tokenizer, source_texts(None), docs=2, lengths=(50, 10))
+
+
+@pytest.mark.engine
+def test_bench_compares_raw_vllm_and_the_pipeline_and_batching_strategies(tmp_path, tiny_model, engine_env):
+    config = write_config(tmp_path / "bench.yaml", corpus=tmp_path / "unused.jsonl", model_dir=tiny_model,
+                          run_dir=tmp_path / "unused-run", model={"max_model_len": 1024},
+                          run={"workers": 1, "env": CPU_ENV})
+    out = tmp_path / "out"
+    proc = run_cli(["bench", "--config", str(config), "--docs", "24", "--input-len", "150-400",
+                    "--output-len", "12", "--strategies", "--strategy-docs", "8", "--static-batch", "4",
+                    "--out", str(out)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    shape = result["shape"]
+    assert shape["docs"] == 24 and 150 <= shape["prompt_len_min"] <= shape["prompt_len_max"] <= 400
+    raw, pipe = result["runs"]["raw vLLM"], result["runs"]["pipeline"]
+    for run in (raw, pipe):  # the same prompts, the same fixed output lengths
+        assert run["rows"] == 24
+        assert run["tokens"] == {"input": shape["prompt_tokens"], "output": 24 * 12,
+                                 "total": shape["prompt_tokens"] + 24 * 12}
+        points = run["timeline"]["points"]
+        assert round(sum(v for _, v in points) * run["timeline"]["bin_s"]) == run["tokens"]["total"]
+        assert run["startup_s"] > 0 and run["generation_s"] > 0 and run["tokens_per_s"]["total"] > 0
+        assert abs(run["phases"]["steady_s"] + run["phases"]["tail_s"] - run["generation_s"]) < 0.01
+    assert pipe["workers"] == 1 and pipe["rows_failed"] == 0
+    ratio = result["ratio"]["generation_per_replica"]
+    assert ratio == pytest.approx(pipe["tokens_per_s"]["total"] / raw["tokens_per_s"]["total"], rel=1e-3)
+    strategies = result["strategies"]
+    assert list(strategies) == ["one at a time", "static batches of 4", "continuous batching"]
+    assert all(s["rows"] == 8 and s["tokens"]["output"] == 8 * 12 for s in strategies.values())
+    assert len({s["tokens"]["input"] for s in strategies.values()}) == 1  # the same documents
+    for name in ("bench.png", "strategies.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    md = (out / "bench.md").read_text()
+    assert "| raw vLLM | 24 |" in md and "| pipeline (1 worker) | 24 |" in md and "continuous batching" in md
+    assert "Pipeline / baseline" in md and "](bench.png)" in md
+    assert md in proc.stdout

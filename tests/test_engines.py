@@ -1,0 +1,107 @@
+"""The engines on the tiny model: continuous feeding (vLLM) and out-of-memory back-off (transformers)."""
+
+import os
+
+import pytest
+
+from conftest import CPU_ENV
+from shardinfer.config import ModelConfig, SamplingConfig
+from shardinfer.engines import Completion
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def cpu_env(engine_env):
+    old = dict(os.environ)
+    os.environ.update({**CPU_ENV, "VLLM_CACHE_ROOT": engine_env["VLLM_CACHE_ROOT"]})
+    yield
+    os.environ.clear()
+    os.environ.update(old)
+
+
+def _poll_all(engine, expected):
+    got = {}
+    while len(got) < expected:
+        for batch, index, result in engine.poll():
+            assert (batch, index) not in got
+            got[(batch, index)] = result
+    return got
+
+
+def test_vllm_engine_is_fed_batch_after_batch_and_a_refused_row_fails_alone(tiny_model, tokenizer, cpu_env):
+    from shardinfer.engines.vllm_engine import VllmEngine
+
+    model = ModelConfig(path=str(tiny_model), dtype="float32",
+                        vllm_args={"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20})
+    engine = VllmEngine(model, SamplingConfig(max_tokens=8, ignore_eos=True), 512, attempts=1)
+    engine.load()
+    texts = ["The os module provides", "Lists are mutable sequences", "A dictionary maps keys",
+             "Threads run concurrently", "The re module matches"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    out_of_vocab = [len(tokenizer) + 1000]
+    engine.submit("a", prompts[:3])
+    assert engine.pending() == 3
+    engine.submit("b", [prompts[3], out_of_vocab, prompts[4]])  # queued while "a" runs
+    got = _poll_all(engine, 6)
+    assert engine.pending() == 0 and engine.poll() == []
+    assert isinstance(got[("b", 1)], Exception)
+    completions = {k: v for k, v in got.items() if k != ("b", 1)}
+    assert all(isinstance(c, Completion) and len(c.token_ids) == 8 for c in completions.values())
+    # each row's result is its own: the same prompts in one blocking call give the same tokens
+    alone = engine.generate(prompts)
+    order = [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 2)]
+    assert [completions[k].token_ids for k in order] == [c.token_ids for c in alone]
+
+
+def test_vllm_engine_wants_more_work_until_twice_what_it_runs_is_queued(tiny_model, tokenizer, cpu_env):
+    from shardinfer.engines.vllm_engine import VllmEngine
+
+    model = ModelConfig(path=str(tiny_model), dtype="float32",
+                        vllm_args={"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 4})
+    engine = VllmEngine(model, SamplingConfig(max_tokens=4, ignore_eos=True), 512, attempts=1)
+    engine.load()
+    assert engine.max_requests == 8 and engine.max_tokens_queued
+    prompt = tokenizer("Sets hold unique elements")["input_ids"]
+    engine.submit(0, [prompt] * 7)
+    assert engine.wants_more()
+    engine.submit(1, [prompt])
+    assert not engine.wants_more()
+    _poll_all(engine, 8)
+    assert engine.wants_more()
+
+
+class _OutOfMemoryAbove:
+    """A forward pre-hook that fails like a GPU out of memory on batches wider than ``rows``."""
+
+    def __init__(self, rows):
+        self.rows = rows
+        self.widths = []
+
+    def __call__(self, module, args, kwargs):
+        import torch
+
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
+        self.widths.append(ids.shape[0])
+        if ids.shape[0] > self.rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_hf_engine_backs_off_on_out_of_memory_and_finishes_every_row(tiny_model, tokenizer, cpu_env):
+    from shardinfer.engines.hf_engine import HfEngine
+
+    model = ModelConfig(path=str(tiny_model), engine="hf", dtype="float32", hf_batch_tokens=4096)
+    engine = HfEngine(model, SamplingConfig(max_tokens=6, ignore_eos=True), 512, attempts=1)
+    engine.load()
+    prompts = [tokenizer(f"Document number {i} is about modules and packages")["input_ids"] for i in range(12)]
+    reference = engine.generate(prompts)  # budget 4096: all 12 rows in one batch
+    hook = _OutOfMemoryAbove(rows=3)
+    engine.model.register_forward_pre_hook(hook, with_kwargs=True)
+    engine.submit("unit", prompts)
+    got = _poll_all(engine, 12)
+    assert all(isinstance(got[("unit", i)], Completion) for i in range(12))
+    assert [len(got[("unit", i)].token_ids) for i in range(12)] == [6] * 12
+    assert engine.out_of_memory >= 2 and engine.batch_tokens < 4096
+    assert max(w for w in hook.widths if w <= 3) == 3  # it settled on the widest batch that fits
+    assert sum(1 for w in hook.widths if w > 3) == engine.out_of_memory
+    assert [got[("unit", i)].token_ids for i in range(12)] == [c.token_ids for c in reference]
