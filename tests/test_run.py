@@ -122,8 +122,8 @@ def test_report_has_tokens_per_second_over_time_phases_cost_and_a_plot(bad_run):
     assert phases["startup_s"] + phases["steady_s"] + phases["tail_s"] <= report["time_s"]["wall"] + 0.5
     cost = report["cost"]
     hours = sum(w["wall_s"] for w in report["workers"]) / 3600  # CPU: one device per worker
-    assert cost["device"] == "CPU worker" and abs(cost["device_hours"] - hours) < 1e-3
-    assert abs(cost["per_million_output_tokens"] - 3.0 * hours / report["tokens"]["output"] * 1e6) < 1e-3
+    assert cost["device"] == "CPU worker" and cost["device_hours"] == pytest.approx(hours, rel=1e-3)
+    assert cost["per_million_output_tokens"] == pytest.approx(3.0 * hours / report["tokens"]["output"] * 1e6, rel=1e-3)
     png = run_dir / report["plot"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     md = (run_dir / "report.md").read_text()

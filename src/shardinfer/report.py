@@ -104,7 +104,7 @@ def _cost(metrics: list[dict[str, Any]], tokens: dict[str, int], price: float | 
     hours = sum(_busy_s(m) * max(_gpu_count(m), 1) for m in metrics) / 3600
     total = hours * price
     per_million = {k: round(total / tokens[k] * 1e6, 6) if tokens[k] else None for k in ("prompt", "output", "total")}
-    return {"gpu_hour_price": price, "device": "GPU" if gpus else "CPU worker", "device_hours": round(hours, 4),
+    return {"gpu_hour_price": price, "device": "GPU" if gpus else "CPU worker", "device_hours": round(hours, 6),
             "total": round(total, 4), "per_million_input_tokens": per_million["prompt"],
             "per_million_output_tokens": per_million["output"], "per_million_tokens": per_million["total"]}
 

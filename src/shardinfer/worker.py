@@ -188,6 +188,8 @@ class Worker:
         while True:
             if not self.draining:
                 candidates = self._fill(candidates, reader, heartbeat)
+            else:
+                self._give_back_unstarted(heartbeat)
             if self.in_flight:
                 self._step(progress, heartbeat)
                 continue
@@ -229,6 +231,17 @@ class Worker:
                 self.engine.submit(unit.unit, [flight.prompts[i].token_ids for i in flight.sent])
                 self.metrics.generation_s += time.time() - now
         return candidates
+
+    def _give_back_unstarted(self, heartbeat: Heartbeat) -> None:
+        """Draining: keep the oldest unit and those with finished rows; release the others at once."""
+        for unit in list(self.in_flight)[1:]:
+            flight = self.in_flight[unit]
+            if flight.sent and flight.waiting == len(flight.sent):
+                self.engine.cancel(unit)
+                self.ledger.release(unit)
+                heartbeat.drop(unit)
+                del self.in_flight[unit]
+                log.info("draining: unit %d given back unstarted", unit)
 
     def _prepare(self, unit: Unit, reader: UnitReader) -> "InFlight":
         rows = reader.read(unit)

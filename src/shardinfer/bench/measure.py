@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer import __version__
+from shardinfer.bench.dummy import random_weights_copy
 from shardinfer.bench.report import render_markdown, write_plots
 from shardinfer.bench.synth import make_docs, source_texts
 from shardinfer.config import Config, config_from_dict, config_to_dict, load_config
@@ -71,10 +72,11 @@ def bench_config(opts: BenchOptions) -> Config:
         model["engine"] = opts.engine
     args_key = "vllm_args" if model.get("engine", "vllm") == "vllm" else "hf_args"
     model[args_key] = {**model.get(args_key, {}), **opts.engine_args}
-    if opts.dummy_weights:
-        if args_key != "vllm_args":
-            raise ConfigError("--dummy-weights works with the vllm engine only (load_format=dummy)")
+    if opts.dummy_weights and args_key == "vllm_args":
         model["vllm_args"]["load_format"] = "dummy"
+    elif opts.dummy_weights:  # transformers: a random-weight copy on disk, loaded normally
+        model["tokenizer"] = model.get("tokenizer") or model["path"]
+        model["path"] = str(random_weights_copy(model["path"], opts.out / "random-weights", model.get("dtype", "auto")))
     raw["input"] = {"path": str(opts.out / "corpus.jsonl"), "id_column": "id"}
     raw["sampling"] = {**raw.get("sampling", {}), "max_tokens": opts.output_len, "ignore_eos": True,
                        "temperature": 0.0, "stop": []}

@@ -4,7 +4,8 @@ An engine is fed work as it goes: ``submit(batch, prompts)`` queues prompt token
 key, ``poll()`` returns the rows that finished since the last call as ``(batch, index, result)``,
 where ``result`` is a :class:`Completion` or the exception that row failed with. ``wants_more()``
 says whether the engine needs more queued work to stay busy, so the worker hands it the next unit
-before the current one drains and the accelerator never waits between units.
+before the current one drains and the accelerator never waits between units. ``cancel(batch)``
+drops a batch's rows that have not finished (a draining worker gives its unit back).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Engine(Protocol):
 
     def pending(self) -> int: ...
 
+    def cancel(self, batch: Any) -> None: ...
+
     def versions(self) -> dict[str, str]: ...
 
 
@@ -59,6 +62,9 @@ class BatchQueue:
 
     def pending(self) -> int:
         return sum(len(p) for _, p in self._queue)
+
+    def cancel(self, batch: Any) -> None:
+        self._queue = deque(item for item in self._queue if item[0] != batch)
 
     def poll(self) -> list[Finished]:
         from shardinfer.engines.retry import generate_with_retries

@@ -2,8 +2,9 @@
 
 ``submit`` adds requests straight to the engine (longest prompt first) and ``poll`` runs engine
 steps, so the next unit's requests are already queued while the current one finishes: the batch
-never drains between units. ``wants_more`` keeps about twice what the engine can run at once queued
-(by sequences and by KV-cache tokens). If a step fails (engine error, out of memory), the requests
+never drains between units. ``wants_more`` asks for work until what the engine holds reaches what it
+can run at once (by sequences and by KV-cache tokens); the next unit then arrives as soon as the
+batch starts to shrink. If a step fails (engine error, out of memory), the requests
 in flight are aborted and redone through ``generate`` with retries and row isolation.
 """
 
@@ -47,7 +48,7 @@ class VllmEngine:
         self._in_flight_tokens = 0
         self._ready: list[Finished] = []  # rejected at submit or redone after a failed step
         self._next_id = 0
-        self.max_requests = 512  # queued requests that keep the engine busy (set at load)
+        self.max_requests = 256  # requests that keep the engine busy (set at load)
         self.max_tokens_queued: int | None = None
 
     def load(self) -> None:
@@ -98,6 +99,16 @@ class VllmEngine:
 
     def pending(self) -> int:
         return len(self._in_flight) + len(self._ready)
+
+    def cancel(self, batch: Any) -> None:
+        """Abort a batch's requests (a draining worker gives its unit back)."""
+        ids = [rid for rid, r in self._in_flight.items() if r.batch == batch]
+        if ids:
+            self.llm.llm_engine.abort_request(ids)
+        for rid in ids:
+            request = self._in_flight.pop(rid)
+            self._in_flight_tokens -= len(request.prompt) + self.sampling.max_tokens
+        self._ready = [f for f in self._ready if f[0] != batch]
 
     def poll(self) -> list[Finished]:
         """One engine step: the rows it finished (or, after a failed step, every row in flight)."""
@@ -180,13 +191,13 @@ def check_engine_args(engine_args: dict[str, Any], engine_args_cls: type) -> Non
 
 
 def _queue_limits(llm: Any) -> tuple[int, int | None]:
-    """About twice what the engine can run at once: by sequences, and by KV-cache tokens."""
+    """What the engine can run at once: sequences, and KV-cache tokens."""
     config = getattr(llm.llm_engine, "vllm_config", None)
     max_seqs = getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None) or 256
     cache = getattr(config, "cache_config", None)
     blocks, block_size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
     kv_tokens = blocks * block_size if blocks and block_size else None
-    return 2 * max_seqs, (2 * kv_tokens if kv_tokens else None)
+    return max_seqs, kv_tokens
 
 
 def _completion(output: Any) -> Completion:
