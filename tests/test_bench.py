@@ -75,6 +75,10 @@ def test_bench_compares_raw_vllm_and_the_pipeline_and_batching_strategies(tmp_pa
     assert "| raw vLLM | 24 |" in md and "| pipeline (1 worker) | 24 |" in md and "continuous batching" in md
     assert "Pipeline / baseline" in md and "](bench.png)" in md
     assert md in proc.stdout
+    (out / "bench.png").unlink()  # measured where matplotlib was missing: redraw from bench.json
+    again = run_cli(["bench", "--replot", "--out", str(out)], engine_env)
+    assert again.returncode == 0 and (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "bench.md").read_text() == md
 
 
 @pytest.mark.engine

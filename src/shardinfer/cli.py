@@ -110,9 +110,13 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from shardinfer.bench.measure import BenchOptions, run_bench
+    from shardinfer.bench.measure import BenchOptions, replot, run_bench
     from shardinfer.config import apply_override
 
+    if args.replot:
+        replot(Path(args.out))
+        print((Path(args.out) / "bench.md").read_text())
+        return 0
     engine_args: dict = {}
     for item in args.engine_arg:
         apply_override(engine_args, item)
@@ -165,13 +169,22 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--static-batch", type=int, default=16, help="rows per static batch (default 16)")
     p.add_argument("--strategy-docs", type=int, default=64,
                    help="documents for the strategy comparison (default 64: one at a time is slow)")
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the plots and bench.md of --out from its bench.json")
     p.set_defaults(fn=_cmd_bench)
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    from shardinfer.bench.synth import BUNDLED
     from shardinfer.tiny_model import build_tiny_model
 
-    print(build_tiny_model(args.out_dir, corpus_path=args.corpus))
+    if args.corpus:
+        print(build_tiny_model(args.out_dir, corpus_path=args.corpus))
+        return 0
+    with resources.as_file(resources.files("shardinfer.data") / BUNDLED) as corpus:
+        print(build_tiny_model(args.out_dir, corpus_path=corpus))
     return 0
 
 
@@ -221,8 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     p = sub.add_parser("tiny-model", help="build the tiny local test model (no download)")
     p.add_argument("out_dir")
-    p.add_argument("--corpus", default=str(Path("jobs/data/python-docs.jsonl.gz")),
-                   help="JSONL(.gz) whose texts train the tokenizer")
+    p.add_argument("--corpus", help="JSONL(.gz) whose texts train the tokenizer (default: the bundled documentation)")
     p.set_defaults(fn=_cmd_tiny_model)
     p = sub.add_parser("config-reference", help="print every config key with its default and meaning")
     p.set_defaults(fn=_cmd_config_reference)

@@ -123,6 +123,18 @@ def run_bench(opts: BenchOptions, argv: list[str]) -> dict[str, Any]:
     return result
 
 
+def replot(out: Path) -> dict[str, Any]:
+    """Plots and Markdown again from ``out/bench.json`` (e.g. measured where matplotlib was missing)."""
+    path = out / "bench.json"
+    if not path.is_file():
+        raise ConfigError(f"--replot: {path} does not exist; give the --out directory of a benchmark")
+    result = json.loads(path.read_text())
+    result["plots"] = write_plots(out, result)
+    write_json_atomic(path, result)
+    (out / "bench.md").write_text(render_markdown(result))
+    return result
+
+
 def _write_corpus(cfg: Config, opts: BenchOptions) -> list[list[int]]:
     tokenizer = load_tokenizer(cfg.model)
     builder = PromptBuilder(cfg.prompt, tokenizer, max_model_len=cfg.model.max_model_len,
