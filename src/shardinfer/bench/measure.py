@@ -18,7 +18,7 @@ from shardinfer import __version__
 from shardinfer.bench.dummy import random_weights_copy
 from shardinfer.bench.report import render_markdown, write_plots
 from shardinfer.bench.synth import make_docs, source_texts
-from shardinfer.config import Config, config_from_dict, config_to_dict, load_config
+from shardinfer.config import Config, ModelConfig, config_from_dict, config_to_dict, load_config
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.model_info import check_model_path, load_tokenizer, resolve_max_model_len
 from shardinfer.prompts import PromptBuilder
@@ -70,6 +70,7 @@ def bench_config(opts: BenchOptions) -> Config:
         model["tokenizer"] = opts.tokenizer
     if opts.engine:
         model["engine"] = opts.engine
+    check_model_path(ModelConfig(path=model["path"]))
     args_key = "vllm_args" if model.get("engine", "vllm") == "vllm" else "hf_args"
     model[args_key] = {**model.get(args_key, {}), **opts.engine_args}
     if opts.dummy_weights and args_key == "vllm_args":
