@@ -77,20 +77,36 @@ class VllmEngine:
         return [_completion(o) for o in outputs]
 
     def submit(self, batch: Any, prompts: list[list[int]]) -> None:
-        from vllm.inputs import TokensPrompt
-
         engine = self.llm.llm_engine
-        for index in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        inputs = self._engine_inputs([prompts[i] for i in order])
+        for index, item in zip(order, inputs):
             request_id = f"shardinfer-{self._next_id}"
             self._next_id += 1
             try:
-                engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompts[index]), self.stream_params)
+                if isinstance(item, Exception):
+                    raise item
+                engine.add_request(request_id, item, self.stream_params)
             except Exception as exc:  # noqa: BLE001 - a request the engine refuses fails its row only
                 log.warning("the engine refused row %d of batch %s: %r", index, batch, exc)
                 self._ready.append((batch, index, exc))
                 continue
             self._in_flight[request_id] = _Request(batch, index, prompts[index])
             self._in_flight_tokens += len(prompts[index]) + self.sampling.max_tokens
+
+    def _engine_inputs(self, prompts: list[list[int]]) -> list[Any]:
+        """Token prompts rendered the way ``LLM.generate`` renders them (when this vLLM has the
+        renderer step), each one on its own if the batch fails, so a bad prompt fails alone."""
+        from vllm.inputs import TokensPrompt
+
+        raw = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
+        render = getattr(self.llm, "_preprocess_cmpl", None)
+        if render is None:
+            return raw
+        try:
+            return list(render(raw))
+        except Exception:  # noqa: BLE001 - isolate the prompts that cannot be rendered
+            return [_render_one(render, r) for r in raw]
 
     def wants_more(self) -> bool:
         if len(self._in_flight) >= self.max_requests:
@@ -188,6 +204,13 @@ def check_engine_args(engine_args: dict[str, Any], engine_args_cls: type) -> Non
                 f"model.vllm_args.{key}: not an argument of this vLLM version"
                 + (f". Did you mean {', '.join(close)}?" if close else ". See vllm.EngineArgs for the list.")
             )
+
+
+def _render_one(render: Any, prompt: Any) -> Any:
+    try:
+        return render([prompt])[0]
+    except Exception as exc:  # noqa: BLE001 - this prompt's row fails with the error
+        return exc
 
 
 def _queue_limits(llm: Any) -> tuple[int, int | None]:
