@@ -1,8 +1,10 @@
-"""The worker loop: claim a unit, build prompts, generate, commit the part, next.
+"""The worker loop: claim a unit, build prompts, hand them to the engine, commit the part, next.
 
-Started once per rank (``python -m shardinfer.worker RUN_DIR --rank R --world W``). Every input row
-of a unit comes out as exactly one result row: rows that cannot be prompted or generated are kept
-with status ``failed`` and the reason.
+Started once per rank (``python -m shardinfer.worker RUN_DIR --rank R --world W``). The engine is
+kept fed: while it works on the units in flight, the worker claims and prepares the next one as
+soon as the engine wants more, and commits each unit the moment its last row finishes. Every input
+row of a unit comes out as exactly one result row: rows that cannot be prompted or generated are
+kept with status ``failed`` and the reason.
 """
 
 from __future__ import annotations
