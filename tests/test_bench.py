@@ -63,6 +63,8 @@ def test_bench_compares_raw_vllm_and_the_pipeline_and_batching_strategies(tmp_pa
         assert run["startup_s"] > 0 and run["generation_s"] > 0 and run["tokens_per_s"]["total"] > 0
         assert abs(run["phases"]["steady_s"] + run["phases"]["tail_s"] - run["generation_s"]) < 0.01
     assert pipe["workers"] == 1 and pipe["rows_failed"] == 0
+    # raw vLLM's row finish times and tokens were read from its progress updates, none estimated
+    assert result["baseline_timeline_estimated_rows"] == 0 == result["strategies_timeline_estimated_rows"]
     ratio = result["ratio"]["generation_per_replica"]
     assert ratio == pytest.approx(pipe["tokens_per_s"]["total"] / raw["tokens_per_s"]["total"], rel=1e-3)
     strategies = result["strategies"]

@@ -116,7 +116,9 @@ def run_bench(opts: BenchOptions, argv: list[str]) -> dict[str, Any]:
     if opts.strategies:
         if cfg.model.engine != "vllm":
             raise ConfigError("--strategies compares batching strategies on the vllm engine; drop --engine hf")
-        result["strategies"] = _baseline(cfg, opts, "strategies")["runs"]
+        strategies = _baseline(cfg, opts, "strategies")
+        result["strategies"] = strategies["runs"]
+        result["strategies_timeline_estimated_rows"] = strategies["baseline_timeline_estimated_rows"]
     write_json_atomic(opts.out / "bench.json", result)
     result["plots"] = write_plots(opts.out, result)
     write_json_atomic(opts.out / "bench.json", result)
@@ -178,7 +180,8 @@ def _baseline(cfg: Config, opts: BenchOptions, mode: str) -> dict[str, Any]:
     runs = {name: _summary(run["prompt_tokens"], run["output_tokens"], run["rows"],
                            Timeline(**run["timeline"]), run["started_at"], run["first_request_at"],
                            run["end"], raw["startup_s"]) for name, run in raw["runs"].items()}
-    return {"device": raw["device"], "versions": raw["versions"], "runs": runs}
+    return {"device": raw["device"], "versions": raw["versions"], "runs": runs,
+            "baseline_timeline_estimated_rows": raw.get("timeline_estimated_rows", 0)}
 
 
 def _pipeline(cfg: Config) -> dict[str, Any]:

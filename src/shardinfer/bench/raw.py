@@ -49,21 +49,26 @@ def _vllm(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], started: 
     loaded = time.time()
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 
+    estimated = {"rows": 0}  # rows whose tokens vLLM's progress updates did not give
+
     def call(batch: list[Any], timeline: Timeline) -> list[Any]:
         mean_in = sum(len(r["prompt_token_ids"]) for r in batch) / len(batch)
-        return llm.generate(batch, params, use_tqdm=_recorder(timeline, mean_in, cfg.sampling.max_tokens))
+        recorder = _recorder(timeline, mean_in, cfg.sampling.max_tokens, estimated)
+        return llm.generate(batch, params, use_tqdm=recorder)
 
     startup = loaded - started
     out = {"device": _device(), "versions": {"vllm": vllm.__version__, **_torch_version()},
            "startup_s": round(startup, 3), "runs": {}}
     if spec["mode"] == "vllm":
         out["runs"]["raw vLLM"] = _timed(lambda tl: call(requests, tl), startup)
+        out["timeline_estimated_rows"] = estimated["rows"]
         return out
     subset = requests[: spec["strategy_docs"]]
     size = spec["static_batch"]
     out["runs"]["one at a time"] = _timed(lambda tl: _chunks(call, subset, 1, tl), startup)
     out["runs"][f"static batches of {size}"] = _timed(lambda tl: _chunks(call, subset, size, tl), startup)
     out["runs"]["continuous batching"] = _timed(lambda tl: call(subset, tl), startup)
+    out["timeline_estimated_rows"] = estimated["rows"]
     return out
 
 
@@ -88,9 +93,10 @@ def _timed(run: Callable[[Timeline], list[Any]], startup_s: float) -> dict[str, 
             "prompt_tokens": prompt, "output_tokens": output, "timeline": timeline.to_json()}
 
 
-def _recorder(timeline: Timeline, mean_in: float, max_tokens: int) -> Callable[..., Any]:
+def _recorder(timeline: Timeline, mean_in: float, max_tokens: int, estimated: dict[str, int]) -> Callable[..., Any]:
     """A progress-bar class for ``LLM.generate(use_tqdm=...)`` that writes nowhere and records when
-    rows finish: vLLM updates it once per finished row, after setting its running token speeds."""
+    rows finish: vLLM updates it once per finished row, after setting its running token speeds
+    (where that text cannot be read, the row's tokens are estimated and counted in ``estimated``)."""
     from tqdm import tqdm
 
     class FinishRecorder(tqdm):  # type: ignore[misc]
@@ -104,6 +110,7 @@ def _recorder(timeline: Timeline, mean_in: float, max_tokens: int) -> Callable[.
             totals = _cumulative(str(self.postfix or ""), self.format_dict["elapsed"])
             if totals is None:
                 timeline.add(now, int(mean_in * (n or 1)), max_tokens * int(n or 1))
+                estimated["rows"] += int(n or 1)
             else:
                 timeline.add(now, round(totals[0] - self.seen[0]), round(totals[1] - self.seen[1]))
                 self.seen = totals
