@@ -54,20 +54,20 @@ def test_vllm_engine_is_fed_batch_after_batch_and_a_refused_row_fails_alone(tiny
     assert [completions[k].token_ids for k in order] == [c.token_ids for c in alone]
 
 
-def test_vllm_engine_wants_more_work_until_it_holds_what_it_can_run(tiny_model, tokenizer, cpu_env):
+def test_vllm_engine_wants_more_work_until_it_holds_one_and_a_half_times_what_it_runs(tiny_model, tokenizer, cpu_env):
     from shardinfer.engines.vllm_engine import VllmEngine
 
     model = ModelConfig(path=str(tiny_model), dtype="float32",
                         vllm_args={"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 4})
     engine = VllmEngine(model, SamplingConfig(max_tokens=4, ignore_eos=True), 512, attempts=1)
     engine.load()
-    assert engine.max_requests == 4 and engine.max_tokens_queued
+    assert engine.max_requests == 6 and engine.max_tokens_queued
     prompt = tokenizer("Sets hold unique elements")["input_ids"]
-    engine.submit(0, [prompt] * 3)
+    engine.submit(0, [prompt] * 5)
     assert engine.wants_more()
     engine.submit(1, [prompt])
     assert not engine.wants_more()
-    _poll_all(engine, 4)
+    _poll_all(engine, 6)
     assert engine.wants_more()
     engine.submit(2, [prompt] * 2)
     engine.cancel(2)  # a draining worker gives the unit back

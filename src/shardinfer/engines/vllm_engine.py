@@ -2,9 +2,10 @@
 
 ``submit`` adds requests straight to the engine (longest prompt first) and ``poll`` runs engine
 steps, so the next unit's requests are already queued while the current one finishes: the batch
-never drains between units. ``wants_more`` asks for work until what the engine holds reaches what it
-can run at once (by sequences and by KV-cache tokens); the next unit then arrives as soon as the
-batch starts to shrink. If a step fails (engine error, out of memory), the requests
+never drains between units. ``wants_more`` asks for work until the engine holds one and a half
+times what it can run at once (by sequences and by KV-cache tokens): enough waiting requests to
+refill the batch while the worker prepares the next unit, little enough to leave the rest of the
+units to other workers. If a step fails (engine error, out of memory), the requests
 in flight are aborted and redone through ``generate`` with retries and row isolation.
 """
 
@@ -213,14 +214,17 @@ def _render_one(render: Any, prompt: Any) -> Any:
         return exc
 
 
+QUEUE_FACTOR = 1.5
+
+
 def _queue_limits(llm: Any) -> tuple[int, int | None]:
-    """What the engine can run at once: sequences, and KV-cache tokens."""
+    """Requests and tokens to keep in the engine: ``QUEUE_FACTOR`` times what it can run at once."""
     config = getattr(llm.llm_engine, "vllm_config", None)
     max_seqs = getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None) or 256
     cache = getattr(config, "cache_config", None)
     blocks, block_size = getattr(cache, "num_gpu_blocks", None), getattr(cache, "block_size", None)
     kv_tokens = blocks * block_size if blocks and block_size else None
-    return max_seqs, kv_tokens
+    return int(QUEUE_FACTOR * max_seqs), (int(QUEUE_FACTOR * kv_tokens) if kv_tokens else None)
 
 
 def _completion(output: Any) -> Completion:
