@@ -13,7 +13,7 @@ import pyarrow
 from shardinfer import __version__
 from shardinfer.plot import plot_rates
 from shardinfer.rundir import RunDir, read_json, write_json_atomic
-from shardinfer.timeline import merge, phases, rates
+from shardinfer.timeline import Timeline, merge, phases, rates
 
 
 def load_metrics(run_dir: RunDir) -> list[dict[str, Any]]:
@@ -22,6 +22,7 @@ def load_metrics(run_dir: RunDir) -> list[dict[str, Any]]:
 
 def build_report(cfg: Any, plan: Any, run_dir: RunDir, totals: Any) -> dict[str, Any]:
     metrics = load_metrics(run_dir)
+    timeline, first_request, end = run_timeline(metrics)
     wall = _wall_time(metrics)
     generation = _generation_span(metrics)
     tokens = {"prompt": totals.prompt_tokens, "output": totals.output_tokens,
@@ -39,8 +40,8 @@ def build_report(cfg: Any, plan: Any, run_dir: RunDir, totals: Any) -> dict[str,
                    "generation": round(generation, 3)},
         "tokens_per_s": _rates(tokens, wall),
         "generation_tokens_per_s": _rates(tokens, generation),
-        "phases_s": _phases(metrics),
-        "timeline": _timeline(metrics),
+        "phases_s": phases(timeline, first_request, end),
+        "timeline": _timeline(timeline),
         "cost": _cost(metrics, tokens, cfg.run.gpu_hour_price),
         "workers": [_worker_row(m) for m in metrics],
         "launches": len({(m["launch"], m.get("restart", 0)) for m in metrics}),
@@ -60,8 +61,7 @@ def _wall_time(metrics: list[dict[str, Any]]) -> float:
         by_launch[(m["launch"], m.get("restart", 0))].append(m)
     total = 0.0
     for group in by_launch.values():
-        ends = [m.get("finished_at") or m.get("last_generate_end") or m["started_at"] for m in group]
-        total += max(ends) - min(m["started_at"] for m in group)
+        total += max(map(worker_end, group)) - min(m["started_at"] for m in group)
     return total
 
 
@@ -75,24 +75,27 @@ def _generation_span(metrics: list[dict[str, Any]]) -> float:
                for g in by_launch.values())
 
 
-def _timeline(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+def run_timeline(metrics: list[dict[str, Any]], start: float | None = None) -> tuple[Timeline, float | None, float]:
+    """All workers' tokens per time bin on one clock from ``start`` (default: the first worker
+    start), the first request any worker sent, and the last worker's end."""
+    if start is None:
+        start = min((m["started_at"] for m in metrics), default=0.0)
+    merged = merge([m["timeline"] for m in metrics if m.get("timeline")], start=start)
+    firsts = [m["first_generate_at"] for m in metrics if m.get("first_generate_at")]
+    return merged, min(firsts, default=None), max(map(worker_end, metrics), default=start)
+
+
+def worker_end(m: dict[str, Any]) -> float:
+    """When a worker finished (or last generated, or started: a worker that died early)."""
+    return m.get("finished_at") or m.get("last_generate_end") or m["started_at"]
+
+
+def _timeline(timeline: Timeline) -> dict[str, Any]:
     """Input and output tokens per second over time, all workers together."""
-    merged = merge([m["timeline"] for m in metrics if m.get("timeline")])
-    series = rates(merged)
-    return {"bin_s": merged.bin_s, "t": [round(t, 3) for t, _, _ in series],
+    series = rates(timeline)
+    return {"bin_s": timeline.bin_s, "t": [round(t, 3) for t, _, _ in series],
             "input_tokens_per_s": [round(i, 1) for _, i, _ in series],
             "output_tokens_per_s": [round(o, 1) for _, _, o in series]}
-
-
-def _phases(metrics: list[dict[str, Any]]) -> dict[str, float]:
-    """Start-up, steady-state and tail seconds of the run (all launches on one time axis)."""
-    timelines = [m["timeline"] for m in metrics if m.get("timeline")]
-    if not timelines:
-        return {"startup_s": 0.0, "steady_s": 0.0, "tail_s": 0.0, "steady_tokens_per_s": 0.0}
-    merged = merge(timelines, start=min(m["started_at"] for m in metrics))
-    firsts = [m["first_generate_at"] for m in metrics if m.get("first_generate_at")]
-    end = max(m.get("finished_at") or m.get("last_generate_end") or m["started_at"] for m in metrics)
-    return phases(merged, min(firsts) if firsts else None, end)
 
 
 def _cost(metrics: list[dict[str, Any]], tokens: dict[str, int], price: float | None) -> dict[str, Any] | None:
@@ -114,7 +117,7 @@ def _gpu_count(m: dict[str, Any]) -> int:
 
 
 def _busy_s(m: dict[str, Any]) -> float:
-    return (m.get("finished_at") or m.get("last_generate_end") or m["started_at"]) - m["started_at"]
+    return worker_end(m) - m["started_at"]
 
 
 def _rates(tokens: dict[str, int], seconds: float) -> dict[str, float]:

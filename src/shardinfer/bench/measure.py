@@ -22,9 +22,9 @@ from shardinfer.config import Config, ModelConfig, config_from_dict, config_to_d
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.model_info import check_model_path, load_tokenizer, resolve_max_model_len
 from shardinfer.prompts import PromptBuilder
-from shardinfer.report import load_metrics
+from shardinfer.report import load_metrics, run_timeline
 from shardinfer.rundir import RunDir, write_json_atomic
-from shardinfer.timeline import Timeline, merge, phases, rates
+from shardinfer.timeline import Timeline, phases, rates
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def _baseline(cfg: Config, opts: BenchOptions, mode: str) -> dict[str, Any]:
     raw = json.loads(out_path.read_text())
     runs = {name: _summary(run["prompt_tokens"], run["output_tokens"], run["rows"],
                            Timeline(**run["timeline"]), run["started_at"], run["first_request_at"],
-                           run["end"], raw["startup_s"]) for name, run in raw["runs"].items()}
+                           run["end"]) for name, run in raw["runs"].items()}
     return {"device": raw["device"], "versions": raw["versions"], "runs": runs,
             "baseline_timeline_estimated_rows": raw.get("timeline_estimated_rows", 0)}
 
@@ -193,23 +193,23 @@ def _pipeline(cfg: Config) -> dict[str, Any]:
     started = time.time()
     _, report = run_local(cfg)
     metrics = load_metrics(run_dir)
-    timeline = merge([m["timeline"] for m in metrics if m.get("timeline")], start=started)
-    first = min(m["first_generate_at"] for m in metrics if m.get("first_generate_at"))
-    end = max(m.get("finished_at") or m["last_generate_end"] for m in metrics)
+    timeline, first, end = run_timeline(metrics, start=started)
     summary = _summary(report["tokens"]["prompt"], report["tokens"]["output"], report["rows"]["in"],
-                       timeline, started, first, end, first - started)
+                       timeline, started, first, end)
     summary.update(workers=len({m["rank"] for m in metrics}), rows_failed=report["rows"]["failed"],
                    run_dir=str(run_dir.path), versions=report["versions"])
     return summary
 
 
 def _summary(prompt: int, output: int, rows: int, timeline: Timeline, started: float, first: float,
-             end: float, startup: float) -> dict[str, Any]:
+             end: float) -> dict[str, Any]:
+    """Throughput of one measurement: start-up is ``started`` to ``first`` (the first request),
+    generation ``first`` to ``end``."""
     generation = max(end - first, 1e-9)
     wall = max(end - started, 1e-9)
     return {
         "rows": rows, "tokens": {"input": prompt, "output": output, "total": prompt + output},
-        "startup_s": round(startup, 3), "generation_s": round(generation, 3), "wall_s": round(wall, 3),
+        "startup_s": round(first - started, 3), "generation_s": round(generation, 3), "wall_s": round(wall, 3),
         "tokens_per_s": {"input": round(prompt / generation, 1), "output": round(output / generation, 1),
                          "total": round((prompt + output) / generation, 1)},
         "end_to_end_tokens_per_s": round((prompt + output) / wall, 1),

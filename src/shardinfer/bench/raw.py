@@ -51,10 +51,11 @@ def _vllm(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], started: 
 
     estimated = {"rows": 0}  # rows whose tokens vLLM's progress updates did not give
 
-    def call(batch: list[Any], timeline: Timeline) -> list[Any]:
+    def call(batch: list[Any], timeline: Timeline) -> list[tuple[int, int]]:
         mean_in = sum(len(r["prompt_token_ids"]) for r in batch) / len(batch)
         recorder = _recorder(timeline, mean_in, cfg.sampling.max_tokens, estimated)
-        return llm.generate(batch, params, use_tqdm=recorder)
+        outputs = llm.generate(batch, params, use_tqdm=recorder)
+        return [(len(o.prompt_token_ids), len(o.outputs[0].token_ids)) for o in outputs]
 
     startup = loaded - started
     out = {"device": _device(), "versions": {"vllm": vllm.__version__, **_torch_version()},
@@ -72,24 +73,25 @@ def _vllm(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], started: 
     return out
 
 
-def _chunks(call: Callable[[list[Any], Timeline], list[Any]], requests: list[Any], size: int,
-            timeline: Timeline) -> list[Any]:
-    outputs: list[Any] = []
+def _chunks(call: Callable[[list[Any], Timeline], list[tuple[int, int]]], requests: list[Any], size: int,
+            timeline: Timeline) -> list[tuple[int, int]]:
+    outputs: list[tuple[int, int]] = []
     for i in range(0, len(requests), size):
         outputs += call(requests[i:i + size], timeline)
     return outputs
 
 
-def _timed(run: Callable[[Timeline], list[Any]], startup_s: float) -> dict[str, Any]:
-    """Run one measurement; tokens counted from the outputs, rows timed as they finished. Each
-    measurement's clock starts ``startup_s`` (the engine's start-up) before its first request."""
+def _timed(run: Callable[[Timeline], list[tuple[int, int]]], startup_s: float) -> dict[str, Any]:
+    """Run one measurement, which returns (prompt tokens, output tokens) per row and records when
+    rows finished. Each measurement's clock starts ``startup_s`` (the engine's start-up) before its
+    first request."""
     begin = time.time()
     timeline = Timeline(start=begin - startup_s)
-    outputs = run(timeline)
+    counts = run(timeline)
     end = time.time()
-    prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    output = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"rows": len(outputs), "started_at": begin - startup_s, "first_request_at": begin, "end": end, "generate_s": round(end - begin, 3),
+    prompt = sum(n for n, _ in counts)
+    output = sum(n for _, n in counts)
+    return {"rows": len(counts), "started_at": begin - startup_s, "first_request_at": begin, "end": end, "generate_s": round(end - begin, 3),
             "prompt_tokens": prompt, "output_tokens": output, "timeline": timeline.to_json()}
 
 
@@ -143,8 +145,8 @@ def _hf_static(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], star
     startup = time.time() - started
     size = spec["static_batch"]
 
-    def run(timeline: Timeline) -> list[Any]:
-        outputs = []
+    def run(timeline: Timeline) -> list[tuple[int, int]]:
+        counts = []
         for i in range(0, len(prompts), size):
             batch = prompts[i:i + size]
             width = max(len(p) for p in batch)
@@ -156,20 +158,12 @@ def _hf_static(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], star
                                      eos_token_id=None if cfg.sampling.ignore_eos else tokenizer.eos_token_id)
             new = [row[width:].tolist() for row in out]
             timeline.add(time.time(), sum(len(p) for p in batch), sum(len(n) for n in new))
-            outputs += [_Output(p, n) for p, n in zip(batch, new)]
-        return outputs
+            counts += [(len(p), len(n)) for p, n in zip(batch, new)]
+        return counts
 
     return {"device": _device(), "versions": {"transformers": transformers.__version__, **_torch_version()},
             "startup_s": round(startup, 3),
             "runs": {f"naive transformers loop, static batches of {size}": _timed(run, startup)}}
-
-
-class _Output:
-    """The two fields of a vLLM output that :func:`_timed` reads."""
-
-    def __init__(self, prompt: list[int], new: list[int]):
-        self.prompt_token_ids = prompt
-        self.outputs = [type("Seq", (), {"token_ids": new})()]
 
 
 def _device() -> str:
