@@ -161,7 +161,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="engine argument (vllm.LLM or from_pretrained), value parsed as YAML; repeatable")
     p.add_argument("--workers", type=int, help="pipeline workers (default: one per GPU replica, else 1)")
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
-    p.add_argument("--text-source", help="JSONL(.gz) with a 'text' field (default: the bundled documentation)")
+    p.add_argument("--text-source", help="corpus file (Parquet, JSONL, CSV) with a 'text' column (default: the bundled documentation)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")
     p.add_argument("--skip-raw", action="store_true", help="measure the pipeline only")
     p.add_argument("--strategies", action="store_true",
@@ -175,15 +175,13 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from importlib import resources
-
-    from shardinfer.bench.synth import BUNDLED
+    from shardinfer.bench.synth import bundled_corpus
     from shardinfer.tiny_model import build_tiny_model
 
     if args.corpus:
         print(build_tiny_model(args.out_dir, corpus_path=args.corpus))
         return 0
-    with resources.as_file(resources.files("shardinfer.data") / BUNDLED) as corpus:
+    with bundled_corpus() as corpus:
         print(build_tiny_model(args.out_dir, corpus_path=corpus))
     return 0
 

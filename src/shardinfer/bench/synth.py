@@ -9,14 +9,15 @@ adjusted until it lands in range.
 
 from __future__ import annotations
 
-import gzip
-import json
+import contextlib
 import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
+from shardinfer import corpus
+from shardinfer.config import InputConfig
 from shardinfer.errors import ConfigError
 from shardinfer.prompts import PromptBuilder
 
@@ -30,24 +31,23 @@ class SynthDoc:
     prompt_ids: list[int]
 
 
+@contextlib.contextmanager
+def bundled_corpus() -> Iterator[Path]:
+    """The path of the corpus shipped in the package (PSF-licensed Python documentation)."""
+    with resources.as_file(resources.files("shardinfer.data") / BUNDLED) as path:
+        yield path
+
+
 def source_texts(path: str | None) -> list[str]:
-    """Texts of a JSONL(.gz) file with a ``text`` field, or of the bundled corpus."""
+    """The non-empty texts of a corpus file (any input format, column ``text``), or of the bundled one."""
     if path is None:
-        with resources.as_file(resources.files("shardinfer.data") / BUNDLED) as bundled:
-            return list(_jsonl_texts(bundled))
-    texts = list(_jsonl_texts(Path(path)))
+        with bundled_corpus() as bundled:
+            return source_texts(str(bundled))
+    rows = corpus.read_rows(Path(path), Path(path).name, InputConfig(path=path), [])
+    texts = [t for t in rows.texts if isinstance(t, str) and t.strip()]
     if not texts:
-        raise ConfigError(f"--text-source {path}: no records with a non-empty 'text' field")
+        raise ConfigError(f"--text-source {path}: no rows with a non-empty 'text' column")
     return texts
-
-
-def _jsonl_texts(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            text = json.loads(line).get("text") if line.strip() else None
-            if isinstance(text, str) and text.strip():
-                yield text
 
 
 def make_docs(builder: PromptBuilder, tokenizer: Any, texts: list[str], *, docs: int,
