@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,11 +108,10 @@ class InFlight:
     previous: pa.Table | None  # --retry-failed: the unit's earlier results
     sent: list[int]  # positions of the rows handed to the engine
     results: list[Completion | Exception | None]
-    waiting: int = -1  # rows still with the engine
+    waiting: int = field(init=False)  # rows still with the engine
 
     def __post_init__(self) -> None:
-        if self.waiting < 0:
-            self.waiting = len(self.sent)
+        self.waiting = len(self.sent)
 
 
 @dataclass
@@ -186,10 +186,10 @@ class Worker:
     def _work(self, reader: UnitReader, progress: Progress, heartbeat: Heartbeat) -> None:
         """Keep the engine fed with claimed units, commit each as its last row finishes; when no
         unit is left to claim, wait for others' leases to finish or go stale."""
-        candidates = self._unit_order()
+        candidates = deque(self._unit_order())
         while True:
             if not self.draining:
-                candidates = self._fill(candidates, reader, heartbeat)
+                self._fill(candidates, reader, heartbeat)
             else:
                 self._give_back_unstarted(heartbeat)
             if self.in_flight:
@@ -198,7 +198,7 @@ class Worker:
             if self.draining or len(self.ledger.done_units()) >= len(self.plan.units):
                 return
             time.sleep(min(self.cfg.run.lease_timeout_s / 4, 2.0))  # others still hold units
-            candidates = [u for u in self._unit_order() if not self.ledger.is_done(u.unit)]
+            candidates = deque(u for u in self._unit_order() if not self.ledger.is_done(u.unit))
 
     def _load(self) -> None:
         start = time.time()
@@ -218,10 +218,10 @@ class Worker:
         start = self.rank * len(units) // max(self.world, 1)
         return units[start:] + units[:start]
 
-    def _fill(self, candidates: list[Unit], reader: UnitReader, heartbeat: Heartbeat) -> list[Unit]:
-        """Claim and submit units while the engine wants more work; returns the unclaimed rest."""
+    def _fill(self, candidates: deque[Unit], reader: UnitReader, heartbeat: Heartbeat) -> None:
+        """Claim (taking them from ``candidates``) and submit units while the engine wants more."""
         while candidates and not self.draining and self.engine.wants_more():
-            unit = candidates.pop(0)
+            unit = candidates.popleft()
             if not self.ledger.claim(unit.unit):
                 continue
             heartbeat.hold(unit.unit)
@@ -232,7 +232,6 @@ class Worker:
                 self.metrics.first_generate_at = self.metrics.first_generate_at or now
                 self.engine.submit(unit.unit, [flight.prompts[i].token_ids for i in flight.sent])
                 self.metrics.generation_s += time.time() - now
-        return candidates
 
     def _give_back_unstarted(self, heartbeat: Heartbeat) -> None:
         """Draining: keep the oldest unit and those with finished rows; release the others at once."""

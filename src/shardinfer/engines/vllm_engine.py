@@ -123,8 +123,7 @@ class VllmEngine:
         if ids:
             self.llm.llm_engine.abort_request(ids)
         for rid in ids:
-            request = self._in_flight.pop(rid)
-            self._in_flight_tokens -= len(request.prompt) + self.sampling.max_tokens
+            self._pop(rid)
         self._ready = [f for f in self._ready if f[0] != batch]
 
     def poll(self) -> list[Finished]:
@@ -141,10 +140,14 @@ class VllmEngine:
         done: list[Finished] = []
         for output in outputs:
             if output.finished and output.request_id in self._in_flight:
-                request = self._in_flight.pop(output.request_id)
-                self._in_flight_tokens -= len(request.prompt) + self.sampling.max_tokens
+                request = self._pop(output.request_id)
                 done.append((request.batch, request.index, _completion(output)))
         return done
+
+    def _pop(self, request_id: str) -> _Request:
+        request = self._in_flight.pop(request_id)
+        self._in_flight_tokens -= len(request.prompt) + self.sampling.max_tokens
+        return request
 
     def _redo_in_flight(self, exc: Exception) -> list[Finished]:
         log.error("engine step failed with %d requests in flight: %r; redoing them with retries",
