@@ -40,9 +40,9 @@ import statistics
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 SOURCE = "python-stdlib-docs"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "data" / "python-docs.jsonl.gz"
@@ -546,9 +546,8 @@ def write_jsonl_gz(docs: list[Doc], output: Path) -> None:
         lines.append(json.dumps(record, ensure_ascii=False, sort_keys=False))
     payload = ("\n".join(lines) + "\n").encode("utf-8")
     tmp = output.with_name(output.name + ".tmp")
-    with open(tmp, "wb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
-            gz.write(payload)
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
+        gz.write(payload)
     tmp.replace(output)
 
 

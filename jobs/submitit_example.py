@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
     config = argv[0] if argv else "configs/demo.yaml"
     overrides = argv[1:] if len(argv) > 1 else ["slurm.nodes=2", "slurm.cpus_per_task=1"]
     job = shardinfer.submit(config, launcher="submitit", overrides=overrides)
-    print(f"run {job.run_dir.path}: worker job {job.worker_job}, reduce job {job.reduce_job}", file=sys.stderr)
+    print(f"run {job.run_dir.path}: jobs {', '.join(job.job_ids)} (the last one reduces)", file=sys.stderr)
     report = job.result()
     print(json.dumps(report))
     return 0

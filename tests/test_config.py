@@ -115,7 +115,7 @@ def test_every_field_is_documented():
     rows = field_help()
     assert len(rows) > 30
     assert all(text for _, _, text in rows)
-    assert ("model.path", "required") == rows[[k for k, _, _ in rows].index("model.path")][:2]
+    assert rows[[k for k, _, _ in rows].index("model.path")][:2] == ("model.path", "required")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -41,10 +41,10 @@ def test_vllm_engine_is_fed_batch_after_batch_and_a_refused_row_fails_alone(tiny
     prompts = [tokenizer(t)["input_ids"] for t in texts]
     out_of_vocab = [len(tokenizer) + 1000]
     engine.submit("a", prompts[:3])
-    assert engine.pending() == 3
+    assert len(engine._in_flight) == 3  # all three requests are with the engine
     engine.submit("b", [prompts[3], out_of_vocab, prompts[4]])  # queued while "a" runs
     got = _poll_all(engine, 6)
-    assert engine.pending() == 0 and engine.poll() == []
+    assert not engine._in_flight and engine.poll() == []
     assert isinstance(got[("b", 1)], Exception)
     completions = {k: v for k, v in got.items() if k != ("b", 1)}
     assert all(isinstance(c, Completion) and len(c.token_ids) == 8 for c in completions.values())
@@ -71,7 +71,7 @@ def test_vllm_engine_wants_more_work_until_it_holds_one_and_a_half_times_what_it
     assert engine.wants_more()
     engine.submit(2, [prompt] * 2)
     engine.cancel(2)  # a draining worker gives the unit back
-    assert engine.pending() == 0 and engine.poll() == [] and engine.wants_more()
+    assert not engine._in_flight and engine.poll() == [] and engine.wants_more()
 
 
 class _OutOfMemoryAbove:

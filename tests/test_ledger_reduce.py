@@ -9,6 +9,7 @@ import pytest
 
 from shardinfer.config import config_from_dict
 from shardinfer.engines import Completion
+from shardinfer.engines.retry import generate_isolating, generate_with_retries
 from shardinfer.errors import RunError
 from shardinfer.ledger import Heartbeat, Ledger
 from shardinfer.prompts import Prompt
@@ -16,8 +17,7 @@ from shardinfer.reduce import reduce_run
 from shardinfer.results import result_table
 from shardinfer.rundir import RunDir
 from shardinfer.runstate import prepare_run
-from shardinfer.engines.retry import generate_isolating, generate_with_retries
-from shardinfer.worker import UnitRows
+from shardinfer.unit_reader import UnitRows
 
 
 def _claim_all(run_dir: str, units: int, queue) -> None:
@@ -168,7 +168,27 @@ def test_a_heartbeat_keeps_a_slow_unit_from_being_taken(planned):
     try:
         time.sleep(1.0)
         assert not Ledger(run_dir, worker="other", lease_timeout_s=0.4).claim(1)
-        assert not beat.lost
+        assert not beat.take_lost()
+    finally:
+        beat.stop()
+
+
+def test_a_lease_taken_over_is_reported_lost_once_so_the_owner_drops_its_work(planned):
+    run_dir, _ = planned
+    owner = Ledger(run_dir, worker="owner", lease_timeout_s=0.2)
+    assert owner.claim(2)
+    beat = Heartbeat(owner)
+    try:
+        time.sleep(0.3)  # the owner stalled (no heartbeat held): its lease went stale
+        assert Ledger(run_dir, worker="other", lease_timeout_s=0.2).claim(2)
+        beat.hold(2)
+        deadline = time.time() + 5
+        lost: set[int] = set()
+        while not lost and time.time() < deadline:
+            lost = beat.take_lost()
+            time.sleep(0.02)
+        assert lost == {2} and not beat.take_lost()  # said once
+        assert 2 not in beat.units
     finally:
         beat.stop()
 

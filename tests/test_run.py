@@ -73,7 +73,7 @@ def test_run_gives_one_result_row_per_input_row_in_order(bad_run):
     reasons = {r["id"] if i != 6 else "dup": (r["error"] or "").split(":")[0] for i, r in enumerate(rows)}
     assert reasons["empty"] == "empty_text" and reasons["null"] == "empty_text"
     assert reasons["number"] == "not_text" and reasons["dup"] == "duplicate_id"
-    assert reasons[f"docs.jsonl:7"] == "bad_json" and reasons["docs.jsonl:8"] == "missing_id"
+    assert reasons["docs.jsonl:7"] == "bad_json" and reasons["docs.jsonl:8"] == "missing_id"
     assert rows[4]["status"] == "ok" and rows[4]["id"] == "latin1"  # invalid UTF-8 replaced, not dropped
 
 

@@ -41,3 +41,25 @@ def test_an_explicit_run_directory_with_another_config_is_refused(in_tmp):
     changed = {**_raw(in_tmp), "run": {"directory": "out"}, "prompt": {"system": "new"}}
     with pytest.raises(RunError, match=r"out holds a run of a different config \(prompt.system changed\)"):
         prepare_run(config_from_dict(changed), 1)
+
+
+def test_launch_settings_may_change_between_launches_of_one_run(in_tmp):
+    """run.* and slurm.* do not change results: a resubmission with more nodes continues the run."""
+    from shardinfer.config import results_settings
+    from shardinfer.runstate import begin_launch, load_run
+
+    explicit = {**_raw(in_tmp), "run": {"directory": "out"}}
+    run_dir, plan = prepare_run(config_from_dict(explicit), 1)
+    assert begin_launch(run_dir, plan, config_from_dict(explicit)) == 0
+    wider = config_from_dict({**explicit, "run": {"directory": "out", "workers": 4, "env": {"X": "1"}},
+                              "slurm": {"nodes": 8, "gpus_per_node": 4}, "name": "renamed"})
+    assert results_settings(wider) == results_settings(config_from_dict(explicit))
+    again, _ = prepare_run(wider, 32)  # same run, not refused
+    assert again.path == run_dir.path
+    assert begin_launch(again, plan, wider) == 1
+    saved, _ = load_run(run_dir)  # the workers of launch 1 read its settings
+    assert (saved.slurm.nodes, saved.run.workers, saved.run.env) == (8, 4, {"X": "1"})
+    # without run.directory, the default directory is kept too
+    first, _ = prepare_run(_cfg(in_tmp), 1)
+    more_nodes = config_from_dict({**_raw(in_tmp), "slurm": {"nodes": 8}})
+    assert run_dir_for(more_nodes).path == first.path

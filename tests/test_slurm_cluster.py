@@ -13,7 +13,7 @@ import pytest
 from conftest import demo_docs, read_results, run_cli, write_config, write_jsonl
 
 CLUSTER = Path(__file__).parent / "cluster"
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.cluster]
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +219,60 @@ def test_mpi_job_over_srun_pmix_on_two_nodes_plans_infers_and_reduces(cluster_en
     assert "srun --mpi=pmix" in script and "shardinfer.launch.mpi" in script
     [record] = json.loads((run_dir / "jobs.json").read_text())
     assert record["launcher"] == "mpi" and record["worker_job"] == record["reduce_job"]  # one allocation
+
+
+def test_resubmitting_with_more_nodes_continues_the_same_run(cluster_env, long_job):
+    """slurm.* settings do not change results: a run cancelled on one node finishes on two."""
+    config, tmp, local = long_job
+    run_dir = tmp / "widened"
+    proc = run_cli(["submit", str(config), "slurm.nodes=1", f"run.directory={run_dir}"], cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads((run_dir / "jobs.json").read_text())[-1]
+    deadline = time.time() + 300
+    while len(list((run_dir / "done").glob("*.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    subprocess.run(["scancel", first["worker_job"]], env=cluster_env, check=True)
+    _wait_gone(cluster_env, first["worker_job"], first["reduce_job"])
+    done_before = len(list((run_dir / "done").glob("*.json")))
+    proc = run_cli(["submit", str(config), "slurm.nodes=2", f"run.directory={run_dir}", "--wait"], cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "continuing the run" in proc.stderr
+    second = json.loads((run_dir / "jobs.json").read_text())[-1]
+    assert second["launch"] == 1
+    assert "#SBATCH --nodes=2" in (run_dir / "slurm" / "launch-001-worker.sbatch").read_text()
+    assert _outputs(run_dir) == local
+    records = [json.loads(p.read_text()) for p in (run_dir / "done").glob("*.json")]
+    assert sum(r["launch"] == 0 for r in records) == done_before  # finished units were kept
+    hosts = {m["host"] for p in (run_dir / "metrics").glob("launch-001-*.json") for m in [json.loads(p.read_text())]}
+    assert hosts == {"node1", "node2"}
+
+
+SUBMIT = """
+import json, sys, shardinfer
+handle = shardinfer.submit(sys.argv[1], launcher="submitit", overrides=sys.argv[2:])
+print(json.dumps(handle.job_ids))
+"""
+
+
+def test_submitit_jobs_drain_on_usr2_and_requeue_themselves(cluster_env, long_job):
+    """submitit honours slurm.signal_grace_s and slurm.requeue as sbatch does: the tasks drain, the
+    job is requeued, and it finishes by itself."""
+    config, tmp, local = long_job
+    run_dir = tmp / "submitit-usr2"
+    proc = subprocess.run([sys.executable, "-c", SUBMIT, str(config), f"run.directory={run_dir}"], env=cluster_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    worker_job, reduce_job = json.loads(proc.stdout.strip().splitlines()[-1])
+    script = next((run_dir / "submitit").glob(f"{worker_job}/*_submission.sh")).read_text()
+    assert "#SBATCH --signal=USR2@300" in script and "#SBATCH --requeue" in script
+    deadline = time.time() + 300
+    while len(list((run_dir / "done").glob("*.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    # what submitit asks SLURM to send before the time limit: USR2 to the tasks (not the batch shell)
+    subprocess.run(["scancel", "--signal=USR2", worker_job], env=cluster_env, check=True)
+    _wait_gone(cluster_env, worker_job, reduce_job)
+    assert _outputs(run_dir) == local
+    metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
+    assert {m["restart"] for m in metrics} == {0, 1}
+    assert all(m["drained_by"] == "SIGUSR2" for m in metrics if m["restart"] == 0)
+    assert (run_dir / "slurm" / f"drained-{worker_job}-0").is_dir()

@@ -129,3 +129,54 @@ def test_mpi_job_starts_ranks_with_srun_pmix_or_mpirun(start, line):
                             python="/opt/venv/bin/python", mpi=True).worker
     assert line in script
     assert "#SBATCH --ntasks-per-node=4" in script
+
+
+def _sbatch_options(text: str) -> dict[str, str]:
+    opts = {}
+    for line in text.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line.removeprefix("#SBATCH --").partition("=")
+            opts[key] = value.strip("'")
+    return opts
+
+
+@pytest.mark.parametrize("shape", ["job", "array"])
+def test_sbatch_and_submitit_ask_for_the_same_resources(tmp_path, shape):
+    """One mapping from slurm.* to the request: submitit's own sbatch file holds the same options."""
+    import submitit
+
+    from shardinfer.launch.slurm import reduce_request, submitit_parameters, worker_request
+
+    cfg = cluster_cfg(shape=shape, array_parallelism=3, reduce_mem_gb=32, requeue=False, signal_grace_s=120)
+    lay = layout(cfg)
+    ours = render_scripts(cfg, lay, run_dir="/r", launch=0, python="py")
+    for request, script in ((worker_request(cfg, lay), ours.worker), (reduce_request(cfg), ours.reduce)):
+        executor = submitit.AutoExecutor(folder=tmp_path, cluster="slurm")
+        executor.update_parameters(**submitit_parameters(request))
+        if request.array_tasks:
+            executor._executor.parameters["map_count"] = request.array_tasks
+        theirs = _sbatch_options(executor._executor._make_submission_file_text("cmd", "uid"))
+        mine = _sbatch_options(script)
+        if "ntasks" in mine:  # the reduce job: one task, spelled per node by submitit
+            mine["ntasks-per-node"] = mine.pop("ntasks")
+        mine.pop("output"), mine.pop("array", None), theirs.pop("array", None)
+        if "mem" in mine:
+            assert theirs.pop("mem") == mine.pop("mem") + "B"  # 400G and 400GB
+        if "signal" in mine:  # sbatch signals the batch shell, submitit the tasks: both drain
+            assert theirs.pop("signal") == mine.pop("signal").removeprefix("B:")
+        assert mine.items() <= theirs.items(), (mine, theirs)
+    assert "no-requeue" in _sbatch_options(ours.worker) and "exclusive" in _sbatch_options(ours.worker)
+
+
+def test_dry_run_prints_what_each_launcher_would_submit():
+    from shardinfer.launch.start import dry_run
+
+    cfg = cluster_cfg()
+    mpi = dry_run(cfg, "mpi", on_cluster=True)
+    assert "srun --mpi=pmix" in mpi and "-m shardinfer.launch.mpi" in mpi and "shardinfer.worker" not in mpi
+    assert "#SBATCH --nodes=4" in mpi and "no reduce job" in mpi
+    sbatch = dry_run(cfg, "sbatch", on_cluster=True)
+    assert "-m shardinfer.worker" in sbatch and "--dependency=afterany:<worker job>" in sbatch
+    submitit = dry_run(cfg, "submitit", on_cluster=True)
+    assert "'tasks_per_node': 4" in submitit and "'slurm_signal_delay_s': 300" in submitit
+    assert "'exclusive': True" in submitit and "'requeue': True" in submitit

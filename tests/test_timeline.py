@@ -15,7 +15,7 @@ def test_bins_keep_every_token_and_stay_bounded(events):
     assert sum(timeline.prompt) == sum(p for _, p, _ in events)
     assert sum(timeline.output) == sum(o for _, _, o in events)
     assert len(timeline.prompt) <= 64
-    for t, p, o in events:  # each event sits in the bin that covers its time
+    for t, _, _ in events:  # each event sits in the bin that covers its time
         assert int(t / timeline.bin_s) < len(timeline.prompt)
 
 

@@ -6,53 +6,45 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from shardinfer import __version__
 from shardinfer.errors import ConfigError, ShardinferError
+from shardinfer.rundir import RunDir
+
+if TYPE_CHECKING:
+    from shardinfer.launch.base import RunHandle
 
 log = logging.getLogger("shardinfer")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from shardinfer.config import dump_config, load_config
-    from shardinfer.plan import default_workers, describe, make_plan
+    from shardinfer.launch.registry import get_launcher
+    from shardinfer.plan import describe, make_plan
 
     cfg = load_config(args.config, args.overrides)
-    workers = default_workers(cfg)
+    workers = get_launcher(args.launcher).workers(cfg)
     print("# resolved config")
     print(dump_config(cfg))
-    print(f"# plan for {workers} worker(s)")
+    print(f"# plan for {workers} worker(s) ({args.launcher} launcher)")
     print(describe(make_plan(cfg, workers), cfg))
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from shardinfer.config import load_config
-    from shardinfer.launch.local import run_local
+    from shardinfer.launch.start import launch
 
-    cfg = load_config(args.config, args.overrides)
-    if args.launcher == "mpi":
-        return _run_mpi(args, cfg)
-    run_dir, report = run_local(cfg)
-    _print_report(run_dir, report)
+    handle = launch(args.config, launcher=args.launcher, overrides=args.overrides, on_cluster=False)
+    _print_report(handle.run_dir, handle.result())
     return 0
 
 
-def _run_mpi(args: argparse.Namespace, cfg) -> int:  # type: ignore[no-untyped-def]
-    import os
-    import subprocess
+def _print_report(run_dir: RunDir, report: dict[str, Any]) -> None:
+    from shardinfer.results import summary_line
 
-    from shardinfer.launch.mpi import mpirun_command
-    from shardinfer.plan import default_workers
-
-    cmd = mpirun_command(args.config, args.overrides, default_workers(cfg))
-    log.info("starting %s", " ".join(cmd))
-    return subprocess.call(cmd, env={**os.environ, **cfg.run.env})
-
-
-def _print_report(run_dir, report) -> None:  # type: ignore[no-untyped-def]
-    rows, rate = report["rows"], report["tokens_per_s"]
-    print(f"\nrows: {rows['in']} in, {rows['ok']} ok, {rows['truncated']} truncated, {rows['failed']} failed")
+    rate = report["tokens_per_s"]
+    print(f"\n{summary_line(report['rows'])}")
     print(f"throughput: {rate['total']:.0f} tokens/s ({rate['input']:.0f} in, {rate['output']:.0f} out) "
           f"over {report['time_s']['wall']:.1f} s")
     print(f"results: {run_dir.results.resolve()}")
@@ -61,25 +53,29 @@ def _print_report(run_dir, report) -> None:  # type: ignore[no-untyped-def]
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from shardinfer.config import load_config
-    from shardinfer.launch.submit import dry_run, submit
+    from shardinfer.launch.start import dry_run, launch
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(dry_run(cfg, args.launcher))
+        print(dry_run(cfg, args.launcher, on_cluster=True))
         return 0
-    submitted = submit(cfg, launcher=args.launcher)
-    print(f"run:        {submitted.run_dir.path.resolve()}")
-    print(f"worker job: {submitted.worker_job}")
-    print(f"reduce job: {submitted.reduce_job} (after the worker job)")
-    print(f"follow it:  shardinfer status {submitted.run_dir.path}")
+    handle = launch(cfg, launcher=args.launcher, on_cluster=True)
+    _print_jobs(handle)
     if args.wait:
-        report = submitted.result()
+        report = handle.result()
         print(f"rows: {report['rows']}\nresults: {report['results']}")
     return 0
 
 
+def _print_jobs(handle: RunHandle) -> None:
+    ids = handle.job_ids
+    print(f"run:        {handle.run_dir.path.resolve()}")
+    print(f"worker job: {ids[0]}")
+    print(f"reduce job: {ids[-1]}" + (" (after the worker job)" if len(ids) > 1 else " (the same job: rank 0 reduces)"))
+    print(f"follow it:  shardinfer status {handle.run_dir.path}")
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
-    from shardinfer.rundir import RunDir
     from shardinfer.status import describe_status, run_status
 
     print(describe_status(run_status(RunDir(args.run_dir))))
@@ -87,25 +83,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from shardinfer.resume import resume
-    from shardinfer.rundir import RunDir
+    from shardinfer.launch.registry import get_launcher
+    from shardinfer.launch.start import resume
 
-    run_dir = RunDir(args.run_dir)
-    outcome = resume(run_dir, retry_failed=args.retry_failed, launcher=args.launcher)
-    if isinstance(outcome, dict):
-        _print_report(run_dir, outcome)
+    handle = resume(RunDir(args.run_dir), retry_failed=args.retry_failed, launcher=args.launcher)
+    if get_launcher(handle.launcher).on_cluster:
+        _print_jobs(handle)
     else:
-        print(f"worker job: {outcome.worker_job}\nreduce job: {outcome.reduce_job} (after the worker job)")
+        _print_report(handle.run_dir, handle.result())
     return 0
 
 
 def _cmd_reduce(args: argparse.Namespace) -> int:
     from shardinfer.reduce import reduce_run
-    from shardinfer.rundir import RunDir
+    from shardinfer.results import summary_line
 
     run_dir = RunDir(args.run_dir)
     report = reduce_run(run_dir)
-    print(f"{report['rows']}\nresults: {run_dir.results.resolve()}\nreport:  {run_dir.report_md.resolve()}")
+    print(f"{summary_line(report['rows'])}\nresults: {run_dir.results.resolve()}\nreport:  {run_dir.report_md.resolve()}")
     return 0
 
 
@@ -142,7 +137,7 @@ def _length_range(text: str) -> tuple[int, int]:
         raise ConfigError(f"--input-len {text!r}: give MIN-MAX prompt tokens, e.g. 2000-4000") from None
 
 
-def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+def _add_bench_parser(sub: Any, engines: list[str]) -> None:
     text = ("throughput of the full pipeline against raw vLLM (or the naive transformers loop) on a "
             "synthetic corpus of real text; JSON, Markdown and plots")
     p = sub.add_parser("bench", help=text, description=text)
@@ -150,7 +145,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML config whose model, prompt, engine and run settings are benchmarked")
     p.add_argument("--model", help="model directory (instead of, or overriding, the config's)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    p.add_argument("--engine", choices=["vllm", "hf"], help="default: the config's, else vllm")
+    p.add_argument("--engine", choices=engines, help="default: the config's, else vllm")
     p.add_argument("--dummy-weights", action="store_true",
                    help="random weights from the model's config.json (vLLM load_format=dummy)")
     p.add_argument("--docs", type=int, default=1024, help="documents in the synthetic corpus (default 1024)")
@@ -197,39 +192,39 @@ def _cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shardinfer.engines.registry import engine_names
+    from shardinfer.launch.registry import launcher_choices
+
+    here, cluster = launcher_choices(on_cluster=False), launcher_choices(on_cluster=True)
     parser = argparse.ArgumentParser(prog="shardinfer", description=__doc__)
     parser.add_argument("--version", action="version", version=f"shardinfer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, fn, text in [("plan", _cmd_plan, "show the resolved config and the work units; loads no model"),
-                           ("run", _cmd_run, "run the job with local worker processes, then reduce")]:
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("config", help="YAML config file")
-        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.workers=2")
-        p.set_defaults(fn=fn)
-        if name == "run":
-            p.add_argument("--launcher", choices=["local", "mpi"], default="local",
-                           help="mpi: one mpirun of run.workers ranks that plans, infers and reduces")
-    p = sub.add_parser("submit", help="plan the run and submit it to SLURM: worker job(s) + a dependent reduce job")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. slurm.nodes=4")
-    p.add_argument("--launcher", choices=["sbatch", "submitit", "mpi"], default="sbatch",
-                   help="mpi: one job whose MPI ranks plan, infer and reduce (slurm.mpi_start: srun or mpirun)")
-    p.add_argument("--dry-run", action="store_true", help="print the batch scripts; plan and submit nothing")
+    p = _config_command(sub, "plan", _cmd_plan, "show the resolved config and the work units; loads no model")
+    p.add_argument("--launcher", choices=[*here, *cluster], default="local",
+                   help="cut the plan for this launcher's workers (default local)")
+    p = _config_command(sub, "run", _cmd_run, "run the job here (local worker processes or mpirun), then reduce")
+    p.add_argument("--launcher", choices=here, default="local",
+                   help="local: worker processes; mpi: one mpirun of run.workers ranks that plans, infers and reduces")
+    p = _config_command(sub, "submit", _cmd_submit,
+                        "plan the run and submit it to SLURM: worker job(s) + a dependent reduce job")
+    p.add_argument("--launcher", choices=cluster, default="sbatch",
+                   help="sbatch scripts, submitit, or mpi: one job whose MPI ranks plan, infer and reduce "
+                        "(slurm.mpi_start: srun or mpirun)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted; plan and submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the reduce job and print the outcome")
-    p.set_defaults(fn=_cmd_submit)
     p = sub.add_parser("status", help="units done / running / pending, rows, tokens, speed, ETA, SLURM jobs")
     p.add_argument("run_dir")
     p.set_defaults(fn=_cmd_status)
     p = sub.add_parser("resume", help="run only what is not done in RUN_DIR, with its config and launcher")
     p.add_argument("run_dir")
     p.add_argument("--retry-failed", action="store_true", help="also redo the rows whose status is failed")
-    p.add_argument("--launcher", choices=["local", "sbatch", "submitit", "mpi"],
-                   help="default: the run's last launcher (local when it was never submitted)")
+    p.add_argument("--launcher", choices=launcher_choices(),
+                   help="default: the run's last launcher (local when it was never launched)")
     p.set_defaults(fn=_cmd_resume)
     p = sub.add_parser("reduce", help="merge committed parts into results/ and write the report")
     p.add_argument("run_dir")
     p.set_defaults(fn=_cmd_reduce)
-    _add_bench_parser(sub)
+    _add_bench_parser(sub, engine_names())
     p = sub.add_parser("tiny-model", help="build the tiny local test model (no download)")
     p.add_argument("out_dir")
     p.add_argument("--corpus", help="JSONL(.gz) whose texts train the tokenizer (default: the bundled documentation)")
@@ -239,20 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_command(sub: Any, name: str, fn: Any, text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=text, description=text)
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.workers=2")
+    p.set_defaults(fn=fn)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    args.command_line = list(sys.argv[1:] if argv is None else argv)
-    # overrides may also follow options: `run CONFIG --launcher mpi run.workers=4`
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from shardinfer.logs import setup_logging
 
     setup_logging()
     try:
-        return args.fn(args)
+        args = _parse(list(sys.argv[1:] if argv is None else argv))
+        return int(args.fn(args))
     except ConfigError as exc:
         print(f"shardinfer: config error: {exc}", file=sys.stderr)
         return 2
@@ -262,6 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shardinfer: interrupted", file=sys.stderr)
         return 130
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()  # reads the registries: plugins load here
+    args, extra = parser.parse_known_args(argv)
+    args.command_line = argv
+    # overrides may also follow options: `run CONFIG --launcher mpi run.workers=4`
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ Every section is a keyword-only dataclass whose fields carry a one-line help tex
 values of the wrong type fail before any work starts, naming the key, the value and the valid
 choices. ``key.sub=value`` overrides (values parsed as YAML) are applied to the raw tree first, so
 they are checked exactly like the file.
+
+What changes a run's results is declared here, once: every field does, except those whose metadata
+says ``results=False`` (the ``run`` and ``slurm`` sections and ``name``: where, how wide and how
+long to run). :func:`results_settings` is that part of a config; the run fingerprint, the default
+run directory and the check before a run is continued all use it, so a resubmission with more nodes
+continues the same run.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -19,14 +26,24 @@ from typing import Any, Literal, Union
 import yaml
 
 from shardinfer.errors import ConfigError
+from shardinfer.results import RESERVED, ROW
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """A dataclass field with a help text (mutable defaults go through ``default_factory``)."""
+def _f(default: Any = dataclasses.MISSING, help: str = "", *, results: bool = True,
+       choices: Callable[[], list[str]] | None = None) -> Any:
+    """A dataclass field with a help text, whether it changes results, and (for names looked up in a
+    registry) its valid choices. Mutable defaults go through ``default_factory``."""
+    metadata = {"help": help, "results": results, "choices": choices}
     if isinstance(default, (list, dict)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _engine_choices() -> list[str]:
+    from shardinfer.engines.registry import engine_names  # the engines import this module
+
+    return engine_names()
 
 
 @dataclass(kw_only=True)
@@ -62,7 +79,8 @@ class PromptConfig:
 @dataclass(kw_only=True)
 class ModelConfig:
     path: str = _f(help="model directory (Hugging Face layout) or name")
-    engine: Literal["vllm", "hf"] = _f("vllm", help="vllm: vllm.LLM in-process; hf: transformers generate")
+    engine: str = _f("vllm", help="engine: vllm (vllm.LLM in-process) or hf (transformers generate); plugins add "
+                                  "more (SHARDINFER_PLUGINS)", choices=_engine_choices)
     tokenizer: str | None = _f(None, help="tokenizer directory; default: model path")
     dtype: str = _f("auto", help="auto, bfloat16, float16 or float32")
     max_model_len: int | None = _f(None, help="context length; default: the model's")
@@ -148,9 +166,9 @@ class Config:
     prompt: PromptConfig = _f(help="how rows become prompts")
     model: ModelConfig = _f(help="which model and engine")
     sampling: SamplingConfig = _f(help="generation parameters")
-    run: RunConfig = _f(help="where and how wide to run")
-    slurm: SlurmConfig = _f(help="cluster resources for shardinfer submit")
-    name: str = _f("run", help="run name (default: the config file's stem)")
+    run: RunConfig = _f(help="where and how wide to run", results=False)
+    slurm: SlurmConfig = _f(help="cluster resources for shardinfer submit", results=False)
+    name: str = _f("run", help="run name (default: the config file's stem)", results=False)
 
 
 _DEFAULT_SECTIONS = ("prompt", "sampling", "run", "slurm")
@@ -212,13 +230,12 @@ def _check_values(config: Config) -> None:
         raise ConfigError(f"sampling.temperature: must be >= 0, got {config.sampling.temperature}")
     if not 0 < config.sampling.top_p <= 1:
         raise ConfigError(f"sampling.top_p: must be in (0, 1], got {config.sampling.top_p}")
-    reserved = {"id", "output", "status", "error", "prompt_tokens", "output_tokens", "finish_reason", "_row"}
     for name in config.input.passthrough:
-        if name in reserved:
+        if name in RESERVED:
             raise ConfigError(
                 f"input.passthrough: {name!r} is a results column already. Remove it"
                 + (" (the id column is the results' id)" if name == config.input.id_column else "")
-                + f"; results columns are: {', '.join(sorted(reserved - {'_row'}))}."
+                + f"; results columns are: {', '.join(sorted(RESERVED - {ROW}))}."
             )
     max_len = config.model.max_model_len
     if max_len is not None and config.sampling.max_tokens >= max_len:
@@ -251,6 +268,18 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def results_settings(config: Config) -> dict[str, Any]:
+    """The settings that decide a run's outputs: the config less every ``results=False`` field."""
+    return _results_part(config)
+
+
+def _results_part(node: Any) -> Any:
+    if not dataclasses.is_dataclass(node) or isinstance(node, type):
+        return _deep_copy(node)
+    return {f.name: _results_part(getattr(node, f.name)) for f in dataclasses.fields(node)
+            if f.metadata.get("results", True)}
+
+
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
 
@@ -265,15 +294,18 @@ def field_help(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
             rows.extend(field_help(hints[f.name], key + "."))
             continue
         default = _default_of(f)
-        rows.append((key, "required" if default is dataclasses.MISSING else repr(default), f.metadata["help"]))
+        help_text = f.metadata["help"]
+        if f.metadata.get("choices"):
+            help_text += f" (registered: {', '.join(f.metadata['choices']())})"
+        rows.append((key, "required" if default is dataclasses.MISSING else repr(default), help_text))
     return rows
 
 
 def _default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return dataclasses.MISSING
 
 
@@ -299,7 +331,14 @@ def _build(cls: type, raw: Any, where: str) -> Any:
                 raise ConfigError(f"{key} is required: {f.metadata['help']}")
             continue
         kwargs[name] = _coerce(hints[name], raw[name], key)
+        _check_choice(f, kwargs[name], key)
     return cls(**kwargs)
+
+
+def _check_choice(f: dataclasses.Field, value: Any, key: str) -> None:
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in (valid := choices()):
+        raise ConfigError(f"{key}: {value!r} is not a valid choice. Valid choices: {', '.join(valid)}")
 
 
 def _reject_unknown(raw: dict, fields: dict, where: str) -> None:
@@ -313,7 +352,7 @@ def _reject_unknown(raw: dict, fields: dict, where: str) -> None:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, {} if value is None else value, key)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

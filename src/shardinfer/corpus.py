@@ -15,9 +15,10 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -94,14 +95,6 @@ def source_names(files: list[Path]) -> list[str]:
         return [absolute[0].name]
     root = Path(os.path.commonpath([str(p.parent) for p in absolute]))
     return [str(p.relative_to(root)) for p in absolute]
-
-
-def needed_columns(cfg: InputConfig, template_fields: list[str]) -> list[str]:
-    cols = [cfg.text_column] + ([cfg.id_column] if cfg.id_column else [])
-    for name in list(cfg.passthrough) + list(template_fields):
-        if name not in cols:
-            cols.append(name)
-    return cols
 
 
 def extra_columns(cfg: InputConfig, template_fields: list[str]) -> list[str]:

@@ -8,12 +8,16 @@ a single local process.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any
 
 from shardinfer.errors import RunError
+
+log = logging.getLogger(__name__)
 
 # name -> environment variable, per launcher
 SLURM_STEP = {"rank": "SLURM_PROCID", "world": "SLURM_NTASKS", "local_rank": "SLURM_LOCALID",
@@ -23,7 +27,7 @@ SLURM_ARRAY = {"task": "SLURM_ARRAY_TASK_ID", "count": "SLURM_ARRAY_TASK_COUNT",
 # mpirun (Open MPI); under srun --mpi=pmix the SLURM step variables say the same
 OPEN_MPI = {"rank": "OMPI_COMM_WORLD_RANK", "world": "OMPI_COMM_WORLD_SIZE",
             "local_rank": "OMPI_COMM_WORLD_LOCAL_RANK", "node": "OMPI_COMM_WORLD_NODE_RANK"}
-GPU_VARS = ("CUDA_VISIBLE_DEVICES",)
+GPU_VAR = "CUDA_VISIBLE_DEVICES"
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,12 @@ class RankEnv:
     job_id: str | None = None
     host: str = ""
     restart: int = 0  # SLURM_RESTART_COUNT: how often the job was requeued
+    slurm_job_id: str | None = None  # SLURM_JOB_ID: the job this process runs in (an array task's own id)
+
+    @property
+    def tasks_in_job(self) -> int:
+        """Workers in this SLURM job: all of them, or one per job of an array."""
+        return 1 if self.launcher == "slurm-array" else self.world
 
     def describe(self) -> str:
         job = f", job {self.job_id}" if self.job_id else ""
@@ -47,15 +57,16 @@ def detect(env: Mapping[str, str] | None = None, *, rank: int | None = None, wor
     host = socket.gethostname()
     if rank is not None and world is not None:
         return RankEnv(rank, world, 0, 0, "local", host=host)
-    restart = int(env.get("SLURM_RESTART_COUNT") or 0)
     if SLURM_ARRAY["task"] in env:
-        return dataclasses.replace(_slurm_array(env, host), restart=restart)
-    if OPEN_MPI["rank"] in env and OPEN_MPI["world"] in env:
-        return dataclasses.replace(_open_mpi(env, host), restart=restart,
-                                   job_id=env.get(SLURM_STEP["job_id"]))
-    if SLURM_STEP["rank"] in env and SLURM_STEP["world"] in env:
-        return dataclasses.replace(_slurm_step(env, host), restart=restart)
-    return RankEnv(0, 1, 0, 0, "local", host=host)
+        found = _slurm_array(env, host)
+    elif OPEN_MPI["rank"] in env and OPEN_MPI["world"] in env:
+        found = dataclasses.replace(_open_mpi(env, host), job_id=env.get(SLURM_STEP["job_id"]))
+    elif SLURM_STEP["rank"] in env and SLURM_STEP["world"] in env:
+        found = _slurm_step(env, host)
+    else:
+        return RankEnv(0, 1, 0, 0, "local", host=host)
+    return dataclasses.replace(found, restart=int(env.get("SLURM_RESTART_COUNT") or 0),
+                               slurm_job_id=env.get(SLURM_STEP["job_id"]))
 
 
 def _int(env: Mapping[str, str], name: str) -> int:
@@ -72,9 +83,9 @@ def _slurm_array(env: Mapping[str, str], host: str) -> RankEnv:
 
 
 def _open_mpi(env: Mapping[str, str], host: str) -> RankEnv:
-    optional = {k: _int(env, OPEN_MPI[k]) if OPEN_MPI[k] in env else 0 for k in ("local_rank", "node")}
-    return RankEnv(rank=_int(env, OPEN_MPI["rank"]), world=_int(env, OPEN_MPI["world"]), launcher="mpi",
-                   host=host, **optional)
+    local_rank, node = (_int(env, OPEN_MPI[k]) if OPEN_MPI[k] in env else 0 for k in ("local_rank", "node"))
+    return RankEnv(rank=_int(env, OPEN_MPI["rank"]), world=_int(env, OPEN_MPI["world"]), local_rank=local_rank,
+                   node=node, launcher="mpi", host=host)
 
 
 def _slurm_step(env: Mapping[str, str], host: str) -> RankEnv:
@@ -87,7 +98,7 @@ def _slurm_step(env: Mapping[str, str], host: str) -> RankEnv:
 def visible_gpu_ids(env: Mapping[str, str] | None = None) -> list[str] | None:
     """GPU ids in CUDA_VISIBLE_DEVICES, or None when it is not set."""
     env = os.environ if env is None else env
-    value = env.get("CUDA_VISIBLE_DEVICES")
+    value = env.get(GPU_VAR)
     if value is None:
         return None
     return [g.strip() for g in value.split(",") if g.strip() and g.strip() != "-1"]
@@ -117,15 +128,24 @@ def check_world(rank_env: RankEnv, expected: int | None) -> None:
         )
 
 
-def from_mpi(comm: object) -> RankEnv:
+def check_allocation(rank_env: RankEnv, expect_world: int | None, gpus_per_replica: int) -> None:
+    """The job matches the config, and this worker sees only its replica's GPUs (pinned here)."""
+    check_world(rank_env, expect_world)
+    if gpus_per_replica and rank_env.launcher != "local":
+        mine = gpu_slice(rank_env, visible_gpu_ids() or [], gpus_per_replica)
+        os.environ[GPU_VAR] = ",".join(mine)
+        log.info("pinned to GPUs %s", ",".join(mine))
+
+
+def from_mpi(comm: Any) -> RankEnv:
     """Rank and world from an mpi4py communicator; local rank from the ranks sharing this node."""
     from mpi4py import MPI
 
-    world_comm = comm  # type: ignore[assignment]
-    node_comm = world_comm.Split_type(MPI.COMM_TYPE_SHARED)  # type: ignore[attr-defined]
-    leaders = world_comm.allgather(world_comm.Get_rank() if node_comm.Get_rank() == 0 else None)  # type: ignore
-    node = sorted(r for r in leaders if r is not None).index(node_comm.bcast(world_comm.Get_rank(), root=0))
-    return RankEnv(rank=world_comm.Get_rank(), world=world_comm.Get_size(),  # type: ignore[attr-defined]
+    node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    leaders = comm.allgather(comm.Get_rank() if node_comm.Get_rank() == 0 else None)
+    node = sorted(r for r in leaders if r is not None).index(node_comm.bcast(comm.Get_rank(), root=0))
+    return RankEnv(rank=comm.Get_rank(), world=comm.Get_size(),
                    local_rank=node_comm.Get_rank(), node=node, launcher="mpi",
                    job_id=os.environ.get(SLURM_STEP["job_id"]), host=socket.gethostname(),
-                   restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+                   restart=int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+                   slurm_job_id=os.environ.get(SLURM_STEP["job_id"]))

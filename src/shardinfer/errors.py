@@ -17,9 +17,7 @@ class MissingDependency(ShardinferError, ImportError):
     """An optional package (engine, MPI, submitit) is not installed."""
 
 
-def missing_dependency(module: str, extra: str) -> MissingDependency:
+def missing_dependency(module: str, extra: str, hint: str = "") -> MissingDependency:
     """An ImportError that names the extra to install."""
-    return MissingDependency(
-        f"{module} is not installed. Install it with: pip install 'shardinfer[{extra}]'"
-        + ("  (CPU-only machine: pip install 'shardinfer[cpu]')" if extra in ("vllm", "hf") else "")
-    )
+    return MissingDependency(f"{module} is not installed. Install it with: pip install 'shardinfer[{extra}]'"
+                             + (f"  ({hint})" if hint else ""))

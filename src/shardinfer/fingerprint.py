@@ -1,32 +1,29 @@
 """The run fingerprint: everything that decides a run's outputs, so a resume can refuse a changed one.
 
-Resolved config (less the settings that only say where and how wide to run), model identity (path,
-a checksum of its config, its weight and tokenizer file names and sizes), the chat template, the
-engine and its installed version, and the input files with sizes and mtimes.
+The settings that change results (:func:`shardinfer.config.results_settings`), the model identity
+(path, a checksum of its config, its weight and tokenizer file names and sizes), the chat template,
+the engine and its installed version, and the input files with sizes and mtimes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
 
-from shardinfer.config import Config, config_to_dict
+from shardinfer.config import Config, results_settings
+from shardinfer.engines.registry import get_engine
 
-# Sections and keys that change where or how wide a run goes, not what it produces.
-_NOT_RESULTS = {"run", "slurm", "name"}
 _MODEL_FILES = (".safetensors", ".bin", ".pt", ".json", ".model", ".jinja", ".txt")
 
 
 def fingerprint(cfg: Config, files: list[dict[str, Any]]) -> dict[str, Any]:
-    config = {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_RESULTS}
     return {
-        "config": config,
+        "config": results_settings(cfg),
         "model": model_identity(cfg.model.path),
         "tokenizer": model_identity(cfg.model.tokenizer) if cfg.model.tokenizer else None,
-        "engine": {"name": cfg.model.engine, "version": engine_version(cfg.model.engine)},
+        "engine": {"name": cfg.model.engine, "version": get_engine(cfg.model.engine).version()},
         "input": [{k: f[k] for k in ("path", "bytes", "mtime", "rows")} for f in files],
     }
 
@@ -55,16 +52,6 @@ def _chat_template_sha(root: Path) -> str | None:
         return None
     template = json.loads(config.read_text()).get("chat_template")
     return hashlib.sha256(json.dumps(template).encode()).hexdigest() if template else None
-
-
-def engine_version(engine: str) -> str | None:
-    module = "vllm" if engine == "vllm" else "transformers"
-    for dist in importlib.metadata.packages_distributions().get(module, [module]):
-        try:
-            return f"{dist} {importlib.metadata.version(dist)}"
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def differences(saved: Any, current: Any, prefix: str = "") -> list[str]:

@@ -9,6 +9,8 @@
 - **Commit**: the part is written under a temporary name, flushed, renamed into place, then the done
   record naming the attempt is written. A worker that lost its lease discards its work instead.
   Readers trust only units with a done record whose row count matches the part.
+- **Retry of failed rows**: ``resume --retry-failed`` sets a committed part with failed rows aside
+  and un-commits its unit; the worker that claims it next redoes only those rows and merges them in.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Ledger:
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
         self.lease_timeout_s = lease_timeout_s
         self.attempts: dict[int, int] = {}  # unit -> attempt this worker holds
+        self._retrying: set[int] = set()  # claimed units whose earlier part was set aside
 
     def is_done(self, unit: int) -> bool:
         return self.run_dir.done_record(unit).is_file()
@@ -124,7 +127,24 @@ class Ledger:
         write_json_atomic(self.run_dir.done_record(unit),
                           {**record, "unit": unit, "rows": table.num_rows, "worker": self.worker,
                            "attempt": self.attempts.get(unit, 1), "committed_at": time.time()})
+        if unit in self._retrying:
+            self.run_dir.retry_source(unit).unlink(missing_ok=True)
+            self._retrying.discard(unit)
         return True
+
+    def set_aside_for_retry(self, unit: int) -> None:
+        """Un-commit a unit, keeping its part aside: its failed rows are redone and merged in."""
+        os.replace(self.run_dir.part(unit), self.run_dir.retry_source(unit))
+        self.run_dir.done_record(unit).unlink(missing_ok=True)
+        self.run_dir.claim(unit).unlink(missing_ok=True)
+
+    def earlier_results(self, unit: int) -> pa.Table | None:
+        """A claimed unit's part set aside for a retry of its failed rows, if any."""
+        path = self.run_dir.retry_source(unit)
+        if not path.is_file():
+            return None
+        self._retrying.add(unit)
+        return pq.read_table(path)
 
     def done_units(self) -> dict[int, dict[str, Any]]:
         records = {}
@@ -173,7 +193,7 @@ class Heartbeat:
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
         self.units: set[int] = set()
-        self.lost: set[int] = set()
+        self._lost: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="lease-heartbeat", daemon=True)
@@ -182,7 +202,7 @@ class Heartbeat:
     def hold(self, unit: int) -> None:
         with self._lock:
             self.units.add(unit)
-            self.lost.discard(unit)
+            self._lost.discard(unit)
 
     def drop(self, unit: int) -> None:
         with self._lock:
@@ -196,11 +216,14 @@ class Heartbeat:
             for unit in units:
                 if not self.ledger.heartbeat(unit):
                     with self._lock:
-                        self.lost.add(unit)
+                        self.units.discard(unit)
+                        self._lost.add(unit)
+
+    def take_lost(self) -> set[int]:
+        """Units whose lease another worker took over since the last call: drop their work now."""
+        with self._lock:
+            lost, self._lost = self._lost, set()
+        return lost
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def read_part(path: Path) -> pa.Table:
-    return pq.read_table(path)

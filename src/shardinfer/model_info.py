@@ -69,12 +69,19 @@ def load_tokenizer(cfg: ModelConfig, *, required: bool = True) -> Any:
         log.warning("no tokenizer at %s; token counts are estimated from characters", path)
         return None
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=bool({**cfg.vllm_args, **cfg.hf_args}.get("trust_remote_code")))
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=_trust_remote_code(cfg))
     except (OSError, ValueError) as exc:
         if required:
             raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {exc}") from exc
         log.warning("no tokenizer at %s (%s); token counts are estimated from characters", path, exc)
         return None
+
+
+def _trust_remote_code(cfg: ModelConfig) -> bool:
+    """The engine's own ``trust_remote_code`` argument decides for its tokenizer too."""
+    from shardinfer.engines.registry import get_engine
+
+    return bool(get_engine(cfg.engine).args(cfg).get("trust_remote_code"))
 
 
 def _looks_local(path: str) -> bool:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from shardinfer import corpus
 from shardinfer.config import Config
@@ -55,7 +56,7 @@ class Plan:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Plan":
+    def from_json(cls, data: dict[str, Any]) -> Plan:
         data = dict(data)
         data["units"] = [Unit(**{**u, "segments": [tuple(s) for s in u["segments"]]}) for u in data["units"]]
         data["duplicates"] = {int(k): int(v) for k, v in data["duplicates"]}
@@ -190,20 +191,6 @@ def _file_info(path: Path, name: str, rows: int) -> dict[str, Any]:
     stat = path.stat()
     return {"path": str(path.resolve()), "source": name, "rows": rows, "bytes": stat.st_size,
             "mtime": stat.st_mtime}
-
-
-def default_workers(cfg: Config) -> int:
-    """One worker per model replica on the visible GPUs, else 1."""
-    if cfg.run.workers:
-        return cfg.run.workers
-    from shardinfer.gpus import visible_gpus
-
-    gpus = len(visible_gpus())
-    per_replica = int(cfg.model.vllm_args.get("tensor_parallel_size", 1)) * int(
-        cfg.model.vllm_args.get("pipeline_parallel_size", 1))
-    if cfg.model.engine == "hf":  # one process spreads the model over all GPUs (device_map)
-        return 1
-    return max(1, gpus // per_replica) if gpus else 1
 
 
 def describe(plan: Plan, cfg: Config) -> str:

@@ -10,40 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shardinfer.errors import RunError
 from shardinfer.ledger import Ledger
 from shardinfer.report import build_report, write_report
-from shardinfer.results import ROW, empty_result_schema
+from shardinfer.results import ROW, Totals, empty_result_schema
 from shardinfer.rundir import RunDir
 from shardinfer.runstate import load_run
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_RESULT_FILE = 1_000_000
-
-
-@dataclass
-class Totals:
-    rows: int = 0
-    status: Counter = field(default_factory=Counter)
-    reasons: Counter = field(default_factory=Counter)
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-
-    def add(self, table: pa.Table) -> None:
-        self.rows += table.num_rows
-        self.status.update(table.column("status").to_pylist())
-        self.reasons.update(e.split(":", 1)[0] for e in table.column("error").to_pylist() if e)
-        self.prompt_tokens += int(pc.sum(table.column("prompt_tokens")).as_py() or 0)
-        self.output_tokens += int(pc.sum(table.column("output_tokens")).as_py() or 0)
 
 
 def reduce_run(run_dir: RunDir) -> dict[str, Any]:
@@ -153,9 +135,8 @@ def _cast(col: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray | pa.Array:
 
 
 def _check_counts(totals: Totals, total_rows: int) -> None:
-    accounted = sum(totals.status[s] for s in ("ok", "truncated", "failed"))
-    if totals.rows != total_rows or accounted != total_rows:
-        raise RunError(f"results hold {totals.rows} rows ({dict(totals.status)}) for {total_rows} input rows: "
+    if totals.rows != total_rows or totals.accounted != total_rows:
+        raise RunError(f"results hold {totals.rows} rows ({totals.by_status()}) for {total_rows} input rows: "
                        f"the run directory is inconsistent. Start a new run.")
 
 

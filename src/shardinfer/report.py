@@ -11,32 +11,31 @@ from typing import Any
 import pyarrow
 
 from shardinfer import __version__
+from shardinfer.config import Config
+from shardinfer.engines.registry import get_engine
+from shardinfer.metrics import WorkerMetrics, load_metrics
+from shardinfer.plan import Plan
 from shardinfer.plot import plot_rates
-from shardinfer.rundir import RunDir, read_json, write_json_atomic
+from shardinfer.results import STATUSES, Totals
+from shardinfer.rundir import RunDir, write_json_atomic
 from shardinfer.timeline import Timeline, merge, phases, rates
 
 
-def load_metrics(run_dir: RunDir) -> list[dict[str, Any]]:
-    return [read_json(p) for p in sorted(run_dir.metrics.glob("launch-*-worker-*.json"))]
-
-
-def build_report(cfg: Any, plan: Any, run_dir: RunDir, totals: Any) -> dict[str, Any]:
+def build_report(cfg: Config, plan: Plan, run_dir: RunDir, totals: Totals) -> dict[str, Any]:
     metrics = load_metrics(run_dir)
     timeline, first_request, end = run_timeline(metrics)
     wall = _wall_time(metrics)
     generation = _generation_span(metrics)
-    tokens = {"prompt": totals.prompt_tokens, "output": totals.output_tokens,
-              "total": totals.prompt_tokens + totals.output_tokens}
+    tokens = {"prompt": totals.prompt_tokens, "output": totals.output_tokens, "total": totals.total_tokens}
     return {
         "run": cfg.name,
         "run_dir": str(run_dir.path.resolve()),
         "results": str(run_dir.results.resolve()),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "rows": {"in": plan.total_rows, "ok": totals.status["ok"], "truncated": totals.status["truncated"],
-                 "failed": totals.status["failed"]},
+        "rows": {"in": plan.total_rows, **totals.by_status()},
         "failed_by_reason": dict(sorted(totals.reasons.items())),
         "tokens": tokens,
-        "time_s": {"wall": round(wall, 3), "model_load": round(max((m["model_load_s"] for m in metrics), default=0), 3),
+        "time_s": {"wall": round(wall, 3), "model_load": round(max((m.model_load_s for m in metrics), default=0), 3),
                    "generation": round(generation, 3)},
         "tokens_per_s": _rates(tokens, wall),
         "generation_tokens_per_s": _rates(tokens, generation),
@@ -44,9 +43,9 @@ def build_report(cfg: Any, plan: Any, run_dir: RunDir, totals: Any) -> dict[str,
         "timeline": _timeline(timeline),
         "cost": _cost(metrics, tokens, cfg.run.gpu_hour_price),
         "workers": [_worker_row(m) for m in metrics],
-        "launches": len({(m["launch"], m.get("restart", 0)) for m in metrics}),
+        "launches": len({m.key for m in metrics}),
         "model": {"path": cfg.model.path, "engine": cfg.model.engine, "dtype": cfg.model.dtype,
-                  "max_model_len": plan.max_model_len, "engine_args": cfg.model.vllm_args if cfg.model.engine == "vllm" else cfg.model.hf_args},
+                  "max_model_len": plan.max_model_len, "engine_args": get_engine(cfg.model.engine).args(cfg.model)},
         "sampling": vars(cfg.sampling),
         "versions": _versions(metrics),
         "input": {"files": len(plan.files), "rows": plan.total_rows, "duplicate_ids": len(plan.duplicates),
@@ -54,40 +53,34 @@ def build_report(cfg: Any, plan: Any, run_dir: RunDir, totals: Any) -> dict[str,
     }
 
 
-def _wall_time(metrics: list[dict[str, Any]]) -> float:
+def _by_launch(metrics: list[WorkerMetrics]) -> list[list[WorkerMetrics]]:
+    groups: dict[tuple[int, int], list[WorkerMetrics]] = defaultdict(list)
+    for m in metrics:
+        groups[m.key].append(m)
+    return list(groups.values())
+
+
+def _wall_time(metrics: list[WorkerMetrics]) -> float:
     """Summed over launches: first worker start to last worker end of each launch."""
-    by_launch: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
-    for m in metrics:
-        by_launch[(m["launch"], m.get("restart", 0))].append(m)
-    total = 0.0
-    for group in by_launch.values():
-        total += max(map(worker_end, group)) - min(m["started_at"] for m in group)
-    return total
+    return sum(max(m.end for m in g) - min(m.started_at for m in g) for g in _by_launch(metrics))
 
 
-def _generation_span(metrics: list[dict[str, Any]]) -> float:
+def _generation_span(metrics: list[WorkerMetrics]) -> float:
     """Summed over launches: first generate call to the end of the last one."""
-    by_launch: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
-    for m in metrics:
-        if m.get("first_generate_at"):
-            by_launch[(m["launch"], m.get("restart", 0))].append(m)
-    return sum(max(m["last_generate_end"] for m in g) - min(m["first_generate_at"] for m in g)
-               for g in by_launch.values())
+    spans = 0.0
+    for group in _by_launch([m for m in metrics if m.first_generate_at]):
+        spans += max(m.last_generate_end or m.end for m in group) - min(m.first_generate_at or 0 for m in group)
+    return spans
 
 
-def run_timeline(metrics: list[dict[str, Any]], start: float | None = None) -> tuple[Timeline, float | None, float]:
+def run_timeline(metrics: list[WorkerMetrics], start: float | None = None) -> tuple[Timeline, float | None, float]:
     """All workers' tokens per time bin on one clock from ``start`` (default: the first worker
     start), the first request any worker sent, and the last worker's end."""
     if start is None:
-        start = min((m["started_at"] for m in metrics), default=0.0)
-    merged = merge([m["timeline"] for m in metrics if m.get("timeline")], start=start)
-    firsts = [m["first_generate_at"] for m in metrics if m.get("first_generate_at")]
-    return merged, min(firsts, default=None), max(map(worker_end, metrics), default=start)
-
-
-def worker_end(m: dict[str, Any]) -> float:
-    """When a worker finished (or last generated, or started: a worker that died early)."""
-    return m.get("finished_at") or m.get("last_generate_end") or m["started_at"]
+        start = min((m.started_at for m in metrics), default=0.0)
+    merged = merge([m.timeline for m in metrics if m.timeline], start=start)
+    firsts = [m.first_generate_at for m in metrics if m.first_generate_at]
+    return merged, min(firsts, default=None), max((m.end for m in metrics), default=start)
 
 
 def _timeline(timeline: Timeline) -> dict[str, Any]:
@@ -98,26 +91,18 @@ def _timeline(timeline: Timeline) -> dict[str, Any]:
             "output_tokens_per_s": [round(o, 1) for _, _, o in series]}
 
 
-def _cost(metrics: list[dict[str, Any]], tokens: dict[str, int], price: float | None) -> dict[str, Any] | None:
+def _cost(metrics: list[WorkerMetrics], tokens: dict[str, int], price: float | None) -> dict[str, Any] | None:
     """Device-hours (GPUs held by each worker, or the worker itself on CPU) times the price; each
     per-million figure charges the whole cost to that kind of token."""
     if price is None:
         return None
-    gpus = sum(_gpu_count(m) for m in metrics)
-    hours = sum(_busy_s(m) * max(_gpu_count(m), 1) for m in metrics) / 3600
+    gpus = sum(m.gpu_count for m in metrics)
+    hours = sum(m.busy_s * max(m.gpu_count, 1) for m in metrics) / 3600
     total = hours * price
     per_million = {k: round(total / tokens[k] * 1e6, 6) if tokens[k] else None for k in ("prompt", "output", "total")}
     return {"gpu_hour_price": price, "device": "GPU" if gpus else "CPU worker", "device_hours": round(hours, 6),
             "total": round(total, 4), "per_million_input_tokens": per_million["prompt"],
             "per_million_output_tokens": per_million["output"], "per_million_tokens": per_million["total"]}
-
-
-def _gpu_count(m: dict[str, Any]) -> int:
-    return len([g for g in (m.get("gpus") or "").split(",") if g.strip()])
-
-
-def _busy_s(m: dict[str, Any]) -> float:
-    return worker_end(m) - m["started_at"]
 
 
 def _rates(tokens: dict[str, int], seconds: float) -> dict[str, float]:
@@ -127,22 +112,20 @@ def _rates(tokens: dict[str, int], seconds: float) -> dict[str, float]:
             "total": round(tokens["total"] / seconds, 1)}
 
 
-def _worker_row(m: dict[str, Any]) -> dict[str, Any]:
-    tokens = {"prompt": m["prompt_tokens"], "output": m["output_tokens"],
-              "total": m["prompt_tokens"] + m["output_tokens"]}
-    busy = _busy_s(m)
-    return {"launch": m["launch"], "rank": m["rank"], "host": m["host"], "units": m["units"], "rows": m["rows"],
-            "prompt_tokens": m["prompt_tokens"], "output_tokens": m["output_tokens"],
-            "model_load_s": round(m["model_load_s"], 3), "generation_s": round(m["generation_s"], 3),
-            "wall_s": round(busy, 3), "tokens_per_s": _rates(tokens, busy),
-            "generation_tokens_per_s": _rates(tokens, m["generation_s"]),
-            "finished": bool(m.get("finished_at"))}
+def _worker_row(m: WorkerMetrics) -> dict[str, Any]:
+    tokens = {"prompt": m.prompt_tokens, "output": m.output_tokens, "total": m.total_tokens}
+    return {"launch": m.launch, "rank": m.rank, "host": m.host, "units": m.units, "rows": m.rows,
+            "prompt_tokens": m.prompt_tokens, "output_tokens": m.output_tokens,
+            "model_load_s": round(m.model_load_s, 3), "generation_s": round(m.generation_s, 3),
+            "wall_s": round(m.busy_s, 3), "tokens_per_s": _rates(tokens, m.busy_s),
+            "generation_tokens_per_s": _rates(tokens, m.generation_s),
+            "finished": bool(m.finished_at)}
 
 
-def _versions(metrics: list[dict[str, Any]]) -> dict[str, str]:
+def _versions(metrics: list[WorkerMetrics]) -> dict[str, str]:
     versions = {"shardinfer": __version__, "python": platform.python_version(), "pyarrow": pyarrow.__version__}
     for m in metrics:
-        versions.update(m.get("versions") or {})
+        versions.update(m.versions)
     return versions
 
 
@@ -167,8 +150,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# shardinfer report: {r['run']}", "",
         f"Results: `{r['results']}`  ", f"Finished: {r['finished_at']}", "",
-        "| rows in | ok | truncated | failed |", "|---:|---:|---:|---:|",
-        f"| {rows['in']} | {rows['ok']} | {rows['truncated']} | {rows['failed']} |", "",
+        "| rows in | " + " | ".join(STATUSES) + " |", "|---:" * (len(STATUSES) + 1) + "|",
+        f"| {rows['in']} | " + " | ".join(str(rows[s]) for s in STATUSES) + " |", "",
     ]
     if r["failed_by_reason"]:
         lines += ["Failed rows by reason: " + ", ".join(f"{k} {v}" for k, v in r["failed_by_reason"].items()), ""]

@@ -11,22 +11,113 @@
 | finish_reason | string | stop (EOS or a stop string) or length (max_tokens); null when failed |
 | ...pass-through columns from the input |
 
-Parts also carry ``_row`` (the global input row index) which the reducer uses to order and dedupe.
+Parts also carry ``_row`` (the global input row index) which the reducer uses to order and check.
+This module is the one place that names the columns, the statuses and the reserved names; counts of
+rows by status and token sums (a unit's done record, a run's totals) are :class:`RowCounts`.
 """
 
 from __future__ import annotations
 
+import enum
 import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 ROW = "_row"
-CONTRACT = ["id", "output", "status", "error", "prompt_tokens", "output_tokens", "finish_reason"]
-_TYPES = {
-    ROW: pa.int64(), "id": pa.string(), "output": pa.string(), "status": pa.string(), "error": pa.string(),
+
+
+class Status(str, enum.Enum):
+    OK = "ok"
+    TRUNCATED = "truncated"  # input cut to fit: head and tail kept
+    FAILED = "failed"
+
+
+STATUSES = tuple(s.value for s in Status)
+
+COLUMNS: dict[str, pa.DataType] = {
+    "id": pa.string(), "output": pa.string(), "status": pa.string(), "error": pa.string(),
     "prompt_tokens": pa.int64(), "output_tokens": pa.int64(), "finish_reason": pa.string(),
 }
+CONTRACT = list(COLUMNS)
+# Names an input column may not take in the results (pass-through columns).
+RESERVED = frozenset({*COLUMNS, ROW})
+_TYPES = {ROW: pa.int64(), **COLUMNS}
+
+
+@dataclass
+class RowCounts:
+    """Rows by status and token sums: of a unit (kept in its done record) or of a whole run."""
+
+    rows: int = 0
+    ok: int = 0
+    truncated: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    @classmethod
+    def of(cls, table: pa.Table) -> RowCounts:
+        by_status = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(table.column("status")).to_pylist()}
+        return cls(rows=table.num_rows, **{s: by_status.get(s, 0) for s in STATUSES},
+                   prompt_tokens=_sum(table, "prompt_tokens"), output_tokens=_sum(table, "output_tokens"))
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RowCounts:
+        return cls(**{f.name: int(record.get(f.name) or 0) for f in fields(cls)})
+
+    def to_record(self) -> dict[str, int]:
+        return asdict(self)
+
+    def __add__(self, other: RowCounts) -> RowCounts:
+        return RowCounts(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    @property
+    def accounted(self) -> int:
+        """Rows that have a status: equals ``rows`` in a consistent result set."""
+        return self.ok + self.truncated + self.failed
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+    def by_status(self) -> dict[str, int]:
+        return {s: getattr(self, s) for s in STATUSES}
+
+
+
+def summary_line(rows: dict[str, int]) -> str:
+    """``rows: N in, A ok, B truncated, C failed`` from a report's ``rows``: every command ends with it."""
+    return f"rows: {rows['in']} in, " + ", ".join(f"{rows.get(s, 0)} {s}" for s in STATUSES)
+
+
+@dataclass
+class Totals(RowCounts):
+    """A run's counts plus its failed rows by reason (the part of ``error`` before the colon)."""
+
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def add(self, table: pa.Table) -> None:
+        counts = RowCounts.of(table)
+        for f in fields(RowCounts):
+            setattr(self, f.name, getattr(self, f.name) + getattr(counts, f.name))
+        errors = table.column("error").drop_null()
+        if len(errors):
+            reasons = pc.utf8_slice_codeunits(errors, 0, 64)
+            self.reasons.update(e.split(":", 1)[0] for e in reasons.to_pylist())
+
+
+def _sum(table: pa.Table, column: str) -> int:
+    return int(pc.sum(table.column(column)).as_py() or 0)
+
+
+def failed_rows(table: pa.Table) -> pa.Array:
+    """The ``_row`` indices of a part's failed rows."""
+    mask = pc.equal(table.column("status"), Status.FAILED.value)
+    return table.filter(mask).column(ROW).combine_chunks()
 
 
 def result_table(rows: Any, problems: list[str | None], prompts: list[Any], completions: list[Any],
@@ -54,18 +145,18 @@ def _record(problem: str | None, prompt: Any, completion: Any) -> dict[str, Any]
         return {**_failed(f"engine_error: {type(completion).__name__}: {completion}"),
                 "prompt_tokens": len(prompt.token_ids)}
     return {
-        "output": completion.text, "status": "truncated" if prompt.truncated else "ok",
+        "output": completion.text, "status": (Status.TRUNCATED if prompt.truncated else Status.OK).value,
         "prompt_tokens": len(prompt.token_ids), "output_tokens": len(completion.token_ids),
         "finish_reason": completion.finish_reason,
     }
 
 
 def _failed(error: str) -> dict[str, Any]:
-    return {"status": "failed", "error": error}
+    return {"status": Status.FAILED.value, "error": error}
 
 
 def empty_result_schema(passthrough: list[str]) -> pa.Schema:
-    return pa.schema([(name, _TYPES[name]) for name in CONTRACT] + [(name, pa.null()) for name in passthrough])
+    return pa.schema(list(COLUMNS.items()) + [(name, pa.null()) for name in passthrough])
 
 
 def passthrough_array(values: list[Any]) -> pa.Array:

@@ -1,4 +1,11 @@
-"""Creating a run directory (config + plan) and loading it back in workers and the reducer."""
+"""Creating a run directory (config, fingerprint, plan), reopening it, and beginning a launch of it.
+
+Every launcher goes through the same two steps: :func:`prepare_run` plans a new run or reopens the
+run of the same results settings, and :func:`begin_launch` checks the committed parts, releases the
+claims of workers that are gone and numbers the launch. Settings that do not change results
+(``run.*``, ``slurm.*``, see :func:`shardinfer.config.results_settings`) may differ between
+launches; each launch saves its own in ``run.json``, where the workers read them.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +17,23 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer import __version__
-from shardinfer.config import Config, config_from_dict, config_to_dict
+from shardinfer.config import Config, config_from_dict, config_to_dict, results_settings
 from shardinfer.errors import RunError
 from shardinfer.fingerprint import differences, fingerprint
+from shardinfer.ledger import Ledger
 from shardinfer.plan import Plan, make_plan
 from shardinfer.rundir import RunDir, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-# Settings that may change between launches of the same run without changing its results.
-_VOLATILE = {("run", "directory"), ("run", "workers"), ("run", "env"), ("run", "log_interval_s"), ("run", "lease_timeout_s"),
-             ("run", "max_attempts")}
-
 
 def run_dir_for(cfg: Config) -> RunDir:
-    """run.directory; by default runs/<name>, or runs/<name>-<config hash> when that holds another config."""
+    """run.directory; by default runs/<name>, or runs/<name>-<hash> when that holds a run whose
+    results settings differ."""
     if cfg.run.directory:
         return RunDir(cfg.run.directory)
     first = RunDir(Path("runs") / cfg.name)
-    if not first.run_json.is_file() or not _changed_keys(first, cfg):
+    if not first.run_json.is_file() or not changed_settings(first, cfg):
         return first
     other = RunDir(Path("runs") / f"{cfg.name}-{config_hash(cfg)}")
     log.info("%s holds a run of another config; this config runs in %s", first.path, other.path)
@@ -36,16 +41,14 @@ def run_dir_for(cfg: Config) -> RunDir:
 
 
 def config_hash(cfg: Config) -> str:
-    stable = {k: v for k, v in config_to_dict(cfg).items()}
-    stable["run"] = {k: v for k, v in stable["run"].items() if ("run", k) not in _VOLATILE}
-    return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    text = json.dumps(results_settings(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
-    """Plan a new run, or reopen the run of the same config in the run directory."""
+    """Plan a new run, or reopen the run of the same results settings in the run directory."""
     run_dir = run_dir_for(cfg)
     if run_dir.run_json.is_file():
-        _check_same_config(run_dir, cfg)
         plan = load_plan(run_dir)
         check_fingerprint(run_dir, cfg, plan)
         log.info("continuing the run in %s", run_dir.path)
@@ -61,10 +64,18 @@ def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
     return run_dir, plan
 
 
-def next_launch(run_dir: RunDir) -> int:
-    """Count a new launch of the run and return its number."""
+def begin_launch(run_dir: RunDir, plan: Plan, cfg: Config) -> int:
+    """Start a launch: redo units whose part is missing or corrupt, release the claims of workers
+    that are gone, save this launch's settings, and return the launch number. Call it only when
+    no worker of an earlier launch is still running (the launchers check)."""
+    ledger = Ledger(run_dir)
+    ledger.verify_committed({u.unit: u.rows for u in plan.units})
+    released = ledger.release_unfinished_claims()
+    if released:
+        log.info("units %s were claimed by workers that did not finish them; they will be redone", released)
     state = read_json(run_dir.run_json)
     state["launches"] = state.get("launches", 0) + 1
+    state["config"] = config_to_dict(cfg)  # results settings unchanged (checked); launch settings are this launch's
     write_json_atomic(run_dir.run_json, state)
     return state["launches"] - 1
 
@@ -75,17 +86,28 @@ def load_run(run_dir: RunDir) -> tuple[Config, Plan]:
     return config_from_dict(read_json(run_dir.run_json)["config"]), load_plan(run_dir)
 
 
+def load_plan(run_dir: RunDir) -> Plan:
+    return Plan.from_json(read_json(run_dir.plan_json))
+
+
+def changed_settings(run_dir: RunDir, cfg: Config) -> list[str]:
+    """Dotted keys of the results settings that differ from the run's."""
+    return _diff_keys(read_json(run_dir.fingerprint_json)["config"], results_settings(cfg))
+
+
 def check_fingerprint(run_dir: RunDir, cfg: Config, plan: Plan) -> None:
-    """Refuse to continue a run whose model, engine, prompt, sampling or input changed since it began."""
-    saved = read_json(run_dir.fingerprint_json)
-    now_files = []
-    for f in plan.files:
-        path = Path(f["path"])
-        stat = path.stat() if path.is_file() else None
-        now_files.append({**f, "bytes": stat.st_size if stat else None, "mtime": stat.st_mtime if stat else None})
-    changed = differences(saved, fingerprint(cfg, now_files))
+    """Refuse to continue a run whose results settings, model, engine or input changed since it began."""
+    changed = changed_settings(run_dir, cfg)
     if changed:
-        shown = "\n  ".join(changed[:20]) + ("\n  ..." if len(changed) > 20 else "")
+        raise RunError(
+            f"{run_dir.path} holds a run of a different config ({', '.join(changed)} changed). Set "
+            f"run.directory to a new directory for a new run, restore those settings, or remove "
+            f"{run_dir.path}. (Settings under run.* and slurm.* may change between launches of a run.)"
+        )
+    saved = read_json(run_dir.fingerprint_json)
+    changes = differences(saved, fingerprint(cfg, _current_files(plan)))
+    if changes:
+        shown = "\n  ".join(changes[:20]) + ("\n  ..." if len(changes) > 20 else "")
         raise RunError(
             f"{run_dir.path} was started with another model, engine, prompt, sampling or input; resuming "
             f"would mix two runs. What changed:\n  {shown}\nRestore them, or start a new run explicitly: "
@@ -93,26 +115,16 @@ def check_fingerprint(run_dir: RunDir, cfg: Config, plan: Plan) -> None:
         )
 
 
-def load_plan(run_dir: RunDir) -> Plan:
-    return Plan.from_json(read_json(run_dir.plan_json))
+def _current_files(plan: Plan) -> list[dict[str, Any]]:
+    files = []
+    for f in plan.files:
+        path = Path(f["path"])
+        stat = path.stat() if path.is_file() else None
+        files.append({**f, "bytes": stat.st_size if stat else None, "mtime": stat.st_mtime if stat else None})
+    return files
 
 
-def _changed_keys(run_dir: RunDir, cfg: Config) -> list[str]:
-    saved = read_json(run_dir.run_json)["config"]
-    return [key for key in _diff(saved, config_to_dict(cfg)) if tuple(key.split(".")[:2]) not in _VOLATILE]
-
-
-def _check_same_config(run_dir: RunDir, cfg: Config) -> None:
-    changed = _changed_keys(run_dir, cfg)
-    if changed:
-        raise RunError(
-            f"{run_dir.path} holds a run of a different config ({', '.join(changed)} changed). "
-            f"Set run.directory to a new directory for a new run, or remove {run_dir.path}."
-        )
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
-        keys = sorted(set(a) | set(b))
-        return [k for key in keys for k in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+        return [k for key in sorted(set(a) | set(b)) for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
     return [] if a == b else [prefix.rstrip(".")]

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer import __version__
-from shardinfer.bench.dummy import random_weights_copy
 from shardinfer.bench.report import render_markdown, write_plots
 from shardinfer.bench.synth import make_docs, source_texts
 from shardinfer.config import Config, ModelConfig, config_from_dict, config_to_dict, load_config
+from shardinfer.engines.registry import BenchSupport, EngineSpec, engines, get_engine
 from shardinfer.errors import ConfigError, RunError
+from shardinfer.metrics import load_metrics
 from shardinfer.model_info import check_model_path, load_tokenizer, resolve_max_model_len
 from shardinfer.prompts import PromptBuilder
-from shardinfer.report import load_metrics, run_timeline
+from shardinfer.report import run_timeline
 from shardinfer.rundir import RunDir, write_json_atomic
 from shardinfer.timeline import Timeline, phases, rates
 
@@ -71,13 +72,13 @@ def bench_config(opts: BenchOptions) -> Config:
     if opts.engine:
         model["engine"] = opts.engine
     check_model_path(ModelConfig(path=model["path"]))
-    args_key = "vllm_args" if model.get("engine", "vllm") == "vllm" else "hf_args"
-    model[args_key] = {**model.get(args_key, {}), **opts.engine_args}
-    if opts.dummy_weights and args_key == "vllm_args":
-        model["vllm_args"]["load_format"] = "dummy"
-    elif opts.dummy_weights:  # transformers: a random-weight copy on disk, loaded normally
-        model["tokenizer"] = model.get("tokenizer") or model["path"]
-        model["path"] = str(random_weights_copy(model["path"], opts.out / "random-weights", model.get("dtype", "auto")))
+    spec, support = _bench_engine(model.get("engine", "vllm"))
+    if spec.args_field:
+        model[spec.args_field] = {**model.get(spec.args_field, {}), **opts.engine_args}
+    if opts.dummy_weights:
+        if support.dummy_weights is None:
+            raise ConfigError(f"--dummy-weights: engine {spec.name} cannot load random weights")
+        support.dummy_weights(model, opts.out)
     raw["input"] = {"path": str(opts.out / "corpus.jsonl"), "id_column": "id"}
     raw["sampling"] = {**raw.get("sampling", {}), "max_tokens": opts.output_len, "ignore_eos": True,
                        "temperature": 0.0, "stop": []}
@@ -90,6 +91,14 @@ def bench_config(opts: BenchOptions) -> Config:
     if cfg.model.max_model_len is None:
         cfg.model.max_model_len = min(resolve_max_model_len(cfg.model), _round_up(opts.input_len[1] + opts.output_len))
     return cfg
+
+
+def _bench_engine(name: str) -> tuple[EngineSpec, BenchSupport]:
+    spec = get_engine(name)
+    if spec.bench is None:
+        raise ConfigError(f"engine {name} has no benchmark baseline; shardinfer bench measures engines that "
+                          f"declare one: {', '.join(n for n, e in engines().items() if e.bench)}")
+    return spec, spec.bench
 
 
 def _round_up(n: int, step: int = 1024) -> int:
@@ -105,17 +114,17 @@ def run_bench(opts: BenchOptions, argv: list[str]) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "shardinfer bench " + " ".join(argv),
         "shardinfer": __version__, "python": sys.version.split()[0],
         "shape": _shape(prompts, opts), "engine": cfg.model.engine, "model": cfg.model.path,
-        "engine_args": cfg.model.vllm_args if cfg.model.engine == "vllm" else cfg.model.hf_args,
+        "engine_args": get_engine(cfg.model.engine).args(cfg.model),
         "max_model_len": cfg.model.max_model_len, "runs": {},
     }
     if not opts.skip_raw:
-        mode = "vllm" if cfg.model.engine == "vllm" else "hf-static"
-        result.update(_baseline(cfg, opts, mode))
+        result.update(_baseline(cfg, opts, _bench_engine(cfg.model.engine)[1].baseline))
     result["runs"]["pipeline"] = _pipeline(cfg)
     result["ratio"] = _ratios(result["runs"])
     if opts.strategies:
-        if cfg.model.engine != "vllm":
-            raise ConfigError("--strategies compares batching strategies on the vllm engine; drop --engine hf")
+        if not _bench_engine(cfg.model.engine)[1].strategies:
+            raise ConfigError(f"--strategies compares batching strategies of a continuous engine such as vllm; "
+                              f"engine {cfg.model.engine} has none to compare")
         strategies = _baseline(cfg, opts, "strategies")
         result["strategies"] = strategies["runs"]
         result["strategies_timeline_estimated_rows"] = strategies["baseline_timeline_estimated_rows"]
@@ -140,7 +149,7 @@ def replot(out: Path) -> dict[str, Any]:
 
 def _write_corpus(cfg: Config, opts: BenchOptions) -> list[list[int]]:
     tokenizer = load_tokenizer(cfg.model)
-    builder = PromptBuilder(cfg.prompt, tokenizer, max_model_len=cfg.model.max_model_len,
+    builder = PromptBuilder(cfg.prompt, tokenizer, max_model_len=resolve_max_model_len(cfg.model),
                             max_tokens=cfg.sampling.max_tokens)
     start = time.time()
     docs = make_docs(builder, tokenizer, source_texts(opts.text_source), docs=opts.docs,
@@ -185,18 +194,18 @@ def _baseline(cfg: Config, opts: BenchOptions, mode: str) -> dict[str, Any]:
 
 
 def _pipeline(cfg: Config) -> dict[str, Any]:
-    from shardinfer.launch.local import run_local
+    from shardinfer.launch.start import launch
 
-    run_dir = RunDir(cfg.run.directory)
+    run_dir = RunDir(cfg.run.directory or "bench-run")
     if run_dir.path.exists():
         shutil.rmtree(run_dir.path)  # a benchmark always measures a fresh run
     started = time.time()
-    _, report = run_local(cfg)
+    report = launch(cfg, launcher="local").result()
     metrics = load_metrics(run_dir)
     timeline, first, end = run_timeline(metrics, start=started)
     summary = _summary(report["tokens"]["prompt"], report["tokens"]["output"], report["rows"]["in"],
-                       timeline, started, first, end)
-    summary.update(workers=len({m["rank"] for m in metrics}), rows_failed=report["rows"]["failed"],
+                       timeline, started, first or started, end)
+    summary.update(workers=len({m.rank for m in metrics}), rows_failed=report["rows"]["failed"],
                    run_dir=str(run_dir.path), versions=report["versions"])
     return summary
 

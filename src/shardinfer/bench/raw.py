@@ -20,8 +20,9 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from shardinfer.config import Config, config_from_dict
 from shardinfer.timeline import Timeline
@@ -58,7 +59,7 @@ def _vllm(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], started: 
         return [(len(o.prompt_token_ids), len(o.outputs[0].token_ids)) for o in outputs]
 
     startup = loaded - started
-    out = {"device": _device(), "versions": {"vllm": vllm.__version__, **_torch_version()},
+    out: dict[str, Any] = {"device": _device(), "versions": {"vllm": vllm.__version__, **_torch_version()},
            "startup_s": round(startup, 3), "runs": {}}
     if spec["mode"] == "vllm":
         out["runs"]["raw vLLM"] = _timed(lambda tl: call(requests, tl), startup)
@@ -101,9 +102,9 @@ def _recorder(timeline: Timeline, mean_in: float, max_tokens: int, estimated: di
     (where that text cannot be read, the row's tokens are estimated and counted in ``estimated``)."""
     from tqdm import tqdm
 
-    class FinishRecorder(tqdm):  # type: ignore[misc]
+    class FinishRecorder(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.update(file=open(os.devnull, "w"), disable=False, mininterval=3600)
+            kwargs.update(file=open(os.devnull, "w"), disable=False, mininterval=3600)  # noqa: SIM115 - closed in close()
             super().__init__(*args, **kwargs)
             self.seen = (0.0, 0.0)
 

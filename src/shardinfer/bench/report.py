@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shardinfer.plot import plot_bars, plot_rates
+from shardinfer.plot import Series, plot_bars, plot_rates
 
 
 def write_plots(out: Path, result: dict[str, Any]) -> dict[str, str]:
     plots = {}
-    series = {name: [tuple(p) for p in run["timeline"]["points"]] for name, run in result["runs"].items()}
+    series: dict[str, Series] = {name: [(float(t), float(r)) for t, r in run["timeline"]["points"]]
+                                 for name, run in result["runs"].items()}
     shape = result["shape"]
     title = (f"{Path(result['model']).name}: {shape['docs']} docs, {shape['input_len'][0]}-{shape['input_len'][1]} "
              f"prompt tokens, {shape['output_len']} output tokens")

@@ -38,8 +38,6 @@ class Engine(Protocol):
 
     def wants_more(self) -> bool: ...
 
-    def pending(self) -> int: ...
-
     def cancel(self, batch: Any) -> None: ...
 
     def versions(self) -> dict[str, str]: ...
@@ -59,9 +57,6 @@ class BatchQueue:
 
     def wants_more(self) -> bool:
         return not self._queue
-
-    def pending(self) -> int:
-        return sum(len(p) for _, p in self._queue)
 
     def cancel(self, batch: Any) -> None:
         self._queue = deque(item for item in self._queue if item[0] != batch)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from pathlib import Path
 from typing import Any
 
-from shardinfer.config import ModelConfig, SamplingConfig
+from shardinfer.config import Config, ModelConfig, SamplingConfig
 from shardinfer.engines.base import BatchQueue, Completion
+from shardinfer.engines.registry import BenchSupport, EngineSpec
 from shardinfer.errors import ConfigError, missing_dependency
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ class HfEngine(BatchQueue):
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:
-            raise missing_dependency("torch and transformers", "hf") from exc
+            raise missing_dependency("torch and transformers", SPEC.extra, SPEC.install_hint) from exc
         args = dict(self.model_cfg.hf_args)
         if "device_map" not in args and torch.cuda.is_available():
             args["device_map"] = "auto"
@@ -182,3 +184,28 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if eos is None:
         eos = tokenizer.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _replica_gpus(model: ModelConfig, node_gpus: int) -> int:
+    """One process spreads the model over every GPU of its node (device_map)."""
+    return node_gpus
+
+
+def _dummy_weights(model: dict[str, Any], out: Path) -> None:
+    """transformers needs weights on disk: a random-weight copy, written once, loaded normally."""
+    from shardinfer.bench.dummy import random_weights_copy
+
+    model["tokenizer"] = model.get("tokenizer") or model["path"]
+    model["path"] = str(random_weights_copy(model["path"], out / "random-weights", model.get("dtype", "auto")))
+
+
+def _create(cfg: Config, max_model_len: int) -> HfEngine:
+    return HfEngine(cfg.model, cfg.sampling, max_model_len, attempts=cfg.run.max_attempts)
+
+
+SPEC = EngineSpec(
+    name="hf", description="transformers generate on length-sorted batches; device_map over all GPUs",
+    create=_create, modules=("torch", "transformers"), extra="hf",
+    install_hint="CPU-only machine: pip install 'shardinfer[cpu]'", args_field="hf_args",
+    replica_gpus=_replica_gpus, bench=BenchSupport(baseline="hf-static", dummy_weights=_dummy_weights),
+)

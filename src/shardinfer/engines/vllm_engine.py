@@ -15,10 +15,12 @@ import dataclasses
 import difflib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from shardinfer.config import ModelConfig, SamplingConfig
+from shardinfer.config import Config, ModelConfig, SamplingConfig
 from shardinfer.engines.base import Completion, Finished
+from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec
 from shardinfer.engines.retry import generate_with_retries
 from shardinfer.errors import ConfigError, missing_dependency
 
@@ -56,7 +58,7 @@ class VllmEngine:
         try:
             import vllm
         except ImportError as exc:
-            raise missing_dependency("vllm", "vllm") from exc
+            raise missing_dependency("vllm", SPEC.extra, SPEC.install_hint) from exc
         kwargs = engine_kwargs(self.model, self.sampling, self.max_model_len, vllm.EngineArgs)
         log.info("loading vLLM %s: %s", vllm.__version__, kwargs)
         self.llm = vllm.LLM(**kwargs)
@@ -113,9 +115,6 @@ class VllmEngine:
         if len(self._in_flight) >= self.max_requests:
             return False
         return self.max_tokens_queued is None or self._in_flight_tokens < self.max_tokens_queued
-
-    def pending(self) -> int:
-        return len(self._in_flight) + len(self._ready)
 
     def cancel(self, batch: Any) -> None:
         """Abort a batch's requests (a draining worker gives its unit back)."""
@@ -233,3 +232,25 @@ def _queue_limits(llm: Any) -> tuple[int, int | None]:
 def _completion(output: Any) -> Completion:
     best = output.outputs[0]
     return Completion(token_ids=list(best.token_ids), text=best.text, finish_reason=best.finish_reason or "length")
+
+
+def _replica_gpus(model: ModelConfig, node_gpus: int) -> int:
+    """tensor_parallel_size x pipeline_parallel_size: independent replicas, never coupled."""
+    args = model.vllm_args
+    return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
+
+
+def _dummy_weights(model: dict[str, Any], out: Path) -> None:
+    model.setdefault("vllm_args", {})["load_format"] = "dummy"
+
+
+def _create(cfg: Config, max_model_len: int) -> VllmEngine:
+    return VllmEngine(cfg.model, cfg.sampling, max_model_len, attempts=cfg.run.max_attempts)
+
+
+SPEC = EngineSpec(
+    name="vllm", description="vllm.LLM in-process, fed continuously", create=_create, modules=("vllm",),
+    extra="vllm", install_hint="CPU-only machine: pip install 'shardinfer[cpu]'", args_field="vllm_args",
+    replica_gpus=_replica_gpus, capabilities=Capabilities(continuous=True),
+    bench=BenchSupport(baseline="vllm", strategies=True, dummy_weights=_dummy_weights),
+)

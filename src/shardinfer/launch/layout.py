@@ -1,8 +1,9 @@
 """How many workers a cluster run has, and what each one gets: derived in one place from the config.
 
-Nodes come from ``slurm.nodes``, GPUs from ``slurm.gpus_per_node``, GPUs per model replica from
-``tensor_parallel_size x pipeline_parallel_size``; workers and tasks are computed from those, so the
-sbatch script, the plan and the workers' start-up checks cannot disagree.
+Nodes come from ``slurm.nodes``, GPUs from ``slurm.gpus_per_node``, GPUs per model replica from the
+engine (vLLM: ``tensor_parallel_size x pipeline_parallel_size``; transformers: the whole node);
+workers and tasks are computed from those, so the batch script, the plan and the workers' start-up
+checks cannot disagree.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shardinfer.config import Config
+from shardinfer.engines.registry import get_engine
 from shardinfer.errors import ConfigError
 
 
@@ -26,22 +28,15 @@ class Layout:
         return self.nodes * self.replicas_per_node
 
 
-def gpus_per_replica(cfg: Config) -> int:
-    if cfg.model.engine == "hf":  # one process spreads the model over all GPUs of its node
-        return cfg.slurm.gpus_per_node
-    args = cfg.model.vllm_args
-    return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
-
-
 def layout(cfg: Config) -> Layout:
     s = cfg.slurm
     if s.gpus_per_node == 0:
         return Layout(s.shape, s.nodes, s.cpu_workers_per_node, 0, 0)
-    per_replica = gpus_per_replica(cfg)
+    per_replica = get_engine(cfg.model.engine).replica_gpus(cfg.model, s.gpus_per_node)
     if per_replica < 1 or s.gpus_per_node % per_replica:
         raise ConfigError(
             f"slurm.gpus_per_node ({s.gpus_per_node}) is not a multiple of the GPUs per model replica "
-            f"({per_replica} = tensor_parallel_size x pipeline_parallel_size). Fix one of them so each "
-            f"node holds whole replicas."
+            f"({per_replica} = tensor_parallel_size x pipeline_parallel_size for engine "
+            f"{cfg.model.engine}). Fix one of them so each node holds whole replicas."
         )
     return Layout(s.shape, s.nodes, s.gpus_per_node // per_replica, per_replica, s.gpus_per_node)

@@ -1,85 +1,142 @@
-"""Local launcher: N worker processes on this machine, then the reduce step."""
+"""Local launcher: one worker process per model replica on this machine's visible GPUs (one on a
+machine without GPUs), then the reduce step in this process."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from shardinfer.config import Config
-from shardinfer.engines import check_installed
+from shardinfer.engines.registry import get_engine
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.gpus import gpu_groups, visible_gpus
+from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
 from shardinfer.ledger import Ledger
-from shardinfer.model_info import check_model_path
-from shardinfer.plan import default_workers
+from shardinfer.plan import Plan
 from shardinfer.reduce import reduce_run
 from shardinfer.rundir import RunDir
-from shardinfer.runstate import next_launch, prepare_run
 
 log = logging.getLogger(__name__)
 
-
-def run_local(cfg: Config) -> tuple[RunDir, dict[str, Any]]:
-    """Plan (or reopen) the run, run the workers until no unit is left, reduce, return the report."""
-    check_model_path(cfg.model)
-    check_installed(cfg.model.engine)
-    workers = default_workers(cfg)
-    groups = _gpu_groups(workers)
-    run_dir, plan = prepare_run(cfg, workers)
-    return run_dir, execute_local(cfg, run_dir, plan, groups)
+# Launches started by this process that have not ended (by their records' submission time): their
+# records name this very pid, so the pid alone cannot tell.
+_RUNNING_HERE: set[float] = set()
 
 
-def execute_local(cfg: Config, run_dir: RunDir, plan: Any, groups: list[list[str]] | None = None) -> dict[str, Any]:
-    """Run local workers on the units not done yet, then reduce; returns the report."""
-    if groups is None:
-        check_installed(cfg.model.engine)
-        groups = _gpu_groups(default_workers(cfg))
-    workers = len(groups)
-    ledger = Ledger(run_dir)
-    ledger.verify_committed({u.unit: u.rows for u in plan.units})
-    released = ledger.release_unfinished_claims()
-    if released:
-        log.info("units %s were claimed by workers that did not finish them; they will be redone", released)
-    todo = [u for u in plan.units if not ledger.is_done(u.unit)]
-    failures: dict[int, int] = {}
-    if todo:
-        launch = next_launch(run_dir)
-        n = min(workers, len(todo))
-        log.info("%d units to do (%d rows in the run); starting %d worker(s)", len(todo), plan.total_rows, n)
-        failures = _run_workers(run_dir, cfg, groups[:n], launch)
-    if failures:
-        log.warning("some workers died%s; the others finished their units", _failure_text(run_dir, failures))
+def replica_gpu_groups(cfg: Config) -> list[list[str]]:
+    """The visible GPUs split into one group per worker: ``run.workers`` of them, or as many
+    whole model replicas as fit (the engine says how many GPUs a replica takes); [[]] without GPUs."""
+    gpus = visible_gpus()
+    per_replica = get_engine(cfg.model.engine).replica_gpus(cfg.model, len(gpus)) if gpus else 0
+    workers = cfg.run.workers or (max(1, len(gpus) // per_replica) if per_replica else 1)
     try:
-        return reduce_run(run_dir)
-    except RunError as exc:
-        raise RunError(f"{exc}{_failure_text(run_dir, failures)}") from exc
-
-
-def _gpu_groups(workers: int) -> list[list[str]]:
-    try:
-        return gpu_groups(visible_gpus(), workers)
+        return gpu_groups(gpus, workers)
     except ValueError as exc:
         raise ConfigError(f"run.workers: {exc}. Lower run.workers or make more GPUs visible.") from exc
 
 
-def _run_workers(run_dir: RunDir, cfg: Config, groups: list[list[str]], launch: int) -> dict[int, int]:
-    """Start one process per rank and wait for all; returns {rank: exit code} of those that failed."""
-    world = len(groups)
-    procs = [_spawn(run_dir, cfg, rank, world, gpus, launch) for rank, gpus in enumerate(groups)]
+def pid_alive(record: LaunchRecord) -> bool:
+    """Whether the process that made a launch on this machine still runs (unknown elsewhere: no)."""
+    if record.host != socket.gethostname() or record.pid <= 0:
+        return False
+    if record.pid == os.getpid():
+        return record.submitted_at in _RUNNING_HERE
     try:
-        codes = [p.wait() for p in procs]
-    except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait()
-        raise
-    return {rank: code for rank, code in enumerate(codes) if code != 0}
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LocalLauncher(Launcher):
+    name = "local"
+    description = "worker processes on this machine, one per model replica on the visible GPUs; then the reduce"
+    on_cluster = False
+
+    def workers(self, cfg: Config) -> int:
+        return len(replica_gpu_groups(cfg))
+
+    def check(self, cfg: Config) -> None:
+        get_engine(cfg.model.engine).check_installed()
+        replica_gpu_groups(cfg)
+
+    def preview(self, cfg: Config, run_dir: RunDir) -> str:
+        groups = replica_gpu_groups(cfg)
+        lines = [f"# {len(groups)} local worker(s), then the reduce in this process"]
+        for rank, gpus in enumerate(groups):
+            env = f"CUDA_VISIBLE_DEVICES={','.join(gpus)} " if gpus else ""
+            lines.append(env + shlex.join(_worker_command(run_dir, rank, len(groups), 0)))
+        return "\n".join(lines)
+
+    def start(self, cfg: Config, run_dir: RunDir, plan: Plan, launch: int) -> RunHandle:
+        groups = replica_gpu_groups(cfg)
+        ledger = Ledger(run_dir)
+        todo = [u for u in plan.units if not ledger.is_done(u.unit)]
+        groups = groups[:min(len(groups), len(todo))]
+        if todo:
+            log.info("%d units to do (%d rows in the run); starting %d worker(s)", len(todo), plan.total_rows,
+                     len(groups))
+        procs = [_spawn(run_dir, cfg, rank, len(groups), gpus, launch) for rank, gpus in enumerate(groups)]
+        return LocalHandle(run_dir, LaunchRecord(launch=launch, launcher=self.name), procs)
+
+    def active(self, record: LaunchRecord) -> bool:
+        return pid_alive(record)
+
+
+class LocalHandle(RunHandle):
+    """Worker processes of this machine; ``result()`` waits for them and reduces."""
+
+    def __init__(self, run_dir: RunDir, record: LaunchRecord, procs: list[subprocess.Popen]):
+        super().__init__(run_dir, record)
+        self.procs = procs
+        _RUNNING_HERE.add(record.submitted_at)
+
+    def states(self) -> dict[str, str]:
+        codes = [p.poll() for p in self.procs]
+        return {f"worker {rank}": "RUNNING" if c is None else ("COMPLETED" if c == 0 else f"FAILED ({_exit_text(c)})")
+                for rank, c in enumerate(codes)}
+
+    def done(self) -> bool:
+        return all(p.poll() is not None for p in self.procs)
+
+    def result(self, timeout_s: float | None = None) -> dict[str, Any]:
+        try:
+            codes = self._wait_all(timeout_s)
+        finally:
+            if self.done():
+                _RUNNING_HERE.discard(self.record.submitted_at)
+        failures = {rank: code for rank, code in enumerate(codes) if code != 0}
+        if failures:
+            log.warning("%d of %d workers died%s; the others finished their units", len(failures), len(codes),
+                        failure_text(self.run_dir, failures))
+        try:
+            return reduce_run(self.run_dir)
+        except RunError as exc:
+            raise RunError(f"{exc}{failure_text(self.run_dir, failures)}") from exc
+
+    def _wait_all(self, timeout_s: float | None) -> list[int]:
+        try:
+            return [p.wait(timeout=timeout_s) for p in self.procs]
+        except KeyboardInterrupt:
+            for p in self.procs:
+                p.send_signal(signal.SIGTERM)
+            for p in self.procs:
+                p.wait()
+            raise
+
+
+def _worker_command(run_dir: RunDir, rank: int, world: int, launch: int) -> list[str]:
+    return [sys.executable, "-m", "shardinfer.worker", str(run_dir.path), "--rank", str(rank),
+            "--world", str(world), "--launch", str(launch)]
 
 
 def _spawn(run_dir: RunDir, cfg: Config, rank: int, world: int, gpus: list[str], launch: int) -> subprocess.Popen:
@@ -88,13 +145,12 @@ def _spawn(run_dir: RunDir, cfg: Config, rank: int, world: int, gpus: list[str],
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    cmd = [sys.executable, "-m", "shardinfer.worker", str(run_dir.path), "--rank", str(rank),
-           "--world", str(world), "--launch", str(launch)]
+    cmd = _worker_command(run_dir, rank, world, launch)
     log.debug("starting worker %d: %s", rank, " ".join(cmd))
     return subprocess.Popen(cmd, env=env)
 
 
-def _failure_text(run_dir: RunDir, failures: dict[int, int]) -> str:
+def failure_text(run_dir: RunDir, failures: dict[int, int]) -> str:
     if not failures:
         return ""
     parts = [f"rank {rank} exited with {_exit_text(code)}{_last_error(run_dir.worker_log(rank))} "
@@ -122,5 +178,8 @@ def _last_error(log_file: Path) -> str:
         return ""
     message = errors[-1].split(": ", 1)[-1]
     following = lines[lines.index(errors[-1]) + 1:]
-    detail = next((l for l in reversed(following) if l and not l.startswith(" ")), "")
+    detail = next((line for line in reversed(following) if line and not line.startswith(" ")), "")
     return f": {message}" + (f" ({detail})" if detail and detail != errors[-1] else "")
+
+
+LAUNCHERS = [LocalLauncher()]

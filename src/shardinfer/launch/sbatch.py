@@ -1,31 +1,39 @@
-"""sbatch launcher: worker job (multi-node srun, or a job array) plus a dependent reduce job.
+"""sbatch launchers: batch scripts rendered from the templates in ``slurm/``.
 
-The scripts are pure functions of the config (rendered from the templates in ``slurm/``), saved in
-the run directory before anything is submitted, and checked with ``sbatch --test-only`` so an
-impossible request (more nodes than the partition has, an unknown partition) fails at once.
+- ``sbatch``: a worker job (multi-node srun, or a job array) plus a dependent reduce job;
+- ``mpi``: one job whose MPI ranks (srun --mpi=pmix, or mpirun) plan, infer and reduce.
+
+The scripts are pure functions of the config and the resource request (:mod:`shardinfer.launch.slurm`),
+saved in the run directory before anything is submitted.
 """
 
 from __future__ import annotations
 
 import importlib.resources
-import logging
 import shlex
 import string
-import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from shardinfer import __version__
 from shardinfer.config import Config
-from shardinfer.errors import RunError, ShardinferError
-from shardinfer.launch.layout import Layout
+from shardinfer.launch.base import RunHandle
+from shardinfer.launch.layout import Layout, layout
+from shardinfer.launch.slurm import (
+    SlurmLauncher,
+    reduce_request,
+    sbatch,
+    sbatch_lines,
+    sbatch_options,
+    submitted,
+    worker_request,
+)
+from shardinfer.plan import Plan
+from shardinfer.rundir import RunDir
 
-log = logging.getLogger(__name__)
-
-
-class SubmitError(ShardinferError):
-    """SLURM refused a job: the message holds sbatch's words, what was asked and the fix."""
+REDUCE_DEPENDENCY = ("--dependency=afterany:{job}", "--kill-on-invalid-dep=yes")
 
 
 @dataclass(frozen=True)
@@ -35,63 +43,16 @@ class Scripts:
 
 
 def render_scripts(cfg: Config, lay: Layout, *, run_dir: str, launch: int, python: str, mpi: bool = False) -> Scripts:
+    worker_opts = sbatch_options(worker_request(cfg, lay), f"{run_dir}/slurm/%x-%j.out")
+    reduce_opts = sbatch_options(reduce_request(cfg), f"{run_dir}/slurm/%x-%j.out")
+    launch_line = (_mpi_line if mpi else _launch_line)(cfg, lay, run_dir, launch, python)
+    requeue = 'scontrol requeue "$SLURM_JOB_ID"' if cfg.slurm.requeue else ": # slurm.requeue is off"
     return Scripts(worker=_render("worker.sbatch", cfg, run_dir=run_dir, python=python,
-                                  sbatch_lines=_lines(worker_options(cfg, lay, run_dir)),
-                                  launch=str(launch), workers=str(lay.workers), shape=lay.shape,
-                                  requeue_line=('scontrol requeue "$SLURM_JOB_ID"' if cfg.slurm.requeue
-                                                else ": # slurm.requeue is off"),
-                                  launch_line=(_mpi_line if mpi else _launch_line)(cfg, lay, run_dir, launch, python)),
+                                  sbatch_lines=sbatch_lines(worker_opts), launch=str(launch),
+                                  workers=str(lay.workers), shape=lay.shape, requeue_line=requeue,
+                                  launch_line=launch_line),
                    reduce=_render("reduce.sbatch", cfg, run_dir=run_dir, python=python,
-                                  sbatch_lines=_lines(reduce_options(cfg, run_dir))))
-
-
-def worker_options(cfg: Config, lay: Layout, run_dir: str) -> list[tuple[str, str | None]]:
-    s = cfg.slurm
-    opts: list[tuple[str, str | None]] = [("job-name", f"shardinfer-{cfg.name}")]
-    if lay.shape == "array":
-        last = lay.workers - 1
-        opts += [("output", f"{run_dir}/slurm/%x-%A_%a.out"),
-                 ("array", f"0-{last}" + (f"%{s.array_parallelism}" if s.array_parallelism else "")),
-                 ("nodes", "1"), ("ntasks", "1")]
-        gpus = lay.gpus_per_replica
-    else:
-        opts += [("output", f"{run_dir}/slurm/%x-%j.out"), ("nodes", str(lay.nodes)),
-                 ("ntasks-per-node", str(lay.replicas_per_node))]
-        gpus = lay.gpus_per_node
-    opts.append(("cpus-per-task", str(s.cpus_per_task)))
-    if gpus:
-        opts.append(("gpus-per-node", str(gpus)))
-    if s.mem_gb:
-        opts.append(("mem", f"{s.mem_gb}G"))
-    opts.append(("time", str(s.time_min)))
-    opts += [("signal", f"B:USR2@{s.signal_grace_s}"), ("requeue" if s.requeue else "no-requeue", None)]
-    return opts + _placement(cfg) + [_extra(line) for line in s.extra_sbatch]
-
-
-def reduce_options(cfg: Config, run_dir: str) -> list[tuple[str, str | None]]:
-    s = cfg.slurm
-    opts: list[tuple[str, str | None]] = [
-        ("job-name", f"shardinfer-{cfg.name}-reduce"), ("output", f"{run_dir}/slurm/%x-%j.out"),
-        ("nodes", "1"), ("ntasks", "1"), ("cpus-per-task", str(s.reduce_cpus)), ("time", str(s.reduce_time_min))]
-    if s.reduce_mem_gb:
-        opts.append(("mem", f"{s.reduce_mem_gb}G"))
-    return opts + _placement(cfg)
-
-
-def _placement(cfg: Config) -> list[tuple[str, str | None]]:
-    s = cfg.slurm
-    pairs = [("partition", s.partition), ("account", s.account), ("qos", s.qos), ("constraint", s.constraint)]
-    return [(k, v) for k, v in pairs if v]
-
-
-def _extra(line: str) -> tuple[str, str | None]:
-    text = line.strip().removeprefix("#SBATCH").strip().lstrip("-")
-    key, sep, value = text.partition("=")
-    return key, value if sep else None
-
-
-def _lines(opts: list[tuple[str, str | None]]) -> str:
-    return "\n".join(f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={shlex.quote(v)}" for k, v in opts)
+                                  sbatch_lines=sbatch_lines(reduce_opts)))
 
 
 def _launch_line(cfg: Config, lay: Layout, run_dir: str, launch: int, python: str) -> str:
@@ -100,6 +61,14 @@ def _launch_line(cfg: Config, lay: Layout, run_dir: str, launch: int, python: st
     worker = (f"{shlex.quote(python)} -m shardinfer.worker {shlex.quote(run_dir)} --launch {launch} "
               f"--expect-world {lay.workers} --gpus-per-replica {lay.gpus_per_replica}")
     return f"{srun} {worker}"
+
+
+def _mpi_line(cfg: Config, lay: Layout, run_dir: str, launch: int, python: str) -> str:
+    entry = (f"{shlex.quote(python)} -m shardinfer.launch.mpi {shlex.quote(run_dir)} --launch {launch} "
+             f"--gpus-per-replica {lay.gpus_per_replica}")
+    if cfg.slurm.mpi_start == "mpirun":  # mpirun takes its slots from the allocation
+        return f"mpirun {entry}"
+    return f"srun --mpi=pmix --unbuffered --cpus-per-task={cfg.slurm.cpus_per_task} {entry}"
 
 
 def template_text(name: str) -> str:
@@ -111,14 +80,6 @@ def template_text(name: str) -> str:
     return importlib.resources.files("shardinfer.slurm_templates").joinpath(name).read_text()
 
 
-def _mpi_line(cfg: Config, lay: Layout, run_dir: str, launch: int, python: str) -> str:
-    entry = (f"{shlex.quote(python)} -m shardinfer.launch.mpi {shlex.quote(run_dir)} --launch {launch} "
-             f"--gpus-per-replica {lay.gpus_per_replica}")
-    if cfg.slurm.mpi_start == "mpirun":  # mpirun takes its slots from the allocation
-        return f"mpirun {entry}"
-    return f"srun --mpi=pmix --unbuffered --cpus-per-task={cfg.slurm.cpus_per_task} {entry}"
-
-
 def _render(name: str, cfg: Config, *, run_dir: str, python: str, **values: str) -> str:
     template = string.Template(template_text(name))
     exports = [f"export {k}={shlex.quote(v)}" for k, v in {"PYTHONUNBUFFERED": "1", **cfg.run.env}.items()]
@@ -126,39 +87,9 @@ def _render(name: str, cfg: Config, *, run_dir: str, python: str, **values: str)
                                setup="\n".join(cfg.slurm.setup), exports="\n".join(exports), **values)
 
 
-def sbatch(script: Path, *args: str) -> str:
-    """Submit a script; returns the job id. SLURM's refusal becomes a SubmitError."""
-    proc = _run(["sbatch", "--parsable", *args, str(script)])
-    return proc.stdout.strip().split(";")[0]
-
-
-def check_request(script: Path, cfg: Config, lay: Layout) -> None:
-    """``sbatch --test-only``: refuse impossible requests now instead of pending forever."""
-    try:
-        _run(["sbatch", "--test-only", str(script)])
-    except SubmitError as exc:
-        s = cfg.slurm
-        raise SubmitError(
-            f"{exc}\nNothing was submitted. Asked: {lay.workers} worker(s) = slurm.nodes {s.nodes} x {lay.replicas_per_node} per node, "
-            f"gpus_per_node {s.gpus_per_node}, cpus_per_task {s.cpus_per_task}, partition {s.partition or '(default)'}. "
-            f"Fix: compare with `sinfo -o '%P %D %c %m %G'` and lower slurm.nodes / slurm.gpus_per_node / "
-            f"slurm.cpus_per_task, or set slurm.partition to an existing partition."
-        ) from None
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except FileNotFoundError as exc:
-        raise SubmitError(f"{cmd[0]} not found: run shardinfer submit on a SLURM login node "
-                          f"(or use `shardinfer run` for a local run)") from exc
-    if proc.returncode != 0:
-        raise SubmitError(f"{' '.join(cmd[:2])} refused the job: {(proc.stderr or proc.stdout).strip()}")
-    return proc
-
-
-def default_python() -> str:
-    return sys.executable
+def node_python(cfg: Config) -> str:
+    """The python the jobs run: slurm.python, else the one running shardinfer submit."""
+    return cfg.slurm.python or sys.executable
 
 
 def write_script(path: Path, text: str) -> Path:
@@ -168,37 +99,49 @@ def write_script(path: Path, text: str) -> Path:
     return path
 
 
-def job_states(job_ids: list[str]) -> dict[str, str]:
-    """State of each job (array tasks folded into their job): squeue first, then sacct."""
-    states: dict[str, str] = {}
-    proc = subprocess.run(["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i %T"],
-                          capture_output=True, text=True, timeout=60)
-    for line in proc.stdout.splitlines():
-        jid, _, state = line.partition(" ")
-        states.setdefault(jid.split("_")[0], state)
-    missing = [j for j in job_ids if j not in states]
-    if missing:
-        states.update(_sacct_states(missing))
-    return {j: states.get(j, "UNKNOWN") for j in job_ids}
+class SbatchLauncher(SlurmLauncher):
+    name = "sbatch"
+    description = "sbatch: a worker job (multi-node srun or a job array) and a dependent reduce job"
+    mpi = False
+
+    def preview(self, cfg: Config, run_dir: RunDir) -> str:
+        lay = layout(cfg)
+        scripts = render_scripts(cfg, lay, run_dir=str(run_dir.path.resolve()), launch=0,
+                                 python=node_python(cfg), mpi=self.mpi)
+        return (f"# ---- worker job ({lay.workers} workers) ----\n{scripts.worker}\n"
+                f"# ---- reduce job: sbatch {' '.join(REDUCE_DEPENDENCY).format(job='<worker job>')} ----\n"
+                f"{scripts.reduce}")
+
+    def start(self, cfg: Config, run_dir: RunDir, plan: Plan, launch: int) -> RunHandle:
+        started = time.time()
+        scripts = render_scripts(cfg, layout(cfg), run_dir=str(run_dir.path.resolve()), launch=launch,
+                                 python=node_python(cfg))
+        worker = write_script(run_dir.slurm / f"launch-{launch:03d}-worker.sbatch", scripts.worker)
+        reduce = write_script(run_dir.slurm / f"launch-{launch:03d}-reduce.sbatch", scripts.reduce)
+        worker_job = sbatch(worker)
+        reduce_job = sbatch(reduce, *(opt.format(job=worker_job) for opt in REDUCE_DEPENDENCY))
+        return submitted(run_dir, self.name, launch, [worker_job, reduce_job], started)
 
 
-def _sacct_states(job_ids: list[str]) -> dict[str, str]:
-    try:
-        proc = subprocess.run(["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), "-o", "JobID,State"],
-                              capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        return {}
-    states: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
-        jid, _, state = line.partition("|")
-        states.setdefault(jid.split("_")[0], state.split(" ")[0])
-    return states
+class SlurmMpiLauncher(SbatchLauncher):
+    """One job: its MPI ranks claim units and rank 0 reduces at the end, so no reduce job."""
+
+    name = "mpi"
+    description = "one SLURM job whose MPI ranks (srun --mpi=pmix, or mpirun) plan, infer and reduce"
+    mpi = True
+
+    def preview(self, cfg: Config, run_dir: RunDir) -> str:
+        lay = layout(cfg)
+        scripts = render_scripts(cfg, lay, run_dir=str(run_dir.path.resolve()), launch=0,
+                                 python=node_python(cfg), mpi=True)
+        return f"# ---- MPI job ({lay.workers} ranks; rank 0 reduces, no reduce job) ----\n{scripts.worker}"
+
+    def start(self, cfg: Config, run_dir: RunDir, plan: Plan, launch: int) -> RunHandle:
+        started = time.time()
+        scripts = render_scripts(cfg, layout(cfg), run_dir=str(run_dir.path.resolve()), launch=launch,
+                                 python=node_python(cfg), mpi=True)
+        job = sbatch(write_script(run_dir.slurm / f"launch-{launch:03d}-mpi.sbatch", scripts.worker))
+        return submitted(run_dir, self.name, launch, [job], started)
 
 
-ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
-
-
-def raise_if_failed(states: dict[str, str], run_dir: Path) -> None:
-    bad = {j: s for j, s in states.items() if s not in ACTIVE_STATES | {"COMPLETED"}}
-    if bad:
-        raise RunError(f"SLURM jobs ended badly: {bad}; logs in {run_dir / 'slurm'}")
+LAUNCHERS = [SbatchLauncher(), SlurmMpiLauncher()]

@@ -1,25 +1,53 @@
-"""submitit launcher: the same workers and reduce step, submitted from Python through submitit."""
+"""submitit launcher: the same workers and reduce step, submitted from Python through submitit.
+
+The jobs ask for the same resources as the sbatch launcher's (one :class:`SlurmRequest` mapping).
+submitit signals the tasks themselves ``slurm.signal_grace_s`` before the time limit: each worker
+drains (commits its units and stops), and the last task of the job to drain requeues it when
+``slurm.requeue`` is on, so the job continues by itself as an sbatch job does.
+"""
 
 from __future__ import annotations
 
 import shlex
+import time
 from typing import Any
 
 from shardinfer.config import Config
 from shardinfer.errors import RunError, missing_dependency
-from shardinfer.launch.layout import Layout
+from shardinfer.launch.base import RunHandle
+from shardinfer.launch.layout import layout
+from shardinfer.launch.slurm import (
+    SlurmLauncher,
+    SlurmRequest,
+    reduce_request,
+    requeue_after_drain,
+    submitit_parameters,
+    submitted,
+    worker_request,
+)
+from shardinfer.plan import Plan
 from shardinfer.rundir import RunDir
 
 
-def run_worker_task(run_dir: str, launch: int, expect_world: int, gpus_per_replica: int) -> int:
+def run_worker_task(run_dir: str, launch: int, expect_world: int, gpus_per_replica: int, requeue: bool) -> int:
     """Body of each submitit task: one worker (rank and GPUs come from the SLURM environment)."""
-    from shardinfer.worker import main
+    from shardinfer.env import detect
+    from shardinfer.errors import ShardinferError
+    from shardinfer.logs import setup_logging
+    from shardinfer.worker import run_worker
 
-    code = main([run_dir, "--launch", str(launch), "--expect-world", str(expect_world),
-                 "--gpus-per-replica", str(gpus_per_replica)])
-    if code != 0:
-        raise RunError(f"worker exited with code {code}; see {run_dir}/logs")
-    return code
+    rank_env = detect()
+    directory = RunDir(run_dir)
+    setup_logging(rank=rank_env.rank, world=rank_env.world, log_file=directory.worker_log(rank_env.rank))
+    try:
+        metrics = run_worker(directory, rank_env, launch=launch, expect_world=expect_world,
+                             gpus_per_replica=gpus_per_replica)
+    except ShardinferError as exc:
+        raise RunError(f"worker {rank_env.rank} failed: {exc}; see {run_dir}/logs") from exc
+    if metrics.drained_by == "SIGUSR2" and requeue and rank_env.slurm_job_id:
+        requeue_after_drain(directory, rank_env.slurm_job_id, rank_env.restart, rank_env.rank,
+                            rank_env.tasks_in_job)
+    return 0
 
 
 def reduce_task(run_dir: str) -> dict[str, Any]:
@@ -30,45 +58,48 @@ def reduce_task(run_dir: str) -> dict[str, Any]:
     return reduce_run(RunDir(run_dir))
 
 
-def _executor(cfg: Config, run_dir: RunDir, **params: Any) -> Any:
+def executor(cfg: Config, run_dir: RunDir, req: SlurmRequest, **more: Any) -> Any:
+    """A submitit executor for one request; ``slurm.setup`` and ``run.env`` run before the task."""
     try:
         import submitit
     except ImportError as exc:
         raise missing_dependency("submitit", "submitit") from exc
-    s = cfg.slurm
-    executor = submitit.AutoExecutor(folder=str(run_dir.path.resolve() / "submitit" / "%j"))
-    common: dict[str, Any] = {"slurm_setup": [*s.setup, *[f"export {k}={shlex.quote(v)}" for k, v in cfg.run.env.items()]]}
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(s, key):
-            common[f"slurm_{key}"] = getattr(s, key)
-    executor.update_parameters(**common, **params)
-    return executor
+    params = submitit_parameters(req)
+    params["slurm_additional_parameters"].update(more.pop("slurm_additional_parameters", {}))
+    setup = [*cfg.slurm.setup, *[f"export {k}={shlex.quote(v)}" for k, v in cfg.run.env.items()]]
+    python = {"slurm_python": shlex.quote(cfg.slurm.python)} if cfg.slurm.python else {}
+    ex = submitit.AutoExecutor(folder=str(run_dir.path.resolve() / "submitit" / "%j"), **python)
+    ex.update_parameters(slurm_setup=setup, **params, **more)
+    return ex
 
 
-def submit_submitit(cfg: Config, lay: Layout, run_dir: RunDir, launch: int) -> Any:
-    from shardinfer.launch.submit import SubmittedRun
+class SubmititLauncher(SlurmLauncher):
+    name = "submitit"
+    description = "submitit from Python: the same worker and reduce jobs as sbatch"
 
-    s = cfg.slurm
-    path = str(run_dir.path.resolve())
-    resources: dict[str, Any] = {"timeout_min": s.time_min, "cpus_per_task": s.cpus_per_task,
-                                 "name": f"shardinfer-{cfg.name}"}
-    if s.mem_gb:
-        resources["mem_gb"] = s.mem_gb
-    args = (path, launch, lay.workers, lay.gpus_per_replica)
-    if lay.shape == "array":
-        executor = _executor(cfg, run_dir, **resources, nodes=1, tasks_per_node=1,
-                             gpus_per_node=lay.gpus_per_replica or None,
-                             slurm_array_parallelism=s.array_parallelism or lay.workers)
-        jobs = executor.map_array(run_worker_task, *[[a] * lay.workers for a in args])
-        worker_job = jobs[0].job_id.split("_")[0]
-    else:
-        executor = _executor(cfg, run_dir, **resources, nodes=lay.nodes, tasks_per_node=lay.replicas_per_node,
-                             gpus_per_node=lay.gpus_per_node or None,
-                             slurm_srun_args=["--kill-on-bad-exit=0"])
-        worker_job = executor.submit(run_worker_task, *args).job_id
-    reducer = _executor(cfg, run_dir, timeout_min=s.reduce_time_min, cpus_per_task=s.reduce_cpus, nodes=1,
-                        tasks_per_node=1, name=f"shardinfer-{cfg.name}-reduce",
-                        slurm_additional_parameters={"dependency": f"afterany:{worker_job}",
-                                                     "kill_on_invalid_dep": "yes"})
-    reduce_job = reducer.submit(reduce_task, path)
-    return SubmittedRun(run_dir, "submitit", launch, worker_job, reduce_job.job_id, _reduce_handle=reduce_job)
+    def preview(self, cfg: Config, run_dir: RunDir) -> str:
+        lay = layout(cfg)
+        worker = submitit_parameters(worker_request(cfg, lay))
+        reduce = submitit_parameters(reduce_request(cfg))
+        return (f"# submitit executor parameters of the worker job ({lay.workers} workers):\n{worker}\n"
+                f"# and of the reduce job (after the worker job, afterany):\n{reduce}")
+
+    def start(self, cfg: Config, run_dir: RunDir, plan: Plan, launch: int) -> RunHandle:
+        started = time.time()
+        lay = layout(cfg)
+        path = str(run_dir.path.resolve())
+        args = (path, launch, lay.workers, lay.gpus_per_replica, cfg.slurm.requeue)
+        workers = executor(cfg, run_dir, worker_request(cfg, lay),
+                           slurm_srun_args=["--kill-on-bad-exit=0"])
+        if lay.shape == "array":
+            jobs = workers.map_array(run_worker_task, *[[a] * lay.workers for a in args])
+            worker_job = jobs[0].job_id.split("_")[0]
+        else:
+            worker_job = workers.submit(run_worker_task, *args).job_id
+        reducer = executor(cfg, run_dir, reduce_request(cfg), slurm_additional_parameters={
+            "dependency": f"afterany:{worker_job}", "kill-on-invalid-dep": "yes"})
+        reduce_job = reducer.submit(reduce_task, path)
+        return submitted(run_dir, self.name, launch, [worker_job, reduce_job.job_id], started, reduce_job)
+
+
+LAUNCHERS = [SubmititLauncher()]

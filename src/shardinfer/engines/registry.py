@@ -1,0 +1,134 @@
+"""The engine registry: one :class:`EngineSpec` per engine, the only place engines are told apart.
+
+Each engine module declares its spec (``SPEC``) next to its code: name, pip extra, the modules it
+imports, its argument field in ``model.*``, how many GPUs one replica takes, what it supports, and
+how the benchmark treats it. Config choices, dispatch, the fingerprint, the report, worker layouts
+and the benchmark read the spec; nothing else compares engine names. Engines from plugins
+(:mod:`shardinfer.plugins`) register with :func:`register_engine`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shardinfer.errors import ConfigError, missing_dependency
+
+if TYPE_CHECKING:
+    from shardinfer.config import Config, ModelConfig
+    from shardinfer.engines.base import Engine
+
+_BUILTIN = ("shardinfer.engines.vllm_engine", "shardinfer.engines.hf_engine")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine does beyond one text out per prompt; a config asking for more is refused."""
+
+    continuous: bool = False  # fed while it runs (submit/poll); else one blocking batch at a time
+    structured_output: bool = False  # JSON schema / regex / choice constrained decoding
+    lora: bool = False  # LoRA adapters per row
+    samples: bool = False  # n > 1 outputs per row
+    logprobs: bool = False  # token log-probabilities
+
+    def supported(self) -> list[str]:
+        return [name for name, on in vars(self).items() if on]
+
+
+@dataclass(frozen=True)
+class BenchSupport:
+    """How ``shardinfer bench`` treats the engine."""
+
+    baseline: str  # mode of shardinfer.bench.raw the pipeline is compared with
+    strategies: bool = False  # one-at-a-time / static / continuous comparison available
+    # Make a raw ``model`` config section load random weights from config.json alone.
+    dummy_weights: Callable[[dict[str, Any], Path], None] | None = None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    description: str
+    create: Callable[[Config, int], Engine]  # (config, max_model_len) -> an engine, not loaded yet
+    modules: tuple[str, ...]  # imported by the engine: checked before any work starts
+    extra: str  # pip install 'shardinfer[<extra>]'
+    args_field: str | None  # the model.* mapping passed through to the engine
+    # GPUs one replica (one worker) takes, given the model config and the GPUs a node has.
+    replica_gpus: Callable[[ModelConfig, int], int]
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    install_hint: str = ""  # said after the pip command when a module is missing
+    bench: BenchSupport | None = None
+
+    def args(self, model: ModelConfig) -> dict[str, Any]:
+        """The engine's own arguments from the config (``model.<args_field>``)."""
+        return dict(getattr(model, self.args_field)) if self.args_field else {}
+
+    def check_installed(self) -> None:
+        """Fail before planning when a module is missing, naming the extra to install."""
+        for module in self.modules:
+            if importlib.util.find_spec(module) is None:
+                raise missing_dependency(module, self.extra, self.install_hint)
+
+    def version(self) -> str | None:
+        """The installed distribution and version of the engine's main module."""
+        if not self.modules:
+            return None
+        module = self.modules[0]
+        for dist in importlib.metadata.packages_distributions().get(module, [module]):
+            try:
+                return f"{dist} {importlib.metadata.version(dist)}"
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return None
+
+
+_ENGINES: dict[str, EngineSpec] = {}
+
+
+def register_engine(spec: EngineSpec) -> EngineSpec:
+    _load_builtins()  # built-in engines come first, whoever registers first
+    known = _ENGINES.get(spec.name)
+    if known is not None and known is not spec:
+        raise ConfigError(f"engine {spec.name!r} is registered twice; rename one of them")
+    _ENGINES[spec.name] = spec
+    return spec
+
+
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module_name in _BUILTIN:
+            register_engine(importlib.import_module(module_name).SPEC)
+
+
+def engines() -> dict[str, EngineSpec]:
+    """Every registered engine by name: the built-in ones first, then plugins'."""
+    _load_builtins()
+    from shardinfer.plugins import load_plugins
+
+    load_plugins()
+    return dict(_ENGINES)
+
+
+def engine_names() -> list[str]:
+    return list(engines())
+
+
+def get_engine(name: str) -> EngineSpec:
+    known = engines()
+    if name not in known:
+        raise ConfigError(f"model.engine: {name!r} is not a registered engine. Valid choices: {', '.join(known)}")
+    return known[name]
+
+
+def create_engine(cfg: Config, max_model_len: int) -> Engine:
+    return get_engine(cfg.model.engine).create(cfg, max_model_len)

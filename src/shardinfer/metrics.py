@@ -1,0 +1,82 @@
+"""Worker metrics: one typed record per worker and launch, saved in ``<run dir>/metrics/``.
+
+Written by the worker (at start, after the model loads, on a timer while it works and at the end),
+read by the report, ``status`` and the benchmark. Files written by older versions load too: a
+missing field takes its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardinfer.rundir import RunDir, read_json, write_json_atomic
+
+
+@dataclass
+class WorkerMetrics:
+    rank: int
+    world: int
+    launch: int
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    started_at: float = field(default_factory=time.time)
+    model_load_s: float = 0.0
+    generation_s: float = 0.0
+    first_generate_at: float | None = None
+    last_generate_end: float | None = None
+    finished_at: float | None = None
+    units: int = 0
+    rows: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    engine: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    launcher: str = "local"
+    job_id: str | None = None
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the worker
+    drained: bool = False  # stopped early on SIGUSR2/SIGTERM
+    drained_by: str | None = None  # the signal's name
+    restart: int = 0  # requeues of the SLURM job before this start
+    timeline: dict[str, Any] = field(default_factory=dict)  # tokens finished per time bin
+
+    @property
+    def end(self) -> float:
+        """When the worker finished (or last generated, or started: a worker that died early)."""
+        return self.finished_at or self.last_generate_end or self.started_at
+
+    @property
+    def busy_s(self) -> float:
+        return self.end - self.started_at
+
+    @property
+    def gpu_count(self) -> int:
+        return len([g for g in (self.gpus or "").split(",") if g.strip()])
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.output_tokens
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """Launch and SLURM restart: workers started together share it."""
+        return self.launch, self.restart
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkerMetrics:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, run_dir: RunDir) -> None:
+        write_json_atomic(run_dir.worker_metrics(self.launch, self.rank, self.restart), self.to_json())
+
+
+def load_metrics(run_dir: RunDir) -> list[WorkerMetrics]:
+    return [WorkerMetrics.from_json(read_json(p)) for p in sorted(run_dir.metrics.glob("launch-*-worker-*.json"))]

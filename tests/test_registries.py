@@ -1,0 +1,145 @@
+"""Engines and launchers as registered peers: what they declare, how they are chosen, and a plugin
+engine and launcher added without touching shardinfer (real worker processes, no real engine)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import shardinfer
+from conftest import CPU_ENV, demo_docs, read_results, run_cli, write_config, write_jsonl
+from shardinfer.config import ModelConfig, config_from_dict
+from shardinfer.engines.registry import engines, get_engine
+from shardinfer.errors import ConfigError, RunError
+from shardinfer.launch.base import LaunchRecord
+from shardinfer.launch.registry import get_launcher, launcher_choices
+from shardinfer.launch.start import launch, record_launch
+from shardinfer.metrics import WorkerMetrics
+from shardinfer.rundir import RunDir
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+def test_engines_declare_extra_arguments_gpus_and_capabilities():
+    known = engines()
+    assert list(known)[:2] == ["vllm", "hf"]
+    vllm, hf = known["vllm"], known["hf"]
+    assert (vllm.extra, vllm.args_field, vllm.modules) == ("vllm", "vllm_args", ("vllm",))
+    assert (hf.extra, hf.args_field, hf.modules) == ("hf", "hf_args", ("torch", "transformers"))
+    model = ModelConfig(path="m", vllm_args={"tensor_parallel_size": 2, "pipeline_parallel_size": 2})
+    assert vllm.replica_gpus(model, 8) == 4 and hf.replica_gpus(model, 8) == 8  # hf spreads over the node
+    assert vllm.capabilities.continuous and not hf.capabilities.continuous
+    assert vllm.args(model) == {"tensor_parallel_size": 2, "pipeline_parallel_size": 2} and hf.args(model) == {}
+    assert vllm.bench.baseline == "vllm" and hf.bench.baseline == "hf-static"
+    with pytest.raises(ConfigError, match="'tgi' is not a registered engine. Valid choices: vllm, hf"):
+        get_engine("tgi")
+
+
+def test_run_and_submit_choose_among_their_own_launchers():
+    assert launcher_choices(on_cluster=False) == ["local", "mpirun", "mpi"]
+    assert launcher_choices(on_cluster=True) == ["sbatch", "mpi", "submitit"]
+    assert get_launcher("mpi", on_cluster=False).name == "mpirun"  # `run --launcher mpi`: mpirun here
+    assert get_launcher("mpi", on_cluster=True).name == "mpi"  # `submit --launcher mpi`: one SLURM job
+    assert get_launcher("mpi").name == "mpi"  # runs recorded before mpirun was its own launcher
+    with pytest.raises(ConfigError, match="'slurm' is not one of the launchers that run here: local, mpirun"):
+        get_launcher("slurm", on_cluster=False)
+
+
+@pytest.fixture
+def plugin_env():
+    return {**os.environ, **CPU_ENV, "PYTHONPATH": os.pathsep.join([str(PLUGINS), os.environ.get("PYTHONPATH", "")]),
+            "SHARDINFER_PLUGINS": "toy_plugin"}
+
+
+def _echo_config(tmp_path, tiny_model, name="run", **run):
+    docs = demo_docs(7)
+    corpus = write_jsonl(tmp_path / "docs.jsonl", [{"id": d["id"], "text": d["text"][:600]} for d in docs])
+    return write_config(tmp_path / f"{name}.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / name,
+                        input={"path": str(corpus), "id_column": "id"}, model={"engine": "echo"},
+                        sampling={"max_tokens": 5}, run={"directory": str(tmp_path / name), "unit_tokens": 400, **run})
+
+
+@pytest.mark.processes
+def test_a_plugin_adds_an_engine_and_a_launcher_without_touching_shardinfer(tmp_path, tiny_model, tokenizer,
+                                                                            plugin_env):
+    config = _echo_config(tmp_path, tiny_model)
+    proc = run_cli(["run", str(config), "--launcher", "serial"], plugin_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_results(tmp_path / "run")
+    assert [r["status"] for r in rows] == ["ok"] * 7
+    for row in rows:  # the echo engine's answer, built from the prompt shardinfer rendered
+        assert row["output_tokens"] == 5 and row["output"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["model"]["engine"] == "echo" and report["versions"]["echo"] == "1.0"
+    assert json.loads((tmp_path / "run" / "jobs.json").read_text())[0]["launcher"] == "serial"
+    plan = run_cli(["plan", str(config), "--launcher", "serial"], plugin_env)
+    assert plan.returncode == 0 and "(serial launcher)" in plan.stdout
+    reference = run_cli(["config-reference"], plugin_env).stdout
+    assert "(registered: vllm, hf, echo)" in reference
+    without = run_cli(["run", str(config)], {k: v for k, v in plugin_env.items() if k != "SHARDINFER_PLUGINS"})
+    assert without.returncode == 2
+    assert "model.engine: 'echo' is not a valid choice. Valid choices: vllm, hf" in without.stderr
+
+
+@pytest.mark.processes
+def test_python_api_runs_in_process_and_every_handle_has_the_same_methods(tmp_path, tiny_model, plugin_env,
+                                                                        monkeypatch):
+    for key in ("PYTHONPATH", "SHARDINFER_PLUGINS", *CPU_ENV):
+        monkeypatch.setenv(key, plugin_env[key])
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    __import__("toy_plugin")
+    report = shardinfer.run(_echo_config(tmp_path, tiny_model, "api"), overrides=["run.workers=2"])
+    assert report["rows"] == {"in": 7, "ok": 7, "truncated": 0, "failed": 0}
+    assert sorted(w["rank"] for w in report["workers"]) == [0, 1]
+    handle = shardinfer.submit(_echo_config(tmp_path, tiny_model, "handle"), launcher="local")
+    assert handle.launcher == "local" and handle.launch == 0 and handle.job_ids == []
+    assert set(handle.states()) == {"worker 0"}
+    assert handle.result()["rows"]["ok"] == 7
+    assert handle.done() and handle.wait() == {"worker 0": "COMPLETED"}
+    again = shardinfer.resume(tmp_path / "handle")  # nothing left: a launch with no worker, same report
+    assert again.launch == 1 and again.result()["rows"]["ok"] == 7
+
+
+@pytest.mark.processes
+def test_a_second_launch_while_the_first_runs_is_refused(tmp_path, tiny_model, plugin_env, monkeypatch):
+    for key in ("PYTHONPATH", "SHARDINFER_PLUGINS"):
+        monkeypatch.setenv(key, plugin_env[key])
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    __import__("toy_plugin")
+    config = _echo_config(tmp_path, tiny_model, "busy")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        launch(config, launcher="serial").result()
+        record_launch(RunDir(tmp_path / "busy"), LaunchRecord(launch=1, launcher="local", pid=sleeper.pid))
+        with pytest.raises(RunError, match=rf"still being run by launch 1 \(local, process {sleeper.pid} on "):
+            launch(config, launcher="serial")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert launch(config, launcher="serial").launch == 1  # the earlier launch's process is gone
+
+
+def test_metrics_written_by_older_versions_still_load():
+    old = {"rank": 1, "world": 2, "launch": 0, "host": "n1", "pid": 7, "started_at": 10.0, "finished_at": 25.0,
+           "rows": 3, "prompt_tokens": 30, "output_tokens": 12, "gpus": "2,3", "retired_field": True}
+    m = WorkerMetrics.from_json(old)
+    assert (m.busy_s, m.gpu_count, m.total_tokens, m.drained_by, m.key) == (15.0, 2, 42, None, (0, 0))
+    assert WorkerMetrics.from_json(m.to_json()) == m
+
+
+def test_the_worker_job_count_is_the_launchers():
+    cfg = config_from_dict({"input": {"path": "x"}, "model": {"path": "m", "vllm_args": {"tensor_parallel_size": 2}},
+                            "run": {"workers": 3}, "slurm": {"nodes": 2, "gpus_per_node": 8}})
+    assert get_launcher("local").workers(cfg) == 3
+    assert get_launcher("sbatch").workers(cfg) == get_launcher("submitit").workers(cfg) == 8
+
+
+def test_launch_records_of_older_runs_load():
+    old = {"launch": 2, "launcher": "mpi", "worker_job": "41", "reduce_job": "41", "submitted_at": 5.0}
+    record = LaunchRecord.from_json(old)
+    assert (record.job_ids, record.worker_job, record.reduce_job, record.pid) == (["41"], "41", "41", 0)
+    assert not get_launcher("local").active(record) and time.time() > record.submitted_at
