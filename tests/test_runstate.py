@@ -63,3 +63,15 @@ def test_launch_settings_may_change_between_launches_of_one_run(in_tmp):
     first, _ = prepare_run(_cfg(in_tmp), 1)
     more_nodes = config_from_dict({**_raw(in_tmp), "slurm": {"nodes": 8}})
     assert run_dir_for(more_nodes).path == first.path
+
+
+def test_a_run_begun_before_a_setting_existed_continues(in_tmp):
+    """A run.json without a results setting added since (older version) reads it at its default."""
+    explicit = {**_raw(in_tmp), "run": {"directory": "old"}}
+    run_dir, _ = prepare_run(config_from_dict(explicit), 1)
+    state = json.loads(run_dir.run_json.read_text())
+    del state["config"]["model"]["hf_batch_tokens"], state["config"]["sampling"]["ignore_eos"]
+    run_dir.run_json.write_text(json.dumps(state))
+    assert prepare_run(config_from_dict(explicit), 1)[0].path == run_dir.path
+    with pytest.raises(RunError, match=r"sampling.ignore_eos changed"):
+        prepare_run(config_from_dict({**explicit, "sampling": {"max_tokens": 8, "ignore_eos": True}}), 1)

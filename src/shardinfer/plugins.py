@@ -13,8 +13,12 @@ import importlib
 import importlib.metadata
 import logging
 import os
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from shardinfer.errors import ConfigError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +43,37 @@ def load_plugins() -> None:
             entry.load()
         except Exception as exc:  # noqa: BLE001 - a broken third-party plugin must not stop the others
             log.warning("plugin %s (%s) failed to load: %r", entry.name, entry.value, exc)
+
+
+class Registry(Generic[T]):
+    """Named items of one kind (engines, launchers): the built-in ones first, then plugins'."""
+
+    def __init__(self, kind: str, builtin_modules: tuple[str, ...], items_of: Callable[[Any], list[T]],
+                 name_of: Callable[[T], str]):
+        self.kind = kind
+        self._builtin_modules = builtin_modules
+        self._items_of = items_of  # a built-in module -> the items it brings
+        self._name_of = name_of
+        self._items: dict[str, T] = {}
+        self._builtins_loaded = False
+
+    def register(self, item: T) -> T:
+        self._load_builtins()  # built-in items come first, whoever registers first
+        name = self._name_of(item)
+        known = self._items.get(name)
+        if known is not None and known is not item:
+            raise ConfigError(f"{self.kind} {name!r} is registered twice; rename one of them")
+        self._items[name] = item
+        return item
+
+    def all(self) -> dict[str, T]:
+        self._load_builtins()
+        load_plugins()
+        return dict(self._items)
+
+    def _load_builtins(self) -> None:
+        if not self._builtins_loaded:
+            self._builtins_loaded = True
+            for module_name in self._builtin_modules:
+                for item in self._items_of(importlib.import_module(module_name)):
+                    self.register(item)

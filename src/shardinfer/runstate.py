@@ -91,8 +91,10 @@ def load_plan(run_dir: RunDir) -> Plan:
 
 
 def changed_settings(run_dir: RunDir, cfg: Config) -> list[str]:
-    """Dotted keys of the results settings that differ from the run's."""
-    return _diff_keys(read_json(run_dir.fingerprint_json)["config"], results_settings(cfg))
+    """Dotted keys of the results settings that differ from the run's. The run's config is read back
+    through the config tree, so a setting added since the run began counts at its default."""
+    saved = config_from_dict(read_json(run_dir.run_json)["config"])
+    return _diff_keys(results_settings(saved), results_settings(cfg))
 
 
 def check_fingerprint(run_dir: RunDir, cfg: Config, plan: Plan) -> None:
@@ -104,8 +106,9 @@ def check_fingerprint(run_dir: RunDir, cfg: Config, plan: Plan) -> None:
             f"run.directory to a new directory for a new run, restore those settings, or remove "
             f"{run_dir.path}. (Settings under run.* and slurm.* may change between launches of a run.)"
         )
-    saved = read_json(run_dir.fingerprint_json)
-    changes = differences(saved, fingerprint(cfg, _current_files(plan)))
+    saved = {k: v for k, v in read_json(run_dir.fingerprint_json).items() if k != "config"}
+    now = {k: v for k, v in fingerprint(cfg, _current_files(plan)).items() if k != "config"}
+    changes = differences(saved, now)
     if changes:
         shown = "\n  ".join(changes[:20]) + ("\n  ..." if len(changes) > 20 else "")
         raise RunError(

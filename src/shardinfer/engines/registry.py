@@ -9,7 +9,6 @@ and the benchmark read the spec; nothing else compares engine names. Engines fro
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shardinfer.errors import ConfigError, missing_dependency
+from shardinfer.plugins import Registry
 
 if TYPE_CHECKING:
     from shardinfer.config import Config, ModelConfig
@@ -87,36 +87,16 @@ class EngineSpec:
         return None
 
 
-_ENGINES: dict[str, EngineSpec] = {}
+_REGISTRY: Registry[EngineSpec] = Registry("engine", _BUILTIN, lambda module: [module.SPEC], lambda spec: spec.name)
 
 
 def register_engine(spec: EngineSpec) -> EngineSpec:
-    _load_builtins()  # built-in engines come first, whoever registers first
-    known = _ENGINES.get(spec.name)
-    if known is not None and known is not spec:
-        raise ConfigError(f"engine {spec.name!r} is registered twice; rename one of them")
-    _ENGINES[spec.name] = spec
-    return spec
-
-
-_builtins_loaded = False
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module_name in _BUILTIN:
-            register_engine(importlib.import_module(module_name).SPEC)
+    return _REGISTRY.register(spec)
 
 
 def engines() -> dict[str, EngineSpec]:
     """Every registered engine by name: the built-in ones first, then plugins'."""
-    _load_builtins()
-    from shardinfer.plugins import load_plugins
-
-    load_plugins()
-    return dict(_ENGINES)
+    return _REGISTRY.all()
 
 
 def engine_names() -> list[str]:

@@ -6,42 +6,23 @@ The CLI (``run`` takes the launchers that run here, ``submit`` those that submit
 
 from __future__ import annotations
 
-import importlib
-
 from shardinfer.errors import ConfigError
 from shardinfer.launch.base import Launcher
+from shardinfer.plugins import Registry
 
 _BUILTIN = ("shardinfer.launch.local", "shardinfer.launch.mpi", "shardinfer.launch.sbatch",
             "shardinfer.launch.submitit_launcher")
-_LAUNCHERS: dict[str, Launcher] = {}
-_builtins_loaded = False
+_REGISTRY: Registry[Launcher] = Registry("launcher", _BUILTIN, lambda module: list(module.LAUNCHERS),
+                                         lambda launcher: launcher.name)
 
 
 def register_launcher(launcher: Launcher) -> Launcher:
-    _load_builtins()  # built-in launchers come first, whoever registers first
-    known = _LAUNCHERS.get(launcher.name)
-    if known is not None and known is not launcher:
-        raise ConfigError(f"launcher {launcher.name!r} is registered twice; rename one of them")
-    _LAUNCHERS[launcher.name] = launcher
-    return launcher
+    return _REGISTRY.register(launcher)
 
 
 def launchers(*, on_cluster: bool | None = None) -> dict[str, Launcher]:
     """Registered launchers by name (only those that run here, or only cluster ones, if asked)."""
-    _load_builtins()
-    from shardinfer.plugins import load_plugins
-
-    load_plugins()
-    return {n: la for n, la in _LAUNCHERS.items() if on_cluster is None or la.on_cluster == on_cluster}
-
-
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module_name in _BUILTIN:
-            for launcher in importlib.import_module(module_name).LAUNCHERS:
-                register_launcher(launcher)
+    return {n: la for n, la in _REGISTRY.all().items() if on_cluster is None or la.on_cluster == on_cluster}
 
 
 def launcher_choices(*, on_cluster: bool | None = None) -> list[str]:

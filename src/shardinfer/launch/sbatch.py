@@ -104,18 +104,19 @@ class SbatchLauncher(SlurmLauncher):
     description = "sbatch: a worker job (multi-node srun or a job array) and a dependent reduce job"
     mpi = False
 
+    def scripts(self, cfg: Config, run_dir: RunDir, launch: int) -> Scripts:
+        return render_scripts(cfg, layout(cfg), run_dir=str(run_dir.path.resolve()), launch=launch,
+                              python=node_python(cfg), mpi=self.mpi)
+
     def preview(self, cfg: Config, run_dir: RunDir) -> str:
-        lay = layout(cfg)
-        scripts = render_scripts(cfg, lay, run_dir=str(run_dir.path.resolve()), launch=0,
-                                 python=node_python(cfg), mpi=self.mpi)
-        return (f"# ---- worker job ({lay.workers} workers) ----\n{scripts.worker}\n"
+        scripts = self.scripts(cfg, run_dir, 0)
+        return (f"# ---- worker job ({layout(cfg).workers} workers) ----\n{scripts.worker}\n"
                 f"# ---- reduce job: sbatch {' '.join(REDUCE_DEPENDENCY).format(job='<worker job>')} ----\n"
                 f"{scripts.reduce}")
 
     def start(self, cfg: Config, run_dir: RunDir, plan: Plan, launch: int) -> RunHandle:
         started = time.time()
-        scripts = render_scripts(cfg, layout(cfg), run_dir=str(run_dir.path.resolve()), launch=launch,
-                                 python=node_python(cfg))
+        scripts = self.scripts(cfg, run_dir, launch)
         worker = write_script(run_dir.slurm / f"launch-{launch:03d}-worker.sbatch", scripts.worker)
         reduce = write_script(run_dir.slurm / f"launch-{launch:03d}-reduce.sbatch", scripts.reduce)
         worker_job = sbatch(worker)
@@ -131,17 +132,13 @@ class SlurmMpiLauncher(SbatchLauncher):
     mpi = True
 
     def preview(self, cfg: Config, run_dir: RunDir) -> str:
-        lay = layout(cfg)
-        scripts = render_scripts(cfg, lay, run_dir=str(run_dir.path.resolve()), launch=0,
-                                 python=node_python(cfg), mpi=True)
-        return f"# ---- MPI job ({lay.workers} ranks; rank 0 reduces, no reduce job) ----\n{scripts.worker}"
+        return (f"# ---- MPI job ({layout(cfg).workers} ranks; rank 0 reduces, no reduce job) ----\n"
+                f"{self.scripts(cfg, run_dir, 0).worker}")
 
     def start(self, cfg: Config, run_dir: RunDir, plan: Plan, launch: int) -> RunHandle:
         started = time.time()
-        scripts = render_scripts(cfg, layout(cfg), run_dir=str(run_dir.path.resolve()), launch=launch,
-                                 python=node_python(cfg), mpi=True)
-        job = sbatch(write_script(run_dir.slurm / f"launch-{launch:03d}-mpi.sbatch", scripts.worker))
-        return submitted(run_dir, self.name, launch, [job], started)
+        script = write_script(run_dir.slurm / f"launch-{launch:03d}-mpi.sbatch", self.scripts(cfg, run_dir, launch).worker)
+        return submitted(run_dir, self.name, launch, [sbatch(script)], started)
 
 
 LAUNCHERS = [SbatchLauncher(), SlurmMpiLauncher()]
