@@ -17,6 +17,17 @@ def cfg(path, **kw):
     return InputConfig(path=str(path), text_column="doc", **kw)
 
 
+def read(path, c, extra=()):
+    """A whole file through the readers: (table, stats)."""
+    stats = corpus.ReadStats()
+    source = corpus.InputFile(path, path.name, corpus.file_format(path, c.format), path.suffix == ".gz")
+    return corpus.read_table(source, c, list(extra), stats), stats
+
+
+def col(table, name):
+    return table.column(name).to_pylist()
+
+
 def write_all_formats(tmp_path):
     pq.write_table(pa.Table.from_pylist(RECORDS), tmp_path / "a.parquet")
     with open(tmp_path / "b.jsonl", "w") as fh:
@@ -35,11 +46,11 @@ def test_every_format_reads_the_same_rows(tmp_path):
     files = corpus.resolve_files(c)
     assert [f.name for f in files] == ["a.parquet", "b.jsonl", "c.jsonl.gz", "d.csv"]
     for f in files:
-        rows = corpus.read_rows(f, f.name, c, ["lang"])
-        assert rows.texts == [r["doc"] for r in RECORDS], f
-        assert rows.ids == [r["key"] for r in RECORDS]
-        assert rows.columns["lang"] == [r["lang"] for r in RECORDS]
-        assert rows.problems == [None] * 5
+        table, _ = read(f, c, ["lang"])
+        assert col(table, "_text") == [r["doc"] for r in RECORDS], f
+        assert col(table, "_id") == [r["key"] for r in RECORDS]
+        assert col(table, "lang") == [r["lang"] for r in RECORDS]
+        assert col(table, "_problem") == [None] * 5
 
 
 def test_default_ids_are_stable_file_and_row(tmp_path):
@@ -48,8 +59,8 @@ def test_default_ids_are_stable_file_and_row(tmp_path):
     files = corpus.resolve_files(c)
     names = corpus.source_names(files)
     assert names == ["b.jsonl", "c.jsonl.gz"]
-    rows = corpus.read_rows(files[1], names[1], c, [])
-    assert rows.ids == [f"c.jsonl.gz:{i}" for i in range(5)]
+    table, _ = read(files[1], c)
+    assert corpus.row_ids(table, names[1], 0).to_pylist() == [f"c.jsonl.gz:{i}" for i in range(5)]
 
 
 def test_directory_names_are_relative_to_the_common_root(tmp_path):
@@ -104,41 +115,43 @@ def test_bad_jsonl_rows_are_kept_with_a_problem(tmp_path):
         b'{"other": "no doc"}',
     ]
     path.write_bytes(b"\n".join(lines) + b"\n")
-    rows = corpus.read_rows(path, "bad.jsonl", cfg(path), [])
-    assert len(rows) == 7  # the blank line is not a row; every other line is
-    assert rows.problems[0] is None
-    assert rows.problems[1].startswith("bad_json: line 2")
-    assert rows.problems[2].startswith("bad_json: line 3 is a JSON list")
-    assert rows.problems[3] is None and rows.texts[3] == "caf\ufffd latin-1" and rows.replaced_utf8 == 1
-    assert [corpus.text_problem(t, "doc") for t in rows.texts[4:]] == [
-        "empty_text: 'doc' is null or missing", "not_text: 'doc' holds a int, not a string",
-        "empty_text: 'doc' is null or missing"]
+    table, stats = read(path, cfg(path))
+    problems, texts = col(table, "_problem"), col(table, "_text")
+    assert table.num_rows == 7  # the blank line is not a row; every other line is
+    assert problems[0] is None
+    assert problems[1].startswith("bad_json: line 2")
+    assert problems[2].startswith("bad_json: line 3 is a JSON list")
+    assert problems[3] is None and texts[3] == "caf\ufffd latin-1" and stats.replaced_utf8 == 1
+    assert problems[4:] == ["empty_text: 'doc' is null or missing", "not_text: 'doc' holds a int, not a string",
+                            "empty_text: 'doc' is null or missing"]
+    assert col(table, "_line") == [1, 2, 3, 5, 6, 7, 8]
 
 
 def test_invalid_utf8_can_fail_the_row_instead(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"doc": "ok"}\n{"doc": "caf\xe9"}\n')
-    rows = corpus.read_rows(path, "bad.jsonl", cfg(path, invalid_utf8="fail"), [])
-    assert rows.problems[0] is None
-    assert rows.problems[1].startswith("invalid_utf8: line 2")
+    table, _ = read(path, cfg(path, invalid_utf8="fail"))
+    assert col(table, "_problem")[0] is None
+    assert col(table, "_problem")[1].startswith("invalid_utf8: line 2")
 
 
 def test_bad_csv_rows_are_kept_with_a_problem(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_bytes(b"doc,key\nhello,a\ntoo,many,fields\ncaf\xe9,c\n\"multi\nline\",d\n")
-    rows = corpus.read_rows(path, "bad.csv", cfg(path, id_column="key"), [])
-    assert rows.texts[0] == "hello" and rows.problems[0] is None
-    assert rows.problems[1].startswith("bad_csv: line 3 has 3 fields, the header has 2")
-    assert rows.texts[2] == "caf\ufffd" and rows.replaced_utf8 == 1
-    assert rows.texts[3] == "multi\nline" and rows.ids[3] == "d"
+    table, stats = read(path, cfg(path, id_column="key"))
+    texts, problems = col(table, "_text"), col(table, "_problem")
+    assert texts[0] == "hello" and problems[0] is None
+    assert problems[1].startswith("bad_csv: line 3 has 3 fields, the header has 2")
+    assert texts[2] == "caf\ufffd" and stats.replaced_utf8 == 1
+    assert texts[3] == "multi\nline" and col(table, "_id")[3] == "d"
 
 
 def test_missing_id_falls_back_and_fails_the_row(tmp_path):
     path = tmp_path / "ids.jsonl"
     path.write_text('{"doc": "a", "key": "x"}\n{"doc": "b"}\n{"doc": "c", "key": 7}\n')
-    rows = corpus.read_rows(path, "ids.jsonl", cfg(path, id_column="key"), [])
-    assert rows.ids == ["x", "ids.jsonl:1", "7"]
-    assert rows.problems[1].startswith("missing_id: column 'key' is empty")
+    table, _ = read(path, cfg(path, id_column="key"))
+    assert col(table, "_id") == ["x", "ids.jsonl:1", "7"]
+    assert col(table, "_problem")[1].startswith("missing_id: column 'key' is empty")
 
 
 @pytest.mark.parametrize("value,reason", [(None, "empty_text"), ("", "empty_text"), ("  \n", "empty_text"),
@@ -146,6 +159,9 @@ def test_missing_id_falls_back_and_fails_the_row(tmp_path):
 def test_text_problems(value, reason):
     assert corpus.text_problem(value, "doc").startswith(reason)
     assert corpus.text_problem("real text", "doc") is None
+    column = pa.array([value, "real text"] if value is None or isinstance(value, str) else [value])
+    _, problems, _ = corpus.text_problems(column, "doc")  # the same rules on a whole column
+    assert problems[0].as_py().startswith(reason) and problems[1:].to_pylist() in ([], [None])
 
 
 def test_byte_order_marks_and_huge_csv_fields(tmp_path):
@@ -156,7 +172,7 @@ def test_byte_order_marks_and_huge_csv_fields(tmp_path):
         path = tmp_path / name
         c = cfg(path)
         corpus.check_columns([path], c, [])
-        rows = corpus.read_rows(path, name, c, [])
-        assert rows.problems == [None, None], name
-    assert corpus.read_rows(tmp_path / "bom.csv", "bom.csv", cfg(tmp_path / "bom.csv"), []).texts[0] == big
+        table, _ = read(path, c)
+        assert col(table, "_problem") == [None, None], name
+    assert col(read(tmp_path / "bom.csv", cfg(tmp_path / "bom.csv"))[0], "_text")[0] == big
 

@@ -4,6 +4,7 @@ import json
 import multiprocessing as mp
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,7 +18,11 @@ from shardinfer.reduce import reduce_run
 from shardinfer.results import result_table
 from shardinfer.rundir import RunDir
 from shardinfer.runstate import prepare_run
-from shardinfer.unit_reader import UnitRows
+
+
+def _rows(first: int, n: int, ids: list[str]) -> pa.Table:
+    """A unit's rows in the corpus's row shape (only what result_table reads)."""
+    return pa.table({"_row": pa.array(range(first, first + n), pa.int64()), "_id": pa.array(ids, pa.string())})
 
 
 def _claim_all(run_dir: str, units: int, queue) -> None:
@@ -27,7 +32,7 @@ def _claim_all(run_dir: str, units: int, queue) -> None:
 
 def test_racing_processes_never_claim_a_unit_twice(tmp_path):
     run_dir = RunDir(tmp_path)
-    run_dir.make()
+    run_dir.make(units=300)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_claim_all, args=(str(tmp_path), 300, queue)) for _ in range(6)]
@@ -56,8 +61,7 @@ def planned(tmp_path):
 def _commit(run_dir, unit, rows=None):
     """Commit a unit with made-up completions (the reducer is what is under test)."""
     n = rows if rows is not None else unit.rows
-    ur = UnitRows(rows=list(range(unit.first_row, unit.first_row + n)), ids=[f"d{i}" for i in range(n)],
-                  columns=[{} for _ in range(n)])
+    ur = _rows(unit.first_row, n, [f"d{i}" for i in range(n)])
     prompts = [Prompt([1, 2, 3]) for _ in range(n)]
     completions = [Completion([4, 5], "out", "length") for _ in range(n)]
     ledger = Ledger(run_dir)
@@ -77,17 +81,50 @@ def test_reduce_merges_committed_parts_in_input_order(planned):
     assert "_row" not in table.column_names
 
 
+def test_reduce_reads_each_part_once_into_row_groups_of_the_configured_size(planned, monkeypatch):
+    run_dir, plan = planned
+    for unit in plan.units:
+        _commit(run_dir, unit)
+    old = run_dir.done_record(plan.units[0].unit)  # committed by a version without schemas in records
+    record = json.loads(old.read_text())
+    del record["schema"]
+    old.write_text(json.dumps(record))
+    state = json.loads(run_dir.run_json.read_text())
+    state["config"]["run"]["results_row_group_rows"] = 7
+    run_dir.run_json.write_text(json.dumps(state))
+    opened = []
+
+    class CountingParquetFile(pq.ParquetFile):
+        def __init__(self, source, *args, **kwargs):
+            opened.append(("open", str(source)))
+            super().__init__(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", CountingParquetFile)
+    for name in ("read_table", "read_schema", "read_metadata"):
+        real = getattr(pq, name)
+        monkeypatch.setattr(pq, name, lambda path, *a, _real=real, _name=name, **k: opened.append((_name, str(path)))
+                            or _real(path, *a, **k))
+    reduce_run(run_dir)
+    reads = [p for n, p in opened if "/parts/" in p and n in ("open", "read_table")]
+    assert len(reads) == len(set(reads)) == len(plan.units)  # each part read once
+    assert [n for n, p in opened if "/parts/" in p].count("read_schema") == 1  # only the record without one
+    monkeypatch.undo()
+    groups = [pq.ParquetFile(f).metadata for f in sorted((run_dir.results).glob("*.parquet"))]
+    sizes = [md.row_group(i).num_rows for md in groups for i in range(md.num_row_groups)]
+    assert sizes == [7] * 5 + [5] and all(md.num_row_groups <= 8 for md in groups)
+
+
 def test_reduce_refuses_missing_units_and_ignores_uncommitted_parts(planned):
     run_dir, plan = planned
     for unit in plan.units[1:]:
         _commit(run_dir, unit)
     # a crash mid-write leaves only a temporary file; a crash before the done record leaves a part
-    (run_dir.parts / ".unit-000000.parquet.tmp-123").write_bytes(b"PAR1 half")
+    (run_dir.part(0).parent / ".unit-000000.parquet.tmp-123").write_bytes(b"PAR1 half")
     with pytest.raises(RunError, match=r"1 of \d+ units are not done \(units 0\)"):
         reduce_run(run_dir)
     assert not run_dir.results.exists()
     released = Ledger(run_dir).release_unfinished_claims()
-    assert released == [] and not list(run_dir.parts.glob(".unit-*"))
+    assert released == [] and not list(run_dir.parts.rglob(".unit-*"))
 
 
 def test_reduce_detects_a_part_with_the_wrong_rows(planned):
@@ -149,8 +186,7 @@ def test_a_stale_lease_is_taken_over_once_and_the_old_owner_cannot_commit(planne
     time.sleep(0.5)
     assert new.claim(unit.unit) and not rival.claim(unit.unit)  # stale: exactly one takes it over
     assert json.loads(run_dir.claim(unit.unit).read_text())["attempt"] == 2
-    ur = UnitRows(rows=list(range(unit.first_row, unit.first_row + unit.rows)), ids=["x"] * unit.rows,
-                  columns=[{} for _ in range(unit.rows)])
+    ur = _rows(unit.first_row, unit.rows, ["x"] * unit.rows)
     result = result_table(ur, [None] * unit.rows, [Prompt([1])] * unit.rows,
                           [Completion([2], "o", "length")] * unit.rows, [])
     assert not old.commit(unit.unit, result, {})  # lost its lease: its work is discarded
@@ -234,3 +270,98 @@ def test_a_failing_unit_is_retried_with_backoff_then_its_rows_fail():
     engine = DownThenUp(10**6)
     failed = generate_with_retries(engine, prompts, attempts=3, backoff_s=0.01)
     assert all(isinstance(c, RuntimeError) for c in failed) and engine.calls == 9
+
+
+def test_a_unit_costs_six_metadata_operations_and_two_fsyncs(planned):
+    from shardinfer.rundir import FS
+
+    run_dir, plan = planned
+    before, fsyncs = FS.total, FS.fsyncs
+    _commit(run_dir, plan.units[0])  # claim, then commit
+    assert FS.total - before <= 6 and FS.fsyncs - fsyncs == 2
+    assert run_dir.claim(0).parent.name == run_dir.part(0).parent.name == run_dir.done_record(0).parent.name == "0000"
+
+
+def test_a_run_directory_of_the_flat_layout_is_continued(planned):
+    """Run directories made before claims/, parts/ and done/ were sharded still resume and reduce."""
+    run_dir, plan = planned
+    half = len(plan.units) // 2
+    for unit in plan.units[:half]:
+        _commit(run_dir, unit)
+    for top in (run_dir.claims, run_dir.parts, run_dir.done):
+        for shard in [p for p in top.iterdir() if p.is_dir()]:
+            for f in shard.iterdir():
+                f.rename(top / f.name)
+            shard.rmdir()
+    state = json.loads(run_dir.run_json.read_text())
+    del state["layout"]
+    run_dir.run_json.write_text(json.dumps(state))
+    old = RunDir(run_dir.path)
+    assert old.layout == 1 and old.claim(3) == old.claims / "unit-000003.json"
+    assert Ledger(old).done_set() == set(range(half))
+    for unit in plan.units[half:]:
+        _commit(old, unit)
+    assert reduce_run(old)["rows"]["in"] == 40
+
+
+def test_candidates_walk_the_home_slice_then_steal_from_the_end_of_others():
+    from shardinfer.scheduler import Candidates
+
+    c = Candidates(list(range(16)), rank=1, world=4)
+    tried = [c.next()[0] for _ in range(4)]
+    assert tried == [4, 5, 6, 7]  # home slice, forward
+    assert c.next() == (11, None)  # then the end of rank 2's slice, backward
+    c.claimed()
+    assert c.next() == (10, None)
+    c.missed()  # met rank 2 walking forward: on to rank 3's slice
+    assert c.next() == (15, None)
+    c.add_released([(2, 1)])
+    assert c.next() == (2, 1)  # given-back units come first
+
+
+def test_an_idle_worker_becomes_the_watcher_gives_back_a_stale_unit_and_ends_the_run(planned):
+    from shardinfer.scheduler import IdleWait
+
+    run_dir, plan = planned
+    dead = Ledger(run_dir, worker="dead", lease_timeout_s=0.3)
+    assert dead.claim(0)
+    for unit in plan.units[1:]:
+        _commit(run_dir, unit)
+    idle = Ledger(run_dir, worker="idle", lease_timeout_s=0.3)
+    time.sleep(0.4)  # the dead worker's lease goes stale
+    released = IdleWait(idle, len(plan.units), 2, 0.3).wait(lambda: False)
+    assert released == [(0, 1)]
+    assert not run_dir.watcher.exists()  # the watcher stopped watching to do the work
+    assert idle.claim_released(0, 1) and idle.attempts[0] == 2
+    assert not dead.commit(0, pa.table({"_row": [0]}), {})  # the dead worker's attempt cannot commit
+    _commit_claimed(idle, run_dir, plan.units[0])
+    other = Ledger(run_dir, worker="other", lease_timeout_s=0.3)
+    assert IdleWait(idle, len(plan.units), 2, 0.3).wait(lambda: False) is None  # every unit is done
+    assert (run_dir.released / "complete").exists()
+    assert IdleWait(other, len(plan.units), 2, 0.3).wait(lambda: False) is None
+
+
+def _commit_claimed(ledger, run_dir, unit):
+    ur = _rows(unit.first_row, unit.rows, [f"d{i}" for i in range(unit.rows)])
+    table = result_table(ur, [None] * unit.rows, [Prompt([1])] * unit.rows,
+                         [Completion([2], "o", "length")] * unit.rows, [])
+    assert ledger.commit(unit.unit, table, {})
+
+
+def test_an_idle_worker_that_is_not_the_watcher_looks_at_one_file(planned):
+    from shardinfer.rundir import FS
+    from shardinfer.scheduler import IdleWait
+
+    run_dir, plan = planned
+    watcher = Ledger(run_dir, worker="watcher", lease_timeout_s=60)
+    assert watcher.watch()
+    busy = Ledger(run_dir, worker="busy", lease_timeout_s=60)
+    assert busy.claim(0)
+    idle = Ledger(run_dir, worker="idle", lease_timeout_s=60)
+    wait = IdleWait(idle, len(plan.units), 100, 60)
+    before = FS.total
+    deadline = time.monotonic() + 6
+    assert wait.wait(lambda: time.monotonic() > deadline) == []
+    ops = FS.total - before
+    # a listing and a watcher try at the start, then one stat per wake (0.5, 1, 1, 1 ... s at 100 workers)
+    assert ops <= 2 + 2 + 8, ops

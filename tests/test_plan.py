@@ -74,7 +74,7 @@ def test_make_plan_assigns_every_row_once_for_many_sizes(tmp_path_factory, lengt
     assert rows == list(range(len(lengths)))
     assert plan.total_rows == len(lengths) == sum(f["rows"] for f in plan.files)
     for u in plan.units:
-        assert sum(b - a for _, a, b in u.segments) == u.rows
+        assert sum(seg.rows for seg in u.segments) == u.rows
     assert [u.unit for u in plan.units] == list(range(len(plan.units)))
     again = make_plan(_cfg(tmp_path), workers)
     assert again.to_json() == plan.to_json()
@@ -124,3 +124,30 @@ def test_token_histogram_buckets():
 def test_more_workers_mean_more_units(tmp_path, workers):
     _write_corpus(tmp_path, [40] * 300, 1)
     assert len(make_plan(_cfg(tmp_path), workers).units) >= 8 * workers
+
+
+def test_id_hashes_match_equal_ids_and_tell_different_ones_apart():
+    import numpy as np
+    import pyarrow as pa
+
+    from shardinfer.plan import id_hashes
+
+    ids = pa.array([f"doc-{i}" for i in range(50_000)] + ["", "é", "doc-7", "doc-10"])
+    h1, h2 = id_hashes(ids)
+    pairs = set(zip(h1.tolist(), h2.tolist()))
+    assert len(pairs) == 50_002  # two repeats, everything else distinct
+    assert (h1[50_002], h2[50_002]) == (h1[7], h2[7]) and (h1[50_003], h2[50_003]) == (h1[10], h2[10])
+    sliced = id_hashes(ids.slice(5, 10))  # an array that starts inside its buffers
+    assert np.array_equal(sliced[0], h1[5:15]) and np.array_equal(sliced[1], h2[5:15])
+    assert len(set(h1.tolist())) > 50_000 - 2  # the first hash alone almost never collides
+
+
+def test_duplicate_ids_across_files_point_at_the_first_row(tmp_path):
+    for f, ids in enumerate([["a", "b", "a"], ["c", "b", "a"]]):
+        with open(tmp_path / f"p{f}.jsonl", "w") as fh:
+            for i in ids:
+                fh.write(json.dumps({"text": f"row {i}", "id": i}) + "\n")
+    cfg = config_from_dict({"input": {"path": str(tmp_path), "id_column": "id"},
+                            "model": {"path": str(tmp_path / "m"), "max_model_len": 600},
+                            "sampling": {"max_tokens": 50}})
+    assert make_plan(cfg, 1).duplicates == {2: 0, 4: 1, 5: 0}

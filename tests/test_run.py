@@ -212,7 +212,7 @@ def test_hf_engine_on_csv_with_too_long_rows_failing(tmp_path, tiny_model, engin
 
 def _claims(run_dir: Path) -> dict[int, dict]:
     out = {}
-    for p in (run_dir / "claims").glob("unit-*.json"):
+    for p in (run_dir / "claims").rglob("unit-*.json"):
         try:
             out[int(p.stem.split("-")[1])] = json.loads(p.read_text())
         except (json.JSONDecodeError, OSError):
@@ -222,7 +222,7 @@ def _claims(run_dir: Path) -> dict[int, dict]:
 
 def _unfinished_claims(run_dir: Path) -> list[int]:
     """Pids of workers holding a claim on a unit without a done record."""
-    done = {int(p.stem.split("-")[1]) for p in (run_dir / "done").glob("unit-*.json")}
+    done = {int(p.stem.split("-")[1]) for p in (run_dir / "done").rglob("unit-*.json")}
     return [int(c["worker"].split(":")[1]) for u, c in _claims(run_dir).items() if u not in done]
 
 
@@ -244,7 +244,7 @@ def _signal_a_worker_mid_unit(run_dir: Path, signum: int, deadline: float) -> in
     """After the first committed unit, freeze a worker; signal it if it is mid-unit, else thaw it."""
     while time.time() < deadline:
         time.sleep(0.05)
-        if not (run_dir / "done").is_dir() or not any((run_dir / "done").iterdir()):
+        if not (run_dir / "done").is_dir() or not any((run_dir / "done").rglob("unit-*.json")):
             continue
         for pid in set(_unfinished_claims(run_dir)):
             try:
@@ -306,15 +306,15 @@ def test_kill_9_of_the_whole_run_then_resume_finishes_identically(long_job, engi
     run_dir = tmp / "crashed"
     launcher = _start(config("crashed"), engine_env)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((run_dir / "done").glob("*.json")) if (run_dir / "done").is_dir() else []) < 2:
+    while time.time() < deadline and len(list((run_dir / "done").rglob("unit-*.json"))) < 2:
         time.sleep(0.05)
     os.killpg(launcher.pid, signal.SIGKILL)  # launcher and workers, mid-unit
     launcher.communicate(timeout=60)
     assert not (run_dir / "results").exists()
-    for record in (run_dir / "done").glob("unit-*.json"):  # every committed unit has its complete part
-        part = run_dir / "parts" / f"{record.stem}.parquet"
+    for record in (run_dir / "done").rglob("unit-*.json"):  # every committed unit has its complete part
+        part = run_dir / "parts" / record.parent.name / f"{record.stem}.parquet"
         assert pq.read_table(part).num_rows == json.loads(record.read_text())["rows"]
-    assert len(list((run_dir / "done").iterdir())) < len(json.loads((run_dir / "plan.json").read_text())["units"])
+    assert len(list((run_dir / "done").rglob("unit-*.json"))) < len(json.loads((run_dir / "plan.json").read_text())["units"])
     proc = run_cli(["resume", str(run_dir)], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _triples(run_dir) == clean
@@ -337,7 +337,7 @@ def test_usr2_drains_a_worker_and_the_others_finish(long_job, engine_env):
 def test_resume_redoes_a_corrupt_part_and_refuses_a_changed_input(long_job, engine_env):
     config, tmp, clean, docs = long_job
     run_dir = tmp / "clean"
-    part = run_dir / "parts" / "unit-000002.parquet"
+    part = run_dir / "parts" / "0000" / "unit-000002.parquet"
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     proc = run_cli(["resume", str(run_dir)], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -360,17 +360,17 @@ def test_retry_failed_reruns_only_failed_rows(tmp_path, tiny_model, engine_env):
                                                             "env": {"OMP_NUM_THREADS": "1"}})
     assert run_cli(["run", str(config)], engine_env).returncode == 0
     before = read_results(tmp_path / "run")
-    done_before = {p.name: json.loads(p.read_text()) for p in (tmp_path / "run" / "done").glob("*.json")}
+    done_before = {p.name: json.loads(p.read_text()) for p in (tmp_path / "run" / "done").rglob("unit-*.json")}
     proc = run_cli(["resume", str(tmp_path / "run"), "--retry-failed"], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = read_results(tmp_path / "run")
     assert [(r["id"], r["status"], r["output"]) for r in after] == [(r["id"], r["status"], r["output"]) for r in before]
     assert [r["status"] for r in after[-2:]] == ["failed", "failed"]
-    done_after = {p.name: json.loads(p.read_text()) for p in (tmp_path / "run" / "done").glob("*.json")}
+    done_after = {p.name: json.loads(p.read_text()) for p in (tmp_path / "run" / "done").rglob("unit-*.json")}
     redone = {name for name in done_after if done_after[name]["launch"] != done_before[name]["launch"]}
     assert redone and all(done_before[n]["failed"] > 0 for n in redone)  # only units holding failed rows
     assert all(done_before[n]["failed"] == 0 for n in set(done_after) - redone)
-    assert not list((tmp_path / "run" / "parts").glob("*.retry-source.parquet"))
+    assert not list((tmp_path / "run" / "parts").rglob("*.retry-source.parquet"))
 
 
 def test_empty_corpus_gives_an_empty_result_set(tmp_path, tiny_model, engine_env):

@@ -149,7 +149,7 @@ def _submit_and_wait_for_progress(config, run_dir: Path, env: dict) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     deadline = time.time() + 300
     while time.time() < deadline:
-        if (run_dir / "done").is_dir() and len(list((run_dir / "done").glob("*.json"))) >= 2:
+        if len(list((run_dir / "done").rglob("unit-*.json"))) >= 2:
             return json.loads((run_dir / "jobs.json").read_text())[-1]
         time.sleep(0.1)
     raise AssertionError("the job made no progress")
@@ -172,7 +172,7 @@ def test_scancel_mid_run_then_resume_resubmits_only_what_is_left(cluster_env, lo
     jobs = _submit_and_wait_for_progress(config, run_dir, cluster_env)
     subprocess.run(["scancel", jobs["worker_job"]], env=cluster_env, check=True)
     _wait_gone(cluster_env, jobs["worker_job"], jobs["reduce_job"])
-    done_before = len(list((run_dir / "done").glob("*.json")))
+    done_before = len(list((run_dir / "done").rglob("unit-*.json")))
     assert not (run_dir / "results").exists()  # the reduce job found units missing
     proc = run_cli(["resume", str(run_dir)], cluster_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -181,7 +181,7 @@ def test_scancel_mid_run_then_resume_resubmits_only_what_is_left(cluster_env, lo
     assert record["launch"] == 1
     _wait_gone(cluster_env, record["worker_job"], record["reduce_job"])
     assert _outputs(run_dir) == local
-    redone = [json.loads(p.read_text()) for p in (run_dir / "done").glob("*.json")]
+    redone = [json.loads(p.read_text()) for p in (run_dir / "done").rglob("unit-*.json")]
     assert sum(r["launch"] == 0 for r in redone) == done_before  # finished units were not redone
 
 
@@ -229,11 +229,11 @@ def test_resubmitting_with_more_nodes_continues_the_same_run(cluster_env, long_j
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = json.loads((run_dir / "jobs.json").read_text())[-1]
     deadline = time.time() + 300
-    while len(list((run_dir / "done").glob("*.json"))) < 2 and time.time() < deadline:
+    while len(list((run_dir / "done").rglob("unit-*.json"))) < 2 and time.time() < deadline:
         time.sleep(0.1)
     subprocess.run(["scancel", first["worker_job"]], env=cluster_env, check=True)
     _wait_gone(cluster_env, first["worker_job"], first["reduce_job"])
-    done_before = len(list((run_dir / "done").glob("*.json")))
+    done_before = len(list((run_dir / "done").rglob("unit-*.json")))
     proc = run_cli(["submit", str(config), "slurm.nodes=2", f"run.directory={run_dir}", "--wait"], cluster_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "continuing the run" in proc.stderr
@@ -241,7 +241,7 @@ def test_resubmitting_with_more_nodes_continues_the_same_run(cluster_env, long_j
     assert second["launch"] == 1
     assert "#SBATCH --nodes=2" in (run_dir / "slurm" / "launch-001-worker.sbatch").read_text()
     assert _outputs(run_dir) == local
-    records = [json.loads(p.read_text()) for p in (run_dir / "done").glob("*.json")]
+    records = [json.loads(p.read_text()) for p in (run_dir / "done").rglob("unit-*.json")]
     assert sum(r["launch"] == 0 for r in records) == done_before  # finished units were kept
     hosts = {m["host"] for p in (run_dir / "metrics").glob("launch-001-*.json") for m in [json.loads(p.read_text())]}
     assert hosts == {"node1", "node2"}
@@ -266,7 +266,7 @@ def test_submitit_jobs_drain_on_usr2_and_requeue_themselves(cluster_env, long_jo
     script = next((run_dir / "submitit").glob(f"{worker_job}/*_submission.sh")).read_text()
     assert "#SBATCH --signal=USR2@300" in script and "#SBATCH --requeue" in script
     deadline = time.time() + 300
-    while len(list((run_dir / "done").glob("*.json"))) < 2 and time.time() < deadline:
+    while len(list((run_dir / "done").rglob("unit-*.json"))) < 2 and time.time() < deadline:
         time.sleep(0.1)
     # what submitit asks SLURM to send before the time limit: USR2 to the tasks (not the batch shell)
     subprocess.run(["scancel", "--signal=USR2", worker_job], env=cluster_env, check=True)

@@ -108,6 +108,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from shardinfer.bench.measure import BenchOptions, replot, run_bench
     from shardinfer.config import apply_override
 
+    if args.simulate:
+        return _simulate(args)
     if args.replot:
         replot(Path(args.out))
         print((Path(args.out) / "bench.md").read_text())
@@ -126,6 +128,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print((Path(args.out) / "bench.md").read_text())
     print(f"results: {Path(args.out).resolve()}/bench.json, bench.md" +
           "".join(f", {p}" for p in result.get("plots", {}).values()))
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from shardinfer.bench.simulate import SimOptions, run_simulation
+
+    run_simulation(SimOptions(out=Path(args.out), workers=args.sim_workers, units=args.sim_units, rows=args.sim_rows,
+                              tokens_per_s=args.sim_tokens_per_s, fs_latency_ms=args.fs_latency_ms,
+                              lease_timeout_s=args.sim_lease_timeout_s, kill=args.sim_kill))
+    print((Path(args.out) / "sim.md").read_text())
     return 0
 
 
@@ -166,6 +178,16 @@ def _add_bench_parser(sub: Any, engines: list[str]) -> None:
                    help="documents for the strategy comparison (default 64: one at a time is slow)")
     p.add_argument("--replot", action="store_true",
                    help="only redraw the plots and bench.md of --out from its bench.json")
+    s = p.add_argument_group("scale simulation (--simulate): real ledger, parts and reduce; the GPU only sleeps")
+    s.add_argument("--simulate", action="store_true", help="run the scale simulation instead of a benchmark")
+    s.add_argument("--sim-workers", type=int, default=200, help="worker processes (default 200)")
+    s.add_argument("--sim-units", type=int, default=4000, help="work units (default 4000)")
+    s.add_argument("--sim-rows", type=int, default=100_000, help="rows of the synthetic corpus (default 100000)")
+    s.add_argument("--sim-tokens-per-s", type=float, default=4000.0, help="tokens/s of one simulated worker")
+    s.add_argument("--fs-latency-ms", type=float, default=0.0,
+                   help="added to every metadata operation, as on a busy Lustre (e.g. 5)")
+    s.add_argument("--sim-lease-timeout-s", type=float, default=30.0, help="run.lease_timeout_s of the simulated run")
+    s.add_argument("--sim-kill", type=int, default=0, help="workers to kill with SIGKILL mid-run")
     p.set_defaults(fn=_cmd_bench)
 
 

@@ -26,7 +26,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from shardinfer.errors import ConfigError
-from shardinfer.results import RESERVED, ROW
+from shardinfer.results import CONTRACT, RESERVED
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", *, results: bool = True,
@@ -120,10 +120,17 @@ class RunConfig:
     max_unit_rows: int = _f(4096, help="upper bound on rows per work unit")
     env: dict[str, str] = _f({}, help="environment variables set in every worker")
     log_interval_s: float = _f(30.0, help="seconds between progress lines when not on a terminal")
+    metrics_interval_s: float = _f(
+        30.0, help="seconds between rewrites of a worker's metrics file (status, report) while it works"
+    )
     lease_timeout_s: float = _f(
         300.0, help="a claimed unit whose worker sent no heartbeat for this long is taken over by another"
     )
     max_attempts: int = _f(3, help="tries (with backoff) of a unit the engine fails entirely before its rows fail")
+    results_row_group_rows: int = _f(
+        1_048_576, help="rows per row group of the merged results (files hold up to 8 row groups); the reduce "
+                        "holds one row group in memory"
+    )
     gpu_hour_price: float | None = _f(
         None, help="price of one GPU-hour (worker-hour on CPU); the report then gives the cost per million tokens"
     )
@@ -208,6 +215,7 @@ def _check_values(config: Config) -> None:
         "sampling.max_tokens": config.sampling.max_tokens,
         "run.max_attempts": config.run.max_attempts,
         "run.max_unit_rows": config.run.max_unit_rows,
+        "run.results_row_group_rows": config.run.results_row_group_rows,
     }
     optional = {
         "run.workers": config.run.workers,
@@ -235,7 +243,7 @@ def _check_values(config: Config) -> None:
             raise ConfigError(
                 f"input.passthrough: {name!r} is a results column already. Remove it"
                 + (" (the id column is the results' id)" if name == config.input.id_column else "")
-                + f"; results columns are: {', '.join(sorted(RESERVED - {ROW}))}."
+                + f"; results columns are: {', '.join(CONTRACT)}."
             )
     max_len = config.model.max_model_len
     if max_len is not None and config.sampling.max_tokens >= max_len:

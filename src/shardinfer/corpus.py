@@ -1,7 +1,15 @@
-"""Corpus readers: Parquet, JSONL (also gzipped) and CSV into one row shape, with stable row ids.
+"""Corpus readers: Parquet, JSONL (also gzipped) and CSV as Arrow record batches of one shape.
 
-A reader never raises on a bad row: the row is kept, with a ``problem`` that the worker turns into a
-``failed`` result. Only errors of the whole input (no files, a missing text column) are raised, as
+Every reader yields batches with the same columns: ``_text`` (the document text; read it only where
+``_problem`` is null), ``_chars`` (its length in characters), ``_id`` (the id column's value as a string; null when there is no id column),
+``_problem`` (why the row fails, or null), the pass-through and template columns by name, and for
+text formats ``_offset`` / ``_line`` (byte offset and line number where the row starts), which the
+plan keeps at unit starts so a worker reads only its unit's bytes (Parquet units start at a row
+group and an offset into it). Texts, ids and problems are computed with Arrow compute on whole
+batches; only the lines Arrow's JSON parser rejects, and CSV records, go through Python one by one.
+
+A reader never raises on a bad row: the row is kept with its problem, which becomes a ``failed``
+result. Only errors of the whole input (no files, a missing text column) are raised, as
 :class:`ConfigError`, before any work starts.
 """
 
@@ -16,16 +24,24 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from shardinfer.config import InputConfig
 from shardinfer.errors import ConfigError
+from shardinfer.results import CHARS, ID, LINE, OFFSET, PROBLEM, TEXT
 
 log = logging.getLogger(__name__)
+
+BATCH_ROWS = 65536
+BLOCK_BYTES = 16 << 20  # JSONL/CSV bytes parsed at once (whole lines)
 
 _SUFFIXES = {
     ".parquet": "parquet", ".pq": "parquet",
@@ -33,21 +49,42 @@ _SUFFIXES = {
     ".csv": "csv",
 }
 _SCHEMA_PEEK_ROWS = 1000
+_WHITESPACE = np.array([9, 10, 13, 32], dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file: where it is, its short name in row ids, and how to read it."""
+
+    path: Path
+    source: str
+    format: str  # parquet | jsonl | csv
+    gzip: bool = False
 
 
 @dataclass
-class Rows:
-    """The rows of one input file, column by column."""
+class ReadStats:
+    """What a read saw besides the rows: rows whose invalid UTF-8 was replaced by U+FFFD."""
 
-    source: str
-    ids: list[str] = field(default_factory=list)
-    texts: list[Any] = field(default_factory=list)
-    columns: dict[str, list[Any]] = field(default_factory=dict)
-    problems: list[str | None] = field(default_factory=list)
     replaced_utf8: int = 0
 
-    def __len__(self) -> int:
-        return len(self.texts)
+
+@dataclass(frozen=True)
+class Columns:
+    """Which input columns a read keeps."""
+
+    text: str
+    id: str | None
+    extra: tuple[str, ...] = ()  # pass-through and prompt-template columns
+
+    @property
+    def wanted(self) -> list[str]:
+        return list(dict.fromkeys(c for c in (self.text, self.id, *self.extra) if c))
+
+
+def columns_for(cfg: InputConfig, template_fields: list[str], *, with_extra: bool = True) -> Columns:
+    return Columns(cfg.text_column, cfg.id_column,
+                   tuple(extra_columns(cfg, template_fields)) if with_extra else ())
 
 
 def resolve_files(cfg: InputConfig) -> list[Path]:
@@ -67,6 +104,12 @@ def resolve_files(cfg: InputConfig) -> list[Path]:
     for f in files:
         file_format(f, cfg.format)
     return files
+
+
+def input_files(cfg: InputConfig) -> list[InputFile]:
+    files = resolve_files(cfg)
+    return [InputFile(path, name, file_format(path, cfg.format), path.suffix.lower() == ".gz")
+            for path, name in zip(files, source_names(files))]
 
 
 def file_format(path: Path, explicit: str = "auto") -> str:
@@ -134,144 +177,479 @@ def _configured_columns(cfg: InputConfig, template_fields: list[str]) -> list[tu
 def _peek_columns(path: Path, fmt: str) -> set[str]:
     if fmt == "parquet":
         return set(pq.read_schema(path).names)
-    if fmt == "csv":
-        with _open_text(path) as fh:
-            return set(next(csv.reader(fh), []))
-    keys: set[str] = set()
-    for i, (_, obj, _) in enumerate(_jsonl_records(path, "replace")):
-        if isinstance(obj, dict):
-            keys.update(obj)
-        if i >= _SCHEMA_PEEK_ROWS:
-            break
-    return keys
-
-
-def read_rows(path: Path, source: str, cfg: InputConfig, extra: list[str]) -> Rows:
-    """Read one input file into :class:`Rows` (text problems are checked by the worker)."""
-    fmt = file_format(path, cfg.format)
-    reader = {"parquet": _read_parquet, "jsonl": _read_jsonl, "csv": _read_csv}[fmt]
-    return reader(path, source, cfg, extra)
-
-
-def _read_parquet(path: Path, source: str, cfg: InputConfig, extra: list[str]) -> Rows:
-    names = set(pq.read_schema(path).names)
-    wanted = [c for c in [cfg.text_column, cfg.id_column, *extra] if c and c in names]
-    table = pq.read_table(path, columns=sorted(set(wanted)))
-    n = table.num_rows
-    rows = Rows(source=source)
-    rows.texts = _column(table, cfg.text_column, n)
-    raw_ids = _column(table, cfg.id_column, n) if cfg.id_column else None
-    rows.columns = {c: _column(table, c, n) for c in extra}
-    rows.problems = [None] * n
-    rows.ids = _make_ids(source, raw_ids, rows.problems, cfg.id_column)
-    return rows
-
-
-def _column(table: Any, name: str, n: int) -> list[Any]:
-    if name in table.column_names:
-        return table.column(name).to_pylist()
-    return [None] * n
-
-
-def _read_jsonl(path: Path, source: str, cfg: InputConfig, extra: list[str]) -> Rows:
-    records: list[dict] = []
-    problems: list[str | None] = []
-    rows = Rows(source=source)
-    for lineno, obj, problem in _jsonl_records(path, cfg.invalid_utf8):
-        if problem and problem.startswith("replaced_utf8"):
-            rows.replaced_utf8 += 1
-            problem = None
-        if problem is None and not isinstance(obj, dict):
-            problem = f"bad_json: line {lineno} is a JSON {type(obj).__name__}, not an object"
-        records.append(obj if isinstance(obj, dict) else {})
-        problems.append(problem)
-    _fill_from_records(rows, records, problems, cfg, extra)
-    return rows
-
-
-def _jsonl_records(path: Path, invalid_utf8: str) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, parsed value or None, problem) for every non-blank line."""
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    with opener(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # byte-order mark
-            if not raw.strip():
-                continue
-            text, problem = _decode(raw, invalid_utf8, f"line {lineno}")
-            if text is None:
-                yield lineno, None, problem
-                continue
+    with _open_binary(path) as fh:
+        if fmt == "csv":
+            return set(_csv_header(fh))
+        keys: set[str] = set()
+        for i, raw in enumerate(fh):
             try:
-                yield lineno, json.loads(text), problem
-            except json.JSONDecodeError as exc:
-                yield lineno, None, f"bad_json: line {lineno}: {exc.msg} at column {exc.colno}"
+                obj = json.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace"))
+            except json.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict):
+                keys.update(obj)
+            if i >= _SCHEMA_PEEK_ROWS:
+                break
+        return keys
 
 
-def _decode(raw: bytes, invalid_utf8: str, where: str) -> tuple[str | None, str | None]:
+# ---- the one row shape ------------------------------------------------------------------------
+
+
+def text_problems(text: pa.Array, column: str) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """The text as strings (values of other types become null), why each row cannot be used (null
+    where it can) and its length in characters. Rows with a problem keep their text: readers never
+    copy the column."""
+    n = len(text)
+    if pa.types.is_dictionary(text.type):
+        text = text.cast(text.type.value_type)
+    missing = f"empty_text: {column!r} is null or missing"
+    zeros = pa.array(np.zeros(n, np.int32))
+    if pa.types.is_null(text.type):
+        return pa.nulls(n, pa.string()), pa.array([missing] * n, pa.string()), zeros
+    if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+        message = f"not_text: {column!r} holds a {_type_name(text.type)}, not a string"
+        problems = pc.if_else(text.is_null(), missing, message)
+        return pa.nulls(n, pa.string()), problems.cast(pa.string()), zeros
+    chars = pc.utf8_length(text).fill_null(0).cast(pa.int32())
+    empty = pc.or_(pc.equal(chars, 0), pc.utf8_is_space(text))
+    none = pa.scalar(None, pa.string())
+    problems = pc.if_else(text.is_null(), missing, pc.if_else(empty, f"empty_text: {column!r} is empty", none))
+    return text.cast(pa.string()), problems, chars
+
+
+def text_problem(value: Any, column: str) -> str | None:
+    """Why one text value cannot be used, or None (the same rules as :func:`text_problems`)."""
+    if value is None:
+        return f"empty_text: {column!r} is null or missing"
+    if not isinstance(value, str):
+        return f"not_text: {column!r} holds a {type(value).__name__}, not a string"
+    if not value.strip():
+        return f"empty_text: {column!r} is empty"
+    return None
+
+
+def _type_name(t: pa.DataType) -> str:
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return "list"
+    if pa.types.is_struct(t):
+        return "dict"
+    return str(t)
+
+
+def _coalesce(first: pa.Array | None, second: pa.Array) -> pa.Array:
+    return second if first is None else pc.coalesce(first, second)
+
+
+def _normalize(table: pa.Table, f: InputFile, cols: Columns, first_row: int,
+               problems: pa.Array | None = None, positions: dict[str, pa.Array] | None = None) -> pa.Table:
+    """The one row shape from a reader's raw columns (rows ``first_row``.. of file ``f``)."""
+    n = table.num_rows
+    raw_text = _column(table, cols.text, n)
+    text, text_problem_column, chars = text_problems(raw_text, cols.text)
+    problems = _coalesce(problems, text_problem_column)
+    ids = pa.nulls(n, pa.string())
+    if cols.id:
+        ids, id_problems = _ids(_column(table, cols.id, n), f.source, first_row, cols.id)
+        problems = pc.coalesce(problems, id_problems)
+    out = {TEXT: text, ID: ids, PROBLEM: problems.cast(pa.string()), CHARS: chars}
+    for name in cols.extra:
+        out[name] = _column(table, name, n)
+    out.update(positions or {})
+    return pa.table(out)
+
+
+def _column(table: pa.Table, name: str | None, n: int) -> pa.Array:
+    if name is None or name not in table.column_names:
+        return pa.nulls(n)
+    return table.column(name).combine_chunks()
+
+
+def _ids(raw: pa.Array, source: str, first_row: int, column: str) -> tuple[pa.Array, pa.Array]:
+    """Ids as strings; an empty id falls back to '<file>:<row>' and fails its row."""
+    if pa.types.is_dictionary(raw.type):
+        raw = raw.cast(raw.type.value_type)
+    if pa.types.is_null(raw.type):
+        ids = pa.nulls(len(raw), pa.string())
+    elif pa.types.is_string(raw.type) or pa.types.is_large_string(raw.type):
+        ids = raw.cast(pa.string())
+    else:
+        try:
+            ids = raw.cast(pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            ids = pa.array([None if v is None else json.dumps(v) for v in raw.to_pylist()], pa.string())
+    missing = pc.or_kleene(ids.is_null(), pc.equal(ids, "")).fill_null(True)
+    if not pc.any(missing).as_py():
+        return ids, pa.nulls(len(ids), pa.string())
+    rows = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
+    fallback = [f"{source}:{first_row + int(i)}" for i in rows]
+    values = ids.to_pylist()
+    problems: list[str | None] = [None] * len(values)
+    for i, fb in zip(rows, fallback):
+        values[i] = fb
+        problems[i] = f"missing_id: column {column!r} is empty; id set to {fb!r}"
+    return pa.array(values, pa.string()), pa.array(problems, pa.string())
+
+
+def default_ids(source: str, first_row: int, n: int) -> pa.Array:
+    """'<file>:<row>' ids of rows that have no id column."""
+    return pa.array([f"{source}:{first_row + i}" for i in range(n)], pa.string())
+
+
+def row_ids(table: pa.Table, source: str, first_row: int) -> pa.Array:
+    """The rows' ids: the id column's, else '<file>:<row>'."""
+    ids = table.column(ID).combine_chunks()
+    if ids.null_count == len(ids):
+        return default_ids(source, first_row, len(ids))
+    return ids
+
+
+# ---- scanning a whole file (plan) and reading a range of it (worker) --------------------------
+
+
+def scan(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats,
+         gz_index: Path | None = None) -> Iterator[pa.Table]:
+    """Every row of a file, in order, as tables of the one row shape (with positions)."""
+    if f.format == "parquet":
+        yield from _scan_parquet(f, cols)
+    elif f.format == "jsonl":
+        yield from _scan_jsonl(f, cols, invalid_utf8, stats, gz_index)
+    else:
+        yield from _scan_csv(f, cols, invalid_utf8, stats, gz_index)
+
+
+def read_table(f: InputFile, cfg: InputConfig, extra: list[str] | tuple[str, ...] = (),
+               stats: ReadStats | None = None) -> pa.Table:
+    """A whole file in the one row shape (small files: tests, the benchmark's source text)."""
+    cols = Columns(cfg.text_column, cfg.id_column, tuple(extra))
+    tables = list(scan(f, cols, cfg.invalid_utf8, stats or ReadStats()))
+    if not tables:
+        return _normalize(pa.table({}), f, cols, 0)
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def read_range(f: InputFile, cols: Columns, invalid_utf8: str, first_row: int, rows: int,
+               begin: int | None, end: int | None, line: int | None, gz_index: Path | None = None) -> pa.Table:
+    """Rows ``first_row``..``first_row + rows`` of a file. Text formats read bytes ``begin``..``end``
+    (the plan's positions); Parquet reads from the row group that holds ``first_row``."""
+    stats = ReadStats()
+    if f.format == "parquet":
+        table = _read_parquet_range(f, cols, first_row, rows)
+    elif begin is None or end is None:  # a plan without positions: read up to the range
+        table = _slice_scan(scan(f, cols, invalid_utf8, stats, gz_index), first_row, rows)
+    else:
+        with _open_at(f, begin, gz_index) as fh:
+            data = fh.read(end - begin)
+        parse = _jsonl_block if f.format == "jsonl" else _csv_block
+        header = None if f.format == "jsonl" else _csv_header_of(f, gz_index)
+        table = parse(data, begin, line or 1, f, cols, invalid_utf8, stats, first_row, header)
+    return table.drop_columns([c for c in (OFFSET, LINE) if c in table.column_names])
+
+
+def _slice_scan(batches: Iterator[pa.Table], first_row: int, rows: int) -> pa.Table:
+    kept, seen = [], 0
+    for batch in batches:
+        lo, hi = max(first_row - seen, 0), min(first_row + rows - seen, batch.num_rows)
+        if lo < hi:
+            kept.append(batch.slice(lo, hi - lo))
+        seen += batch.num_rows
+        if seen >= first_row + rows:
+            break
+    return pa.concat_tables(kept, promote_options="permissive")
+
+
+# ---- Parquet ----------------------------------------------------------------------------------
+
+
+def _scan_parquet(f: InputFile, cols: Columns) -> Iterator[pa.Table]:
+    pf = _parquet(f.path)
+    present = [c for c in cols.wanted if c in pf.schema_arrow.names]
+    first = 0
+    # One reader per row group: a reader run across many row groups keeps memory of all of them.
+    for group in range(pf.metadata.num_row_groups):
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=present):
+            table = pa.Table.from_batches([batch])
+            yield _normalize(table, f, cols, first)
+            first += table.num_rows
+
+
+def _parquet(path: Path) -> pq.ParquetFile:
+    # Column chunks are streamed in 8 MiB reads, not loaded whole: memory stays that of a batch
+    # even when row groups hold a million rows.
+    return pq.ParquetFile(path, buffer_size=8 << 20)
+
+
+def parquet_row_groups(path: Path) -> list[int]:
+    """Rows per row group."""
+    md = pq.ParquetFile(path).metadata
+    return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+
+def _read_parquet_range(f: InputFile, cols: Columns, first_row: int, rows: int) -> pa.Table:
+    """Only the row groups that hold the range, decoded batch by batch from the first of them."""
+    pf = _parquet(f.path)
+    sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    g0 = int(np.searchsorted(starts, first_row, side="right") - 1)
+    g1 = int(np.searchsorted(starts, first_row + rows, side="left"))
+    present = [c for c in cols.wanted if c in pf.schema_arrow.names]
+    batches = pf.iter_batches(batch_size=min(BATCH_ROWS, max(rows, 1024)), row_groups=range(g0, max(g1, g0 + 1)),
+                              columns=present)
+    kept, seen = [], int(starts[g0])
+    for batch in batches:
+        lo, hi = max(first_row - seen, 0), min(first_row + rows - seen, batch.num_rows)
+        if lo < hi:
+            kept.append(batch.slice(lo, hi - lo))
+        seen += batch.num_rows
+        if seen >= first_row + rows:
+            break
+    table = pa.Table.from_batches(kept, schema=pf.schema_arrow.empty_table().select(present).schema)
+    return _normalize(table, f, cols, first_row)
+
+
+# ---- JSONL ------------------------------------------------------------------------------------
+
+
+def _scan_jsonl(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats, gz_index: Path | None) -> Iterator[pa.Table]:
+    first_row, line = 0, 1
+    for offset, data in _blocks(f, gz_index):
+        table = _jsonl_block(data, offset, line, f, cols, invalid_utf8, stats, first_row)
+        line += data.count(b"\n")
+        first_row += table.num_rows
+        yield table
+
+
+def _blocks(f: InputFile, gz_index: Path | None) -> Iterator[tuple[int, bytes]]:
+    """(offset, bytes) of whole lines, about BLOCK_BYTES at a time."""
+    with _open_at(f, 0, gz_index) as fh:
+        offset, rest = 0, b""
+        while True:
+            chunk = fh.read(BLOCK_BYTES)
+            if not chunk:
+                if rest:
+                    yield offset, rest
+                return
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                rest = data
+                continue
+            yield offset, data[:cut]
+            offset += cut
+            rest = data[cut:]
+
+
+def _line_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Start and end (without the newline) of every line of a block, and which lines hold anything."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(arr == 10)
+    ends = np.concatenate([newlines, [len(arr)]]) if (len(arr) and arr[-1] != 10) else newlines
+    starts = np.concatenate([[0], ends[:-1] + 1]) if len(ends) else np.zeros(0, dtype=np.int64)
+    content = np.concatenate([[0], np.cumsum(~np.isin(arr, _WHITESPACE))])
+    filled = content[ends] - content[starts] > 0
+    return starts.astype(np.int64), ends.astype(np.int64), filled
+
+
+def _jsonl_block(data: bytes, offset: int, line: int, f: InputFile, cols: Columns, invalid_utf8: str,
+                 stats: ReadStats, first_row: int, header: Any = None) -> pa.Table:
+    """One block of whole lines: Arrow's parser when it takes the block, else line by line."""
+    starts, ends, filled = _line_bounds(data)
+    rows = np.flatnonzero(filled)
+    bom = offset == 0 and data.startswith(b"\xef\xbb\xbf")
+    positions = {OFFSET: pa.array(offset + starts[rows] + (3 * (rows == 0) if bom else 0), pa.int64()),
+                 LINE: pa.array(line + rows, pa.int64())}
+    table = _arrow_json(data, len(rows))
+    if table is None:
+        table, problems = _json_lines(data, starts[rows], ends[rows], line + rows, invalid_utf8, stats, cols)
+        return _normalize(table, f, cols, first_row, problems, positions)
+    return _normalize(table, f, cols, first_row, None, positions)
+
+
+def _arrow_json(data: bytes, expected_rows: int) -> pa.Table | None:
+    """The block parsed by Arrow, or None when any line is not a JSON object of consistent types or
+    the block is not valid UTF-8 (Arrow's parser does not check every string)."""
+    try:
+        data.decode("utf-8")
+        table = pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=max(len(data), 1 << 20) + 1))
+    except Exception:  # noqa: BLE001 - bad JSON, mixed types, bad UTF-8: the line-by-line reader says which
+        return None
+    return table if table.num_rows == expected_rows else None
+
+
+def _json_lines(data: bytes, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray, invalid_utf8: str,
+                stats: ReadStats, cols: Columns) -> tuple[pa.Table, pa.Array]:
+    """Line by line: every line is a row, with its problem (bad JSON, not an object, bad UTF-8)."""
+    records: list[dict[str, Any]] = []
+    problems: list[str | None] = []
+    for start, end, lineno in zip(starts.tolist(), ends.tolist(), lines.tolist()):
+        raw = data[start:end]
+        if start == 0 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        obj, problem = _json_line(raw, lineno, invalid_utf8, stats)
+        records.append(obj)
+        problems.append(problem)
+    _set_aside_non_text(records, problems, cols.text)
+    return _records_table(records, cols), pa.array(problems, pa.string())
+
+
+def _json_line(raw: bytes, lineno: int, invalid_utf8: str, stats: ReadStats) -> tuple[dict[str, Any], str | None]:
+    text, problem = _decode(raw, invalid_utf8, f"line {lineno}", stats)
+    if text is None:
+        return {}, problem
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return {}, f"bad_json: line {lineno}: {exc.msg} at column {exc.colno}"
+    if not isinstance(obj, dict):
+        return {}, f"bad_json: line {lineno} is a JSON {type(obj).__name__}, not an object"
+    return obj, None
+
+
+def _decode(raw: bytes, invalid_utf8: str, where: str, stats: ReadStats) -> tuple[str | None, str | None]:
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as exc:
         if invalid_utf8 == "fail":
             return None, f"invalid_utf8: {where}, byte {exc.start}: {exc.reason}"
-        return raw.decode("utf-8", errors="replace"), f"replaced_utf8: {where}"
+        stats.replaced_utf8 += 1
+        return raw.decode("utf-8", errors="replace"), None
 
 
-def _read_csv(path: Path, source: str, cfg: InputConfig, extra: list[str]) -> Rows:
-    rows = Rows(source=source)
-    records: list[dict] = []
+def _records_table(records: list[dict[str, Any]], cols: Columns) -> pa.Table:
+    """Python records as columns; a column of mixed types becomes JSON text (the text column's
+    non-strings were already set aside as problems)."""
+    out = {name: passthrough_array([r.get(name) for r in records]) for name in cols.wanted}
+    return pa.table(out) if out else pa.table({"_": pa.nulls(len(records))})
+
+
+def _set_aside_non_text(records: list[dict[str, Any]], problems: list[str | None], column: str) -> None:
+    """A text value that is not a string fails its row (not_text) and leaves the column."""
+    for i, record in enumerate(records):
+        value = record.get(column)
+        if value is not None and not isinstance(value, str):
+            problems[i] = problems[i] or text_problem(value, column)
+            record[column] = None
+
+
+def passthrough_array(values: list[Any]) -> pa.Array:
+    """Values as Arrow; a column of mixed types (JSONL) falls back to JSON text."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values],
+                        type=pa.string())
+
+
+# ---- CSV --------------------------------------------------------------------------------------
+
+
+def _scan_csv(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats, gz_index: Path | None) -> Iterator[pa.Table]:
+    with _open_at(f, 0, gz_index) as fh:
+        tracked = _TrackedLines(fh)
+        header = _csv_header(tracked)
+        first_row = 0
+        while True:
+            table = _csv_records(tracked, header, f, cols, invalid_utf8, stats, first_row, BATCH_ROWS)
+            if table.num_rows == 0:
+                return
+            first_row += table.num_rows
+            yield table
+
+
+class _TrackedLines:
+    """Decoded lines of a binary file, with the byte offset and line number of the next line."""
+
+    def __init__(self, fh: IO[bytes], offset: int = 0, line: int = 1):
+        self.fh = fh
+        self.offset = offset
+        self.line = line
+
+    def __iter__(self) -> _TrackedLines:
+        return self
+
+    def __next__(self) -> str:
+        raw = self.fh.readline()
+        if not raw:
+            raise StopIteration
+        if self.offset == 0:
+            raw_text = raw.removeprefix(b"\xef\xbb\xbf")
+            self.offset += len(raw) - len(raw_text)
+            raw = raw_text
+        self.offset += len(raw)
+        self.line += 1
+        # surrogateescape keeps invalid bytes, which each field then replaces or fails on
+        return raw.decode("utf-8", errors="surrogateescape")
+
+
+def _csv_header(fh: Any) -> list[str]:
+    if isinstance(fh, _TrackedLines):
+        return next(csv.reader(_one_line(fh)), [])
+    first = fh.readline().removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace")
+    return next(csv.reader([first]), [])
+
+
+def _one_line(tracked: _TrackedLines) -> Iterator[str]:
+    try:
+        yield next(tracked)
+    except StopIteration:
+        return
+
+
+def _csv_header_of(f: InputFile, gz_index: Path | None) -> list[str]:
+    with _open_at(f, 0, gz_index) as fh:
+        return _csv_header(fh)
+
+
+def _csv_records(tracked: _TrackedLines, header: list[str], f: InputFile, cols: Columns, invalid_utf8: str,
+                 stats: ReadStats, first_row: int, limit: int | None) -> pa.Table:
+    """Up to ``limit`` CSV records from the tracked lines, with their positions."""
+    csv.field_size_limit(sys.maxsize)  # documents can be far longer than the 128 KiB default
+    reader = csv.reader(tracked)
+    records: list[dict[str, Any]] = []
     problems: list[str | None] = []
-    with _open_text(path) as fh:
-        reader = csv.DictReader(fh)
-        for record in _csv_records(reader):
-            if isinstance(record, str):  # a record the csv module could not parse
-                records.append({})
-                problems.append(record)
-                continue
-            problem = None
-            if None in record:
-                problem = (f"bad_csv: line {reader.line_num} has {len(reader.fieldnames or []) + len(record[None])}"
-                           f" fields, the header has {len(reader.fieldnames or [])}")
-            record, utf8_problem = _fix_surrogates(record, cfg.invalid_utf8, f"line {reader.line_num}")
-            if utf8_problem and utf8_problem.startswith("replaced_utf8"):
-                rows.replaced_utf8 += 1
-            elif utf8_problem:
-                problem = problem or utf8_problem
+    offsets: list[int] = []
+    lines: list[int] = []
+    while limit is None or len(records) < limit:
+        start, line = tracked.offset, tracked.line
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            records.append({})
+            problems.append(f"bad_csv: line {tracked.line - 1}: {exc}")
+        else:
+            if not fields:
+                continue  # a blank line is not a record
+            record, problem = _csv_record(fields, header, tracked.line - 1, invalid_utf8, stats)
             records.append(record)
             problems.append(problem)
-    _fill_from_records(rows, records, problems, cfg, extra)
-    return rows
+        offsets.append(start)
+        lines.append(line)
+    positions = {OFFSET: pa.array(offsets, pa.int64()), LINE: pa.array(lines, pa.int64())}
+    return _normalize(_records_table(records, cols), f, cols, first_row, pa.array(problems, pa.string()), positions)
 
 
-def _csv_records(reader: csv.DictReader) -> Iterator[dict | str]:
-    """Records of a CSV file; a record that cannot be parsed comes as a problem string instead."""
-    csv.field_size_limit(sys.maxsize)  # documents can be far longer than the 128 KiB default
-    while True:
-        try:
-            yield next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            yield f"bad_csv: line {reader.line_num}: {exc}"
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    opener = gzip.open if path.suffix.lower() == ".gz" else open
-    # utf-8-sig: a byte-order mark (common in spreadsheet exports) is not part of the first column name
-    return io.TextIOWrapper(opener(path, "rb"), encoding="utf-8-sig", errors="surrogateescape", newline="")
-
-
-def _fix_surrogates(record: dict, invalid_utf8: str, where: str) -> tuple[dict, str | None]:
-    """CSV text is decoded with surrogateescape; undo it per field, replacing or failing."""
-    bad = [k for k, v in record.items() if isinstance(v, str) and _has_surrogates(v)]
-    if not bad:
-        return record, None
-    if invalid_utf8 == "fail":
-        return record, f"invalid_utf8: {where}, column {bad[0]!r}"
-    fixed = dict(record)
-    for k in bad:
-        fixed[k] = record[k].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return fixed, f"replaced_utf8: {where}"
+def _csv_record(fields: list[str], header: list[str], line: int, invalid_utf8: str,
+                stats: ReadStats) -> tuple[dict[str, Any], str | None]:
+    problem = None
+    if len(fields) > len(header):  # fewer fields: the missing ones are null, as in any CSV reader
+        problem = f"bad_csv: line {line} has {len(fields)} fields, the header has {len(header)}"
+    record = dict(zip(header, fields))
+    bad = [k for k, v in record.items() if _has_surrogates(v)]
+    if bad and invalid_utf8 == "fail":
+        problem = problem or f"invalid_utf8: line {line}, column {bad[0]!r}"
+    elif bad:
+        stats.replaced_utf8 += 1
+        for k in bad:
+            record[k] = record[k].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return record, problem
 
 
 def _has_surrogates(value: str) -> bool:
@@ -282,37 +660,54 @@ def _has_surrogates(value: str) -> bool:
         return True
 
 
-def _fill_from_records(rows: Rows, records: list[dict], problems: list[str | None],
-                       cfg: InputConfig, extra: list[str]) -> None:
-    rows.texts = [r.get(cfg.text_column) for r in records]
-    rows.columns = {c: [r.get(c) for r in records] for c in extra}
-    raw_ids = [r.get(cfg.id_column) for r in records] if cfg.id_column else None
-    rows.problems = problems
-    rows.ids = _make_ids(rows.source, raw_ids, problems, cfg.id_column)
+def _csv_block(data: bytes, offset: int, line: int, f: InputFile, cols: Columns, invalid_utf8: str,
+               stats: ReadStats, first_row: int, header: Any) -> pa.Table:
+    tracked = _TrackedLines(io.BytesIO(data), offset=offset, line=line)
+    return _csv_records(tracked, header, f, cols, invalid_utf8, stats, first_row, None)
 
 
-def _make_ids(source: str, raw_ids: list[Any] | None, problems: list[str | None],
-              id_column: str | None) -> list[str]:
-    """Ids as strings: the id column where given, else '<file>:<row>'. A missing id fails its row."""
-    fallback = [f"{source}:{i}" for i in range(len(problems))]
-    if raw_ids is None:
-        return fallback
-    ids = []
-    for i, value in enumerate(raw_ids):
-        if value is None or value == "":
-            problems[i] = problems[i] or f"missing_id: column {id_column!r} is empty; id set to {fallback[i]!r}"
-            ids.append(fallback[i])
-        else:
-            ids.append(str(value))
-    return ids
+# ---- opening files (gzip: an index built once makes it seekable) -----------------------------
 
 
-def text_problem(value: Any, column: str) -> str | None:
-    """Why a text value cannot be used, or None."""
-    if value is None:
-        return f"empty_text: {column!r} is null or missing"
-    if not isinstance(value, str):
-        return f"not_text: {column!r} holds a {type(value).__name__}, not a string"
-    if not value.strip():
-        return f"empty_text: {column!r} is empty"
-    return None
+def gzip_indexing() -> bool:
+    """Whether gzipped input can be indexed (the optional indexed_gzip package)."""
+    try:
+        import indexed_gzip  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _open_at(f: InputFile, offset: int, gz_index: Path | None) -> IO[bytes]:
+    """The file's (uncompressed) bytes from ``offset``. A gzipped file seeks through its saved index
+    (indexed_gzip); without one, it is decompressed from the start up to ``offset``."""
+    if not f.gzip:
+        fh = open(f.path, "rb")  # noqa: SIM115 - returned to the caller's with-block
+        fh.seek(offset)
+        return fh
+    if gz_index is not None and gz_index.is_file() and gzip_indexing():
+        import indexed_gzip
+
+        indexed: IO[bytes] = indexed_gzip.IndexedGzipFile(str(f.path), index_file=str(gz_index))
+        indexed.seek(offset)
+        return indexed
+    stream = gzip.open(f.path, "rb")  # noqa: SIM115 - returned to the caller's with-block
+    stream.seek(offset)
+    return cast(IO[bytes], stream)
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    return cast(IO[bytes], gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb"))
+
+
+def index_gzip(f: InputFile, out: Path) -> Path | None:
+    """Build and save the seek index of a gzipped file once (plan time); None without indexed_gzip."""
+    if not f.gzip or not gzip_indexing():
+        return None
+    import indexed_gzip
+
+    with indexed_gzip.IndexedGzipFile(str(f.path), spacing=4 << 20) as fh:
+        fh.build_full_index()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fh.export_index(str(out))
+    return out

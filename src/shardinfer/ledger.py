@@ -1,14 +1,20 @@
 """Leases, commits and done records of work units on the shared filesystem.
 
 - **Claim**: a unit is claimed by creating its claim file exclusively (O_CREAT | O_EXCL) with the
-  claimer and an attempt number, so two workers never both own it.
+  claimer and an attempt number, so two workers never both own it. Claim files stay after the
+  commit, so a done unit cannot be claimed again.
 - **Lease**: the owner touches the claim file every ``lease_timeout_s / 4`` (a heartbeat thread). A
-  claim whose file is older than ``lease_timeout_s`` is stale: its worker is gone. Another worker
-  takes it over by renaming it away (only one rename of a file can succeed) and claiming anew with
-  the next attempt number.
+  claim whose file is older than ``lease_timeout_s`` is stale: its worker is gone. It is taken over
+  by renaming it away (only one rename of a file can succeed) and claiming anew with the next
+  attempt number; the old owner finds out at its next heartbeat and drops its work.
 - **Commit**: the part is written under a temporary name, flushed, renamed into place, then the done
-  record naming the attempt is written. A worker that lost its lease discards its work instead.
-  Readers trust only units with a done record whose row count matches the part.
+  record (rows, counts, the part's schema) naming the attempt is written the same way. A worker that
+  lost its lease discards its work instead. Readers trust only units with a done record whose row
+  count matches the part. A commit costs six metadata operations (claim check, part create and
+  rename, record create and rename, and the claim itself) and two fsyncs.
+- **Released units**: a unit given back (a draining worker, a dead worker's stale lease, a local
+  launcher's dead worker) gets a marker in ``coord/released/`` so idle workers, which watch that one
+  directory, claim it at once.
 - **Retry of failed rows**: ``resume --retry-failed`` sets a committed part with failed rows aside
   and un-commits its unit; the worker that claims it next redoes only those rows and merges them in.
 """
@@ -28,11 +34,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardinfer.rundir import RunDir, read_json, write_json_atomic
+from shardinfer.results import schema_record
+from shardinfer.rundir import FS, RunDir, read_json, unit_of, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TIMEOUT_S = 300.0
+COMPLETE = "complete"  # the marker in coord/released/ that says every unit is done
 
 
 class Ledger:
@@ -43,92 +51,78 @@ class Ledger:
         self.attempts: dict[int, int] = {}  # unit -> attempt this worker holds
         self._retrying: set[int] = set()  # claimed units whose earlier part was set aside
 
-    def is_done(self, unit: int) -> bool:
-        return self.run_dir.done_record(unit).is_file()
+    # ---- claims and leases --------------------------------------------------------------------
 
-    def claim(self, unit: int) -> bool:
-        """True if this worker now owns the unit (fresh, or taken over from a stale lease)."""
-        if self.is_done(unit):
+    def claim(self, unit: int, *, attempt: int = 1, take_over: bool = True) -> bool:
+        """True if this worker now owns the unit. An existing claim is taken over only when it is
+        stale and the unit is not done (``take_over``); a worker walking its units does not look."""
+        if self._create_claim(unit, attempt):
+            return True
+        if not take_over:
             return False
-        attempt = 1
-        path = self.run_dir.claim(unit)
-        if path.exists():
-            previous = self._take_over(path)
-            if previous is None:
-                return False
-            attempt = previous + 1
-        return self._create_claim(unit, attempt)
+        previous = self._take_over(unit)
+        return previous is not None and self._create_claim(unit, previous + 1)
 
     def _create_claim(self, unit: int, attempt: int) -> bool:
-        try:
-            fd = os.open(self.run_dir.claim(unit), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        data = json.dumps({"worker": self.worker, "attempt": attempt, "claimed_at": time.time()}).encode()
+        if not FS.create(self.run_dir.claim(unit), data):
             return False
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"worker": self.worker, "attempt": attempt, "claimed_at": time.time()}, fh)
         self.attempts[unit] = attempt
         if attempt > 1:
-            log.warning("took over unit %d (attempt %d): its lease was stale", unit, attempt)
+            log.warning("took over unit %d (attempt %d): its worker is gone or gave it back", unit, attempt)
         return True
 
-    def _take_over(self, path: Path) -> int | None:
-        """If the lease is stale, move it aside and return its attempt number; else None."""
-        try:
-            age = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
+    def _take_over(self, unit: int) -> int | None:
+        """If the claim is stale and the unit not done, move the claim aside; its attempt number."""
+        path = self.run_dir.claim(unit)
+        mtime = FS.mtime(path)
+        if mtime is None:
             return 0
-        if age <= self.lease_timeout_s:
+        if time.time() - mtime <= self.lease_timeout_s or self.is_done(unit):
             return None
         aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(path, aside)  # exactly one of several racing workers succeeds
-        except FileNotFoundError:
+        if not FS.rename(path, aside):  # exactly one of several racing workers succeeds
             return None
-        try:
-            return int(read_json(aside).get("attempt", 1))
-        except (OSError, ValueError):
-            return 1
+        return _attempt_of(FS.read(aside))
+
+    def is_done(self, unit: int) -> bool:
+        return FS.mtime(self.run_dir.done_record(unit)) is not None
 
     def owns(self, unit: int) -> bool:
-        try:
-            claim = read_json(self.run_dir.claim(unit))
-        except (OSError, ValueError):
+        data = FS.read(self.run_dir.claim(unit))
+        if data is None:
             return False
-        return claim.get("worker") == self.worker and claim.get("attempt") == self.attempts.get(unit)
+        try:
+            claim = json.loads(data)
+        except ValueError:
+            return False
+        return bool(claim.get("worker") == self.worker and claim.get("attempt") == self.attempts.get(unit))
 
     def heartbeat(self, unit: int) -> bool:
         """Renew the lease; False when it is no longer ours."""
-        if not self.owns(unit):
-            return False
-        try:
-            os.utime(self.run_dir.claim(unit))
-        except FileNotFoundError:
-            return False
-        return True
+        return self.owns(unit) and FS.touch(self.run_dir.claim(unit))
 
     def release(self, unit: int) -> None:
         """Give up an unfinished unit so another worker takes it at once."""
         if self.owns(unit):
-            self.run_dir.claim(unit).unlink(missing_ok=True)
+            FS.unlink(self.run_dir.claim(unit))
+            self.announce([(unit, self.attempts.get(unit, 1))])
         self.attempts.pop(unit, None)
+
+    # ---- commits --------------------------------------------------------------------------------
 
     def commit(self, unit: int, table: pa.Table, record: dict[str, Any]) -> bool:
         """Write the unit's part atomically, then its done record. False if the lease was lost."""
         if not self.owns(unit):
             log.warning("lost the lease on unit %d to another worker; discarding this attempt", unit)
             return False
-        part = self.run_dir.part(unit)
-        tmp = part.with_name(f".{part.name}.tmp-{os.getpid()}")
-        with tmp.open("wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, part)
+        FS.write_atomic(self.run_dir.part(unit), lambda fh: pq.write_table(table, fh, compression="zstd"))
         write_json_atomic(self.run_dir.done_record(unit),
                           {**record, "unit": unit, "rows": table.num_rows, "worker": self.worker,
-                           "attempt": self.attempts.get(unit, 1), "committed_at": time.time()})
+                           "attempt": self.attempts.get(unit, 1), "committed_at": time.time(),
+                           "schema": schema_record(table)})
         if unit in self._retrying:
-            self.run_dir.retry_source(unit).unlink(missing_ok=True)
+            FS.unlink(self.run_dir.retry_source(unit))
             self._retrying.discard(unit)
         return True
 
@@ -146,24 +140,53 @@ class Ledger:
         self._retrying.add(unit)
         return pq.read_table(path)
 
+    # ---- the whole run ------------------------------------------------------------------------
+
+    def done_set(self) -> set[int]:
+        """Units with a done record (one listing per shard, no record opened)."""
+        return {u for d in self.run_dir.shard_dirs(self.run_dir.done) for u in self.done_set_of(d)}
+
+    def done_set_of(self, directory: Path) -> set[int]:
+        return {u for name in FS.listdir(directory) if name.endswith(".json") and (u := unit_of(name)) is not None}
+
     def done_units(self) -> dict[int, dict[str, Any]]:
+        """Every done record (opens them all: for the reduce, status and the start of a launch)."""
         records = {}
-        for path in self.run_dir.done.glob("unit-*.json"):
-            record = read_json(path)
-            records[int(record["unit"])] = record
+        for d in self.run_dir.shard_dirs(self.run_dir.done):
+            for path in d.glob("unit-*.json"):
+                record = read_json(path)
+                records[int(record["unit"])] = record
         return records
+
+    def claims(self) -> dict[int, Path]:
+        return {u: d / name for d in self.run_dir.shard_dirs(self.run_dir.claims) for name in FS.listdir(d)
+                if name.endswith(".json") and (u := unit_of(name)) is not None}
 
     def release_unfinished_claims(self) -> list[int]:
         """Drop claims of units that have no done record (their workers are gone); returns them."""
+        done = self.done_set()
         released = []
-        for path in self.run_dir.claims.glob("unit-*.json"):
-            unit = int(path.stem.split("-")[1])
-            if not self.is_done(unit):
-                path.unlink(missing_ok=True)
+        for unit, path in self.claims().items():
+            if unit not in done:
+                FS.unlink(path)
                 released.append(unit)
-        for tmp in self.run_dir.parts.glob(".unit-*.tmp-*"):
-            tmp.unlink(missing_ok=True)
+        for d in self.run_dir.shard_dirs(self.run_dir.parts):
+            for tmp in d.glob(".unit-*.tmp-*"):
+                tmp.unlink(missing_ok=True)
+        self._clear_released()
         return sorted(released)
+
+    def release_claims_of(self, worker: str) -> list[int]:
+        """A worker is known dead (its launcher saw it exit): give back its unfinished units now."""
+        done = self.done_set()
+        released = []
+        for unit, path in self.claims().items():
+            data = FS.read(path) if unit not in done else None
+            if data is not None and json.loads(data).get("worker") == worker:
+                FS.unlink(path)
+                released.append((unit, _attempt_of(data)))
+        self.announce(released)
+        return sorted(u for u, _ in released)
 
     def verify_committed(self, expected_rows: dict[int, int]) -> list[int]:
         """Undo commits whose part is missing, unreadable or of the wrong size, so they are redone."""
@@ -177,6 +200,107 @@ class Ledger:
         if redo:
             log.warning("units %s had a missing or corrupt part; they will be redone", sorted(redo))
         return sorted(redo)
+
+    # ---- released units and completion: what idle workers watch ------------------------------
+
+    def announce(self, units: list[tuple[int, int]]) -> None:
+        """Mark given-back units (with the attempt they were at) for idle workers to claim."""
+        if units:
+            self.run_dir.released.mkdir(parents=True, exist_ok=True)
+        for unit, attempt in units:
+            FS.create(self.run_dir.released / f"unit-{unit:06d}.a{attempt}", b"")
+
+    def released_units(self) -> list[tuple[int, int]] | None:
+        """Units given back, with their attempt; None once the run is complete."""
+        names = FS.listdir(self.run_dir.released)
+        if COMPLETE in names:
+            return None
+        out = []
+        for name in names:
+            unit, _, attempt = name.partition(".a")
+            number = unit_of(unit)
+            if number is not None and attempt.isdigit():
+                out.append((number, int(attempt)))
+        return out
+
+    def claim_released(self, unit: int, attempt: int) -> bool:
+        """Claim a given-back unit (the next attempt); its marker goes once it is claimed."""
+        if not self._create_claim(unit, attempt + 1):
+            return False
+        FS.unlink(self.run_dir.released / f"unit-{unit:06d}.a{attempt}")
+        return True
+
+    def tidy_released(self, pending: set[int]) -> None:
+        """The watcher drops markers of units that are done or held again."""
+        for name in FS.listdir(self.run_dir.released):
+            unit, _, attempt = name.partition(".a")
+            number = unit_of(unit)
+            if number is None or not attempt.isdigit():
+                continue
+            if number not in pending or self._held(number):
+                FS.unlink(self.run_dir.released / name)
+
+    def _held(self, unit: int) -> bool:
+        mtime = FS.mtime(self.run_dir.claim(unit))
+        return mtime is not None and time.time() - mtime <= self.lease_timeout_s
+
+    def released_changed_at(self) -> float | None:
+        """When a unit was last given back or claimed from the markers (one stat)."""
+        return FS.mtime(self.run_dir.released)
+
+    def mark_complete(self) -> None:
+        self.run_dir.released.mkdir(parents=True, exist_ok=True)
+        FS.create(self.run_dir.released / COMPLETE, b"")
+
+    def _clear_released(self) -> None:
+        for name in FS.listdir(self.run_dir.released):
+            FS.unlink(self.run_dir.released / name)
+
+    # ---- the watcher's lease ------------------------------------------------------------------
+
+    def watch(self) -> bool:
+        """Become the run's watcher (one idle worker at a time); a stale watcher lease is taken over.
+        One stat while a watcher is alive."""
+        mtime = FS.mtime(self.run_dir.watcher)
+        if mtime is not None and time.time() - mtime <= self.lease_timeout_s:
+            return False
+        self.run_dir.coord.mkdir(parents=True, exist_ok=True)
+        data = json.dumps({"worker": self.worker, "since": time.time()}).encode()
+        if mtime is None:
+            return FS.create(self.run_dir.watcher, data)
+        aside = self.run_dir.watcher.with_name(f"watcher.stale-{uuid.uuid4().hex[:8]}")
+        return FS.rename(self.run_dir.watcher, aside) and FS.create(self.run_dir.watcher, data)
+
+    def keep_watching(self) -> None:
+        FS.touch(self.run_dir.watcher)
+
+    def stop_watching(self) -> None:
+        FS.unlink(self.run_dir.watcher)
+
+    def stale_or_unclaimed(self, units: list[int], most: int) -> list[tuple[int, int]]:
+        """Of units not done, up to ``most`` that nobody holds (the last ones first): claims gone
+        stale (moved aside here) and units never claimed. With the attempt each was at."""
+        found: list[tuple[int, int]] = []
+        now = time.time()
+        for unit in reversed(units):
+            if len(found) >= most:
+                break
+            path = self.run_dir.claim(unit)
+            mtime = FS.mtime(path)
+            if mtime is None:
+                found.append((unit, 0))
+            elif now - mtime > self.lease_timeout_s:
+                aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
+                if FS.rename(path, aside):
+                    found.append((unit, _attempt_of(FS.read(aside))))
+        return found
+
+
+def _attempt_of(data: bytes | None) -> int:
+    try:
+        return int(json.loads(data or b"{}").get("attempt", 1))
+    except ValueError:
+        return 1
 
 
 def _part_ok(path: Path, recorded: int | None, expected: int | None) -> bool:

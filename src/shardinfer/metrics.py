@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardinfer.rundir import RunDir, read_json, write_json_atomic
+from shardinfer.rundir import FS, RunDir, read_json, write_json_atomic
 
 
 @dataclass
@@ -43,6 +43,13 @@ class WorkerMetrics:
     drained_by: str | None = None  # the signal's name
     restart: int = 0  # requeues of the SLURM job before this start
     timeline: dict[str, Any] = field(default_factory=dict)  # tokens finished per time bin
+    fs_ops: dict[str, int] = field(default_factory=dict)  # metadata operations on the run directory, by kind
+    fs_seconds: float = 0.0  # time spent in them (fsyncs included)
+    fsyncs: int = 0
+    idle_s: float = 0.0  # time spent with nothing to claim, waiting for given-back units or the end
+    idle_fs_ops: int = 0  # metadata operations while idle (watching included)
+    watch_s: float = 0.0  # of the idle time, as the run's watcher
+    watch_fs_ops: int = 0
 
     @property
     def end(self) -> float:
@@ -75,7 +82,8 @@ class WorkerMetrics:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, run_dir: RunDir) -> None:
-        write_json_atomic(run_dir.worker_metrics(self.launch, self.rank, self.restart), self.to_json())
+        with FS.scope("metrics"):
+            write_json_atomic(run_dir.worker_metrics(self.launch, self.rank, self.restart), self.to_json(), fsync=False)
 
 
 def load_metrics(run_dir: RunDir) -> list[WorkerMetrics]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,11 @@ def check_model_path(cfg: ModelConfig) -> None:
 
 
 def load_tokenizer(cfg: ModelConfig, *, required: bool = True) -> Any:
-    """The model's tokenizer (transformers); None when not installed and not required."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as exc:
-        if required:
-            raise missing_dependency("transformers", "hf") from exc
-        return None
+    """The model's tokenizer (transformers, or the engine's own); None when not installed and not
+    required."""
+    own = _engine_tokenizer(cfg)
+    if own is not None:
+        return own(cfg)
     path = tokenizer_path(cfg)
     if _looks_local(path) and not Path(path).expanduser().is_dir():
         if required:
@@ -69,12 +68,43 @@ def load_tokenizer(cfg: ModelConfig, *, required: bool = True) -> Any:
         log.warning("no tokenizer at %s; token counts are estimated from characters", path)
         return None
     try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        if required:
+            raise missing_dependency("transformers", "hf") from exc
+        return None
+    try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=_trust_remote_code(cfg))
     except (OSError, ValueError) as exc:
         if required:
             raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path!r}: {exc}") from exc
         log.warning("no tokenizer at %s (%s); token counts are estimated from characters", path, exc)
         return None
+
+
+def token_counter(cfg: ModelConfig) -> Callable[[list[str]], list[int]] | None:
+    """Tokens per text with the model's tokenizer, for planning: the fast tokenizer's own file read
+    with the tokenizers library when there is one (no transformers, no torch in memory), else the
+    tokenizer loaded as the workers load it; None when there is none."""
+    path = Path(tokenizer_path(cfg)).expanduser() / "tokenizer.json"
+    if _engine_tokenizer(cfg) is None and path.is_file():
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            pass
+        else:
+            fast = Tokenizer.from_file(str(path))
+            return lambda texts: [len(e.ids) for e in fast.encode_batch(texts, add_special_tokens=False)]
+    tokenizer = load_tokenizer(cfg, required=False)
+    if tokenizer is None:
+        return None
+    return lambda texts: [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _engine_tokenizer(cfg: ModelConfig) -> Any:
+    from shardinfer.engines.registry import get_engine
+
+    return get_engine(cfg.engine).tokenizer
 
 
 def _trust_remote_code(cfg: ModelConfig) -> bool:

@@ -3,6 +3,12 @@
 Cost of a row = estimated prompt tokens (capped at the prompt limit) + max_tokens. Prompt tokens are
 estimated from characters with a characters-per-token ratio measured on a sample of the corpus with
 the model's tokenizer, so planning 10^8 rows never tokenizes them all and never loads a model.
+
+The corpus is streamed in Arrow record batches, files in parallel: per row the plan keeps only its
+character count (and, for text formats, where the row starts in the file), never the text. Units
+are cut with cumulative sums and searches, duplicate ids are found with Arrow hashing, and each
+unit records where it starts in its files (byte offsets for JSONL and CSV, row group and offset for
+Parquet) so a worker reads only its own rows.
 """
 
 from __future__ import annotations
@@ -10,19 +16,63 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from shardinfer import corpus
 from shardinfer.config import Config
-from shardinfer.model_info import load_tokenizer, resolve_max_model_len
+from shardinfer.model_info import resolve_max_model_len, token_counter
 from shardinfer.prompts import template_fields
 
 DEFAULT_UNITS_PER_WORKER = 8
 _SAMPLE_ROWS = 1000
 _SAMPLE_CHARS = 2_000_000
 _FALLBACK_CHARS_PER_TOKEN = 4.0
+_SCAN_THREADS = 4
+# A unit that starts this many rows into its Parquet row group costs its worker a decode of them.
+_ROW_GROUP_WARN_ROWS = 131_072
+_EXAMPLES = 20  # ids shown of rows over the length limit
+
+
+@dataclass
+class Segment:
+    """A unit's rows in one file, and where they start: byte offsets (and the line number) for
+    JSONL and CSV, row group and offset into it for Parquet; None in plans made before positions."""
+
+    file: int
+    start: int  # first row, counted within the file
+    end: int  # row after the last
+    begin: int | None = None  # byte offset of the first row (uncompressed, for gzip)
+    stop: int | None = None  # byte offset after the last row
+    line: int | None = None  # line number of the first row
+    row_group: int | None = None
+    group_offset: int | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+    def to_json(self) -> list[Any]:
+        if self.row_group is not None:
+            return [self.file, self.start, self.end, "rg", self.row_group, self.group_offset]
+        if self.begin is not None:
+            return [self.file, self.start, self.end, self.begin, self.stop, self.line]
+        return [self.file, self.start, self.end]
+
+    @classmethod
+    def from_json(cls, data: Sequence[Any]) -> Segment:
+        f, start, end, *pos = data
+        if pos and pos[0] == "rg":
+            return cls(f, start, end, row_group=pos[1], group_offset=pos[2])
+        if pos:
+            return cls(f, start, end, begin=pos[0], stop=pos[1], line=pos[2])
+        return cls(f, start, end)
 
 
 @dataclass
@@ -31,7 +81,7 @@ class Unit:
     first_row: int  # global index of the unit's first row
     rows: int
     cost: int
-    segments: list[tuple[int, int, int]]  # (file index, start row, end row) within each file
+    segments: list[Segment]
 
 
 @dataclass
@@ -49,36 +99,40 @@ class Plan:
     over_limit_ids: list[str] = field(default_factory=list)
     problem_rows: int = 0
     replaced_utf8: int = 0  # rows whose invalid UTF-8 bytes were replaced with U+FFFD
+    notes: list[str] = field(default_factory=list)  # what the user should know about reading the input
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data["units"] = [{**asdict(u), "segments": [s.to_json() for s in u.segments]} for u in self.units]
         data["duplicates"] = [[k, v] for k, v in sorted(self.duplicates.items())]
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Plan:
         data = dict(data)
-        data["units"] = [Unit(**{**u, "segments": [tuple(s) for s in u["segments"]]}) for u in data["units"]]
+        data["units"] = [Unit(**{**u, "segments": [Segment.from_json(s) for s in u["segments"]]})
+                         for u in data["units"]]
         data["duplicates"] = {int(k): int(v) for k, v in data["duplicates"]}
         data["histogram"] = [tuple(h) for h in data["histogram"]]
         return cls(**data)
 
 
-def cut_units(costs: Sequence[int], target: int, max_rows: int) -> list[tuple[int, int]]:
+def cut_units(costs: Sequence[int] | np.ndarray, target: int, max_rows: int) -> list[tuple[int, int]]:
     """Split rows 0..n into contiguous [start, end) ranges of about ``target`` cost each.
 
     A range closes before the row that would take it past the target (a range always holds at
-    least one row), or when it reaches ``max_rows``. Every row lands in exactly one range.
+    least one row), or when it reaches ``max_rows``. Every row lands in exactly one range. One
+    search per range on the cumulative costs, not a step per row.
     """
+    cumulative = np.concatenate([[0], np.cumsum(np.asarray(costs, dtype=np.int64))])
+    n = len(cumulative) - 1
     ranges: list[tuple[int, int]] = []
-    start, acc = 0, 0
-    for i, cost in enumerate(costs):
-        if i > start and (acc + cost > target or i - start >= max_rows):
-            ranges.append((start, i))
-            start, acc = i, 0
-        acc += cost
-    if start < len(costs):
-        ranges.append((start, len(costs)))
+    start = 0
+    while start < n:
+        fits = int(np.searchsorted(cumulative, cumulative[start] + target, side="right")) - 1
+        end = min(max(fits, start + 1), start + max_rows, n)
+        ranges.append((start, end))
+        start = end
     return ranges
 
 
@@ -92,105 +146,255 @@ def segments_for(first: int, end: int, file_offsets: Sequence[int]) -> list[tupl
     return pieces
 
 
-def make_plan(cfg: Config, workers: int) -> Plan:
-    """Read the corpus once and cut it into units for ``workers`` workers."""
-    files = corpus.resolve_files(cfg.input)
-    fields = template_fields(cfg.prompt.user)
-    corpus.check_columns(files, cfg.input, fields)
-    max_model_len = resolve_max_model_len(cfg.model)
-    limit = max_model_len - cfg.sampling.max_tokens
-    scan = _scan(files, cfg, fields)
-    cpt, estimate = _chars_per_token(cfg, scan.sample)
-    prompt_tokens = [math.ceil(n / cpt) for n in scan.chars]
-    # Over-long rows are truncated (or fail), so they cost at most the limit.
-    costs = [min(t, limit) + cfg.sampling.max_tokens if t else 1 for t in prompt_tokens]
-    target = cfg.run.unit_tokens or max(1, math.ceil(sum(costs) / (workers * DEFAULT_UNITS_PER_WORKER)))
-    offsets = [0]
-    for n in scan.rows_per_file:
-        offsets.append(offsets[-1] + n)
-    units = [
-        Unit(unit=i, first_row=a, rows=b - a, cost=sum(costs[a:b]), segments=segments_for(a, b, offsets))
-        for i, (a, b) in enumerate(cut_units(costs, target, cfg.run.max_unit_rows))
-    ]
-    over = [i for i, t in enumerate(prompt_tokens) if t > limit]
-    return Plan(
-        files=[_file_info(f, name, n) for f, name, n in zip(files, scan.names, scan.rows_per_file)],
-        total_rows=len(costs), units=units, max_model_len=max_model_len, prompt_limit=limit,
-        chars_per_token=round(cpt, 4), estimate=estimate, duplicates=scan.duplicates,
-        histogram=token_histogram([t for t in prompt_tokens if t]), over_limit=len(over),
-        over_limit_ids=[scan.ids[i] for i in over[:20]], problem_rows=scan.problem_rows,
-        replaced_utf8=scan.replaced_utf8,
-    )
-
-
 @dataclass
-class _Scan:
-    names: list[str]
-    rows_per_file: list[int] = field(default_factory=list)
-    chars: list[int] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
-    duplicates: dict[int, int] = field(default_factory=dict)
+class FileScan:
+    """What the plan keeps of one file: per row its characters (0 for rows that will fail) and,
+    for text formats, where it starts; plus ids (when there is an id column) and a text sample."""
+
+    rows: int = 0
+    chars: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    offsets: np.ndarray | None = None
+    lines: np.ndarray | None = None
+    size: int = 0  # bytes read (uncompressed): where the last row ends
+    id_hashes: tuple[np.ndarray, np.ndarray] | None = None  # two 64-bit hashes of each row's id
+    longest: list[tuple[int, int, str]] = field(default_factory=list)  # (chars, row, id) of the longest rows
     sample: list[str] = field(default_factory=list)
     problem_rows: int = 0
     replaced_utf8: int = 0
-    sample_chars: int = 0
+    row_groups: list[int] | None = None
 
 
-def _scan(files: list[Path], cfg: Config, fields: list[str]) -> _Scan:
-    scan = _Scan(names=corpus.source_names(files))
-    first_seen: dict[str, int] = {}
-    extra = corpus.extra_columns(cfg.input, fields)
-    for path, name in zip(files, scan.names):
-        rows = corpus.read_rows(path, name, cfg.input, extra)
-        scan.rows_per_file.append(len(rows))
-        scan.replaced_utf8 += rows.replaced_utf8
-        for text, row_id, problem in zip(rows.texts, rows.ids, rows.problems):
-            _scan_row(scan, first_seen, text, row_id, problem, cfg.input.text_column)
-    return scan
-
-
-def _scan_row(scan: _Scan, first_seen: dict[str, int], text: Any, row_id: str,
-              problem: str | None, column: str) -> None:
-    index = len(scan.chars)
-    bad = problem or corpus.text_problem(text, column)
-    scan.problem_rows += bool(bad)
-    scan.chars.append(0 if bad else len(text))
-    scan.ids.append(row_id)
-    if row_id in first_seen:
-        scan.duplicates[index] = first_seen[row_id]
+def scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) -> FileScan:
+    """Stream one file batch by batch; memory stays that of a batch plus a few numbers per row."""
+    cols = corpus.Columns(cfg.input.text_column, cfg.input.id_column)
+    stats = corpus.ReadStats()
+    chars, offsets, lines, hashes = [], [], [], []
+    out = FileScan()
+    for batch in corpus.scan(f, cols, cfg.input.invalid_utf8, stats, gz_index):
+        ok = batch.column(corpus.PROBLEM).is_null()
+        chars.append(pc.if_else(ok, batch.column(corpus.CHARS), 0).to_numpy().astype(np.int32, copy=False))
+        out.problem_rows += batch.num_rows - pc.sum(ok.cast(pa.int64())).as_py()
+        if corpus.OFFSET in batch.column_names:
+            offsets.append(batch.column(corpus.OFFSET).to_numpy())
+            lines.append(batch.column(corpus.LINE).to_numpy())
+        if cfg.input.id_column:
+            hashes.append(id_hashes(batch.column(corpus.ID)))
+        _keep_longest(out, chars[-1], batch, f.source)
+        _add_sample(out, batch, ok)
+        out.rows += batch.num_rows
+    out.chars = np.concatenate(chars) if chars else np.zeros(0, np.int32)
+    if f.format == "parquet":
+        out.row_groups = corpus.parquet_row_groups(f.path)
     else:
-        first_seen[row_id] = index
-    if not bad and len(scan.sample) < _SAMPLE_ROWS and scan.sample_chars < _SAMPLE_CHARS:
-        scan.sample.append(text)
-        scan.sample_chars += len(text)
+        out.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
+        out.lines = np.concatenate(lines) if lines else np.zeros(0, np.int64)
+        out.size = _byte_size(f, gz_index)
+    if cfg.input.id_column:
+        out.id_hashes = (np.concatenate([h for h, _ in hashes] or [np.zeros(0, np.uint64)]),
+                         np.concatenate([h for _, h in hashes] or [np.zeros(0, np.uint64)]))
+    out.replaced_utf8 = stats.replaced_utf8
+    return out
+
+
+def _keep_longest(out: FileScan, chars: np.ndarray, batch: pa.Table, source: str) -> None:
+    """The longest rows so far (their ids name examples of rows over the length limit)."""
+    if not len(chars):
+        return
+    top = np.argpartition(chars, -min(_EXAMPLES, len(chars)))[-_EXAMPLES:]
+    ids = batch.column(corpus.ID).take(pa.array(top)).to_pylist()
+    found = [(int(chars[i]), out.rows + int(i), ident or f"{source}:{out.rows + int(i)}") for i, ident in zip(top, ids)]
+    out.longest = sorted(out.longest + found, key=lambda t: (-t[0], t[1]))[:_EXAMPLES]
+
+
+def _add_sample(out: FileScan, batch: pa.Table, ok: pa.ChunkedArray) -> None:
+    room = _SAMPLE_ROWS - len(out.sample)
+    if room <= 0 or sum(map(len, out.sample)) >= _SAMPLE_CHARS:
+        return
+    texts = batch.column(corpus.TEXT).filter(ok).slice(0, room).to_pylist()
+    out.sample.extend(texts)
+
+
+def _byte_size(f: corpus.InputFile, gz_index: Path | None) -> int:
+    if not f.gzip:
+        return f.path.stat().st_size
+    with corpus._open_at(f, 0, gz_index) as fh:
+        return int(fh.seek(0, os.SEEK_END))
+
+
+def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Plan:
+    """Stream the corpus once and cut it into units for ``workers`` workers. Gzipped files are
+    indexed for seeking (saved in ``index_dir``, the run directory's) when indexed_gzip is there."""
+    files = corpus.input_files(cfg.input)
+    fields = template_fields(cfg.prompt.user)
+    corpus.check_columns([f.path for f in files], cfg.input, fields)
+    max_model_len = resolve_max_model_len(cfg.model)
+    limit = max_model_len - cfg.sampling.max_tokens
+    indexes = _gzip_indexes(files, index_dir)
+    with ThreadPoolExecutor(max_workers=max(1, min(_SCAN_THREADS, os.cpu_count() or 1, len(files)))) as pool:
+        scans = list(pool.map(lambda fi: scan_file(fi[0], cfg, fi[1]), zip(files, indexes)))
+    sample = _first_sample(scans)
+    cpt, estimate = _chars_per_token(cfg, sample)
+    chars = np.concatenate([s.chars for s in scans]) if scans else np.zeros(0, np.int32)
+    for s in scans:
+        s.chars = np.zeros(0, np.int32)  # one copy of the per-row numbers at a time
+    tokens = np.ceil(chars / cpt).astype(np.int32)
+    # Over-long rows are truncated (or fail), so they cost at most the limit; rows that fail cost 1.
+    costs = np.where(chars > 0, np.minimum(tokens, limit) + cfg.sampling.max_tokens, 1).astype(np.int32)
+    target = cfg.run.unit_tokens or max(1, math.ceil(int(costs.sum()) / (workers * DEFAULT_UNITS_PER_WORKER)))
+    offsets = np.concatenate([[0], np.cumsum([s.rows for s in scans])]).astype(np.int64)
+    cumulative = np.concatenate([[0], np.cumsum(costs)])
+    units = [Unit(unit=i, first_row=a, rows=b - a, cost=int(cumulative[b] - cumulative[a]),
+                  segments=[_segment(scans, f, lo, hi) for f, lo, hi in segments_for(a, b, offsets.tolist())])
+             for i, (a, b) in enumerate(cut_units(costs, target, cfg.run.max_unit_rows))]
+    over = np.flatnonzero(tokens > limit)
+    return Plan(
+        files=[_file_info(f, s, idx) for f, s, idx in zip(files, scans, indexes)],
+        total_rows=len(costs), units=units, max_model_len=max_model_len, prompt_limit=limit,
+        chars_per_token=round(cpt, 4), estimate=estimate, duplicates=_duplicates(scans, files),
+        histogram=token_histogram(tokens[chars > 0]), over_limit=len(over),
+        over_limit_ids=_over_limit_examples(scans, limit * cpt),
+        problem_rows=sum(s.problem_rows for s in scans), replaced_utf8=sum(s.replaced_utf8 for s in scans),
+        notes=_notes(files, scans, indexes, units),
+    )
+
+
+def _gzip_indexes(files: list[corpus.InputFile], index_dir: Path | None) -> list[Path | None]:
+    """Build each gzipped file's seek index once, where the workers will find it."""
+    if index_dir is None or not corpus.gzip_indexing():
+        return [None] * len(files)
+    return [corpus.index_gzip(f, index_dir / f"file-{i:05d}.gzidx") if f.gzip else None
+            for i, f in enumerate(files)]
+
+
+def _first_sample(scans: list[FileScan]) -> list[str]:
+    sample: list[str] = []
+    for s in scans:
+        for text in s.sample:
+            if len(sample) >= _SAMPLE_ROWS or sum(map(len, sample)) >= _SAMPLE_CHARS:
+                return sample
+            sample.append(text)
+    return sample
+
+
+def _segment(scans: list[FileScan], f: int, lo: int, hi: int) -> Segment:
+    s = scans[f]
+    if s.row_groups is not None:
+        starts = np.concatenate([[0], np.cumsum(s.row_groups)])
+        group = int(np.searchsorted(starts, lo, side="right") - 1)
+        return Segment(f, lo, hi, row_group=group, group_offset=int(lo - starts[group]))
+    assert s.offsets is not None and s.lines is not None
+    stop = int(s.offsets[hi]) if hi < s.rows else s.size
+    return Segment(f, lo, hi, begin=int(s.offsets[lo]), stop=stop, line=int(s.lines[lo]))
+
+
+def _duplicates(scans: list[FileScan], files: list[corpus.InputFile]) -> dict[int, int]:
+    """Rows whose id an earlier row already has -> that earlier row. Ids are compared by two
+    64-bit hashes, sorted by the first; the few rows that share it are told apart by the second."""
+    if not scans or scans[0].id_hashes is None:
+        return {}  # '<file>:<row>' ids are unique by construction
+    first = np.concatenate([s.id_hashes[0] for s in scans if s.id_hashes is not None])
+    order = np.argsort(first, kind="stable")
+    ordered = first[order]
+    shared = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if not len(shared):
+        return {}
+    second = np.concatenate([s.id_hashes[1] for s in scans if s.id_hashes is not None])
+    rows = np.sort(order[np.unique(np.concatenate([shared, shared + 1]))])
+    earliest: dict[tuple[int, int], int] = {}
+    out: dict[int, int] = {}
+    for row, key in zip(rows.tolist(), zip(first[rows].tolist(), second[rows].tolist())):
+        if key in earliest:
+            out[row] = earliest[key]
+        else:
+            earliest[key] = row
+    return out
+
+
+_MULTIPLIERS = (np.uint64(0x100000001B3), np.uint64(0x9E3779B97F4A7C15))
+
+
+def id_hashes(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit polynomial hashes of each string, computed on the Arrow buffers
+    (no Python string per row). Equal ids have equal hashes; two different ids of a corpus share
+    both with a probability of about 10^-24."""
+    ids = (ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids).cast(pa.large_string())
+    n = len(ids)
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64)[ids.offset:ids.offset + n + 1]
+    data = ids.buffers()[2]
+    raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    filled = np.flatnonzero(lengths > 0)
+    values = raw[offsets[0]:offsets[-1]].astype(np.uint64) + np.uint64(1)
+    power_index = np.repeat(offsets[1:] - offsets[0], lengths) - 1 - np.arange(len(values))
+    out = []
+    with np.errstate(over="ignore"):
+        for multiplier in _MULTIPLIERS:
+            longest = int(lengths.max(initial=0))
+            powers = np.cumprod(np.concatenate([[np.uint64(1)], np.full(max(longest - 1, 0), multiplier, np.uint64)]))
+            h = np.zeros(n, np.uint64)
+            if len(filled):
+                h[filled] = np.add.reduceat(values * powers[power_index], (offsets[:-1] - offsets[0])[filled])
+            h ^= lengths.astype(np.uint64) * np.uint64(0xFF51AFD7ED558CCD)
+            h ^= h >> np.uint64(33)
+            h *= np.uint64(0xC4CEB9FE1A85EC53)
+            out.append(h ^ (h >> np.uint64(29)))
+    return out[0], out[1]
+
+
+def _over_limit_examples(scans: list[FileScan], limit_chars: float) -> list[str]:
+    """Ids of the longest rows over the limit, longest first."""
+    longest = sorted((t for s in scans for t in s.longest), key=lambda t: -t[0])
+    return [ident for chars, _, ident in longest if chars > limit_chars][:_EXAMPLES]
 
 
 def _chars_per_token(cfg: Config, sample: list[str]) -> tuple[float, str]:
-    tokenizer = load_tokenizer(cfg.model, required=False) if sample else None
-    if tokenizer is None:
+    count = token_counter(cfg.model) if sample else None
+    if count is None:
         return _FALLBACK_CHARS_PER_TOKEN, "characters / 4 (no tokenizer available)"
-    tokens = sum(len(ids) for ids in tokenizer(sample, add_special_tokens=False)["input_ids"])
+    tokens = sum(count(sample))
     chars = sum(map(len, sample))
     return max(chars / max(tokens, 1), 0.5), f"tokenizer on a sample of {len(sample)} rows"
 
 
-def token_histogram(tokens: list[int]) -> list[tuple[str, int]]:
-    """Counts of rows per power-of-two bucket of prompt tokens."""
-    if not tokens:
+def token_histogram(tokens: Sequence[int] | np.ndarray) -> list[tuple[str, int]]:
+    """Counts of rows per power-of-two bucket of prompt tokens (0-63, 64-127, 128-255, ...)."""
+    values = np.asarray(tokens, dtype=np.int64)
+    if not len(values):
         return []
-    top = max(tokens)
-    buckets, lo = [], 0
-    hi = 64
-    while lo <= top:
-        buckets.append((f"{lo}-{hi - 1}", sum(1 for t in tokens if lo <= t < hi)))
-        lo, hi = hi, hi * 2
-    return buckets
+    buckets = np.where(values < 64, 0, np.floor(np.log2(np.maximum(values, 1))).astype(np.int64) - 5)
+    counts = np.bincount(buckets)
+    return [(f"{0 if b == 0 else 1 << (b + 5)}-{(1 << (b + 6)) - 1}", int(c)) for b, c in enumerate(counts)]
 
 
-def _file_info(path: Path, name: str, rows: int) -> dict[str, Any]:
-    stat = path.stat()
-    return {"path": str(path.resolve()), "source": name, "rows": rows, "bytes": stat.st_size,
-            "mtime": stat.st_mtime}
+def _file_info(f: corpus.InputFile, s: FileScan, gz_index: Path | None) -> dict[str, Any]:
+    stat = f.path.stat()
+    info = {"path": str(f.path.resolve()), "source": f.source, "format": f.format, "gzip": f.gzip,
+            "rows": s.rows, "bytes": stat.st_size, "mtime": stat.st_mtime}
+    if s.row_groups is not None:
+        info["row_groups"] = len(s.row_groups)
+    if gz_index is not None:
+        info["gzip_index"] = gz_index.name
+    return info
+
+
+def _notes(files: list[corpus.InputFile], scans: list[FileScan], indexes: list[Path | None],
+           units: list[Unit]) -> list[str]:
+    """What reading the input will cost the workers, where the layout of a file makes it slow."""
+    notes = []
+    unindexed = [f.source for f, idx in zip(files, indexes) if f.gzip and idx is None]
+    if unindexed:
+        notes.append(f"{len(unindexed)} gzipped file(s) ({', '.join(unindexed[:3])}{', ...' if len(unindexed) > 3 else ''}) "
+                     f"cannot be read from the middle: each worker decompresses from the start to reach its "
+                     f"unit. Install indexed_gzip (pip install 'shardinfer[gzip]') to index them once when the "
+                     f"run is planned, or split them into files of a few hundred MB.")
+    deep = max((seg.group_offset or 0 for u in units for seg in u.segments), default=0)
+    if deep > _ROW_GROUP_WARN_ROWS:
+        biggest = max(max(s.row_groups or [0]) for s in scans)
+        notes.append(f"Parquet row groups of up to {biggest} rows: a unit starting deep in one makes its "
+                     f"worker decode up to {deep} rows before it (Parquet cannot seek inside a row group). "
+                     f"Files written with row groups of at most {_ROW_GROUP_WARN_ROWS} rows are read faster "
+                     f"(pyarrow.parquet.write_table(..., row_group_size={_ROW_GROUP_WARN_ROWS}).")
+    return notes
 
 
 def describe(plan: Plan, cfg: Config) -> str:
@@ -212,6 +416,7 @@ def describe(plan: Plan, cfg: Config) -> str:
     lines.append(f"rows that will fail on input (empty, not text, unreadable): {plan.problem_rows}")
     lines.append(f"duplicate ids (later rows fail): {len(plan.duplicates)}")
     lines.append(f"rows with invalid UTF-8 replaced by U+FFFD: {plan.replaced_utf8}")
+    lines += [f"note: {note}" for note in plan.notes]
     return os.linesep.join(lines)
 
 

@@ -1,8 +1,11 @@
 """Merge committed parts into ``results/`` and write the report.
 
-Parts are streamed in unit order (units are ascending row ranges), so the results come out in input
-order with memory bounded by one unit. Every part is checked to hold exactly its unit's rows, once
-each; anything missing or inconsistent fails loudly with what to do.
+Parts are read once each, in unit order (units are ascending row ranges), so the results come out in
+input order. The schema of the merged results is known before the first part is read: each done
+record carries its part's schema (parts committed by older versions have their footer read). Rows
+are buffered into row groups of ``run.results_row_group_rows`` (memory bounded by one row group)
+and files hold up to eight row groups. Every part is checked, in Arrow, to hold exactly its unit's
+rows once each; anything missing or inconsistent fails loudly with what to do.
 """
 
 from __future__ import annotations
@@ -10,22 +13,25 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shardinfer.errors import RunError
 from shardinfer.ledger import Ledger
+from shardinfer.plan import Plan, Unit
 from shardinfer.report import build_report, write_report
-from shardinfer.results import ROW, Totals, empty_result_schema
+from shardinfer.results import ROW, Totals, empty_result_schema, schema_from_record
 from shardinfer.rundir import RunDir
 from shardinfer.runstate import load_run
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_RESULT_FILE = 1_000_000
+ROW_GROUPS_PER_FILE = 8
 
 
 def reduce_run(run_dir: RunDir) -> dict[str, Any]:
@@ -38,17 +44,17 @@ def reduce_run(run_dir: RunDir) -> dict[str, Any]:
             f"{len(missing)} of {len(plan.units)} units are not done (units {_few(missing)}); "
             f"see {run_dir.logs} for the workers' errors. Run the same command again to finish them."
         )
-    schema = _result_schema(run_dir, plan, cfg.input.passthrough)
-    totals = _write_results(run_dir, plan, done, schema)
+    schema = _result_schema(run_dir, plan, done, cfg.input.passthrough)
+    totals = _write_results(run_dir, plan, schema, cfg.run.results_row_group_rows)
     _check_counts(totals, plan.total_rows)
     report = build_report(cfg, plan, run_dir, totals)
     write_report(run_dir, report)
     return report
 
 
-def _result_schema(run_dir: RunDir, plan: Any, passthrough: list[str]) -> pa.Schema:
+def _result_schema(run_dir: RunDir, plan: Plan, done: dict[int, Any], passthrough: list[str]) -> pa.Schema:
     """One schema for all parts; pass-through columns whose types disagree become strings."""
-    schemas = [_read_part(run_dir, u.unit, pq.read_schema) for u in plan.units]
+    schemas = [_schema_of(run_dir, u.unit, done[u.unit]) for u in plan.units]
     if not schemas:  # an empty corpus still gets a (empty) result set with the contract's columns
         return empty_result_schema(passthrough)
     try:
@@ -56,6 +62,15 @@ def _result_schema(run_dir: RunDir, plan: Any, passthrough: list[str]) -> pa.Sch
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         unified = _string_fallback(schemas)
     return pa.schema([f for f in unified if f.name != ROW])
+
+
+def _schema_of(run_dir: RunDir, unit: int, record: dict[str, Any]) -> pa.Schema:
+    if record.get("schema"):
+        return schema_from_record(record["schema"])
+    try:  # committed before done records carried the schema
+        return pq.read_schema(run_dir.part(unit))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise RunError(f"part of unit {unit} is unreadable ({exc}). {_redo_hint(run_dir, unit)}") from exc
 
 
 def _string_fallback(schemas: list[pa.Schema]) -> pa.Schema:
@@ -70,45 +85,77 @@ def _string_fallback(schemas: list[pa.Schema]) -> pa.Schema:
     return pa.schema(list(fields.values()))
 
 
-def _write_results(run_dir: RunDir, plan: Any, done: dict[int, Any], schema: pa.Schema) -> Totals:
+class _Writer:
+    """Result files of up to ROW_GROUPS_PER_FILE row groups, each of ``group_rows`` rows."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, group_rows: int):
+        self.directory = directory
+        self.schema = schema
+        self.group_rows = group_rows
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.files = 0
+        self.groups_in_file = 0
+        self.writer: pq.ParquetWriter | None = None
+
+    def add(self, table: pa.Table) -> None:
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        while self.buffered >= self.group_rows:
+            self._flush(self.group_rows)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._flush(self.buffered)
+        if self.writer is None:
+            pq.write_table(self.schema.empty_table(), self.directory / "part-00000.parquet")
+        else:
+            self.writer.close()
+
+    def _flush(self, rows: int) -> None:
+        table = pa.concat_tables(self.buffer)
+        group, rest = table.slice(0, rows), table.slice(rows)
+        if self.writer is None or self.groups_in_file >= ROW_GROUPS_PER_FILE:
+            if self.writer is not None:
+                self.writer.close()
+            self.writer = pq.ParquetWriter(self.directory / f"part-{self.files:05d}.parquet", self.schema,
+                                           compression="zstd")
+            self.files, self.groups_in_file = self.files + 1, 0
+        self.writer.write_table(group, row_group_size=max(rows, 1))
+        self.groups_in_file += 1
+        self.buffer = [rest] if rest.num_rows else []
+        self.buffered = rest.num_rows
+
+
+def _write_results(run_dir: RunDir, plan: Plan, schema: pa.Schema, group_rows: int) -> Totals:
     tmp = run_dir.path / ".results.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    totals, writer, file_index, in_file = Totals(), None, 0, 0
+    totals = Totals()
+    writer = _Writer(tmp, schema, group_rows)
     for unit in plan.units:
-        table = _checked_part(run_dir, unit, done[unit.unit])
+        table = _checked_part(run_dir, unit)
         totals.add(table)
-        if writer is None or in_file >= ROWS_PER_RESULT_FILE:
-            if writer is not None:
-                writer.close()
-            writer = pq.ParquetWriter(tmp / f"part-{file_index:05d}.parquet", schema, compression="zstd")
-            file_index, in_file = file_index + 1, 0
-        writer.write_table(_conform(table.drop_columns([ROW]), schema))
-        in_file += table.num_rows
-    if writer is None:
-        pq.write_table(schema.empty_table(), tmp / "part-00000.parquet")
-    else:
-        writer.close()
+        writer.add(_conform(table.drop_columns([ROW]), schema))
+    writer.close()
     shutil.rmtree(run_dir.results, ignore_errors=True)
     tmp.rename(run_dir.results)
     return totals
-
-
-def _read_part(run_dir: RunDir, unit: int, reader: Callable[[Any], Any]) -> Any:
-    try:
-        return reader(run_dir.part(unit))
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise RunError(f"part of unit {unit} is unreadable ({exc}). {_redo_hint(run_dir, unit)}") from exc
 
 
 def _redo_hint(run_dir: RunDir, unit: int) -> str:
     return f"Delete {run_dir.done_record(unit)} and {run_dir.part(unit)} and run again to redo the unit."
 
 
-def _checked_part(run_dir: RunDir, unit: Any, record: dict[str, Any]) -> pa.Table:
-    table = _read_part(run_dir, unit.unit, pq.read_table)
-    expected = list(range(unit.first_row, unit.first_row + unit.rows))
-    if table.column(ROW).to_pylist() != expected or record.get("rows") != unit.rows:
+def _checked_part(run_dir: RunDir, unit: Unit) -> pa.Table:
+    """The unit's part, read once; its ``_row`` column must be exactly the unit's rows, in order."""
+    try:
+        table = pq.ParquetFile(run_dir.part(unit.unit)).read(use_threads=False)  # small: no thread pool
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise RunError(f"part of unit {unit.unit} is unreadable ({exc}). {_redo_hint(run_dir, unit.unit)}") from exc
+    expected = pa.array(np.arange(unit.first_row, unit.first_row + unit.rows, dtype=np.int64))
+    rows = table.column(ROW).combine_chunks() if table.num_rows else pa.array([], pa.int64())
+    if len(rows) != unit.rows or not pc.all(pc.equal(rows, expected)).as_py():
         raise RunError(f"part of unit {unit.unit} does not hold rows {unit.first_row}-"
                        f"{unit.first_row + unit.rows - 1} once each. {_redo_hint(run_dir, unit.unit)}")
     return table

@@ -18,8 +18,8 @@ rows by status and token sums (a unit's done record, a run's totals) are :class:
 
 from __future__ import annotations
 
+import base64
 import enum
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -27,7 +27,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-ROW = "_row"
+ROW = "_row"  # the global input row index, in parts (the reducer orders and checks by it)
+# The row shape the corpus readers give the worker (see shardinfer.corpus).
+TEXT, ID, PROBLEM, CHARS, OFFSET, LINE = "_text", "_id", "_problem", "_chars", "_offset", "_line"
 
 
 class Status(str, enum.Enum):
@@ -44,7 +46,7 @@ COLUMNS: dict[str, pa.DataType] = {
 }
 CONTRACT = list(COLUMNS)
 # Names an input column may not take in the results (pass-through columns).
-RESERVED = frozenset({*COLUMNS, ROW})
+RESERVED = frozenset({*COLUMNS, ROW, TEXT, ID, PROBLEM, CHARS, OFFSET, LINE})
 _TYPES = {ROW: pa.int64(), **COLUMNS}
 
 
@@ -120,20 +122,17 @@ def failed_rows(table: pa.Table) -> pa.Array:
     return table.filter(mask).column(ROW).combine_chunks()
 
 
-def result_table(rows: Any, problems: list[str | None], prompts: list[Any], completions: list[Any],
+def result_table(rows: pa.Table, problems: list[str | None], prompts: list[Any], completions: list[Any],
                  passthrough: list[str]) -> pa.Table:
-    """Assemble a unit's results: every input row gets exactly one result row."""
-    cols: dict[str, list[Any]] = {name: [] for name in _TYPES}
-    for i, row in enumerate(rows.rows):
-        record = _record(problems[i], prompts[i], completions[i])
-        cols[ROW].append(row)
-        cols["id"].append(rows.ids[i])
-        for name in CONTRACT[1:]:
-            cols[name].append(record.get(name))
-    arrays = {name: pa.array(values, type=_TYPES[name]) for name, values in cols.items()}
+    """A unit's results: every input row (a row of ``rows``, the corpus's row shape) gets exactly
+    one result row; ids and pass-through columns go across as they are, in Arrow."""
+    records = [_record(problems[i], prompts[i], completions[i]) for i in range(rows.num_rows)]
+    out: dict[str, Any] = {ROW: rows.column(ROW), "id": rows.column(ID)}
+    for name in CONTRACT[1:]:
+        out[name] = pa.array([r.get(name) for r in records], type=COLUMNS[name])
     for name in passthrough:
-        arrays[name] = passthrough_array([c.get(name) for c in rows.columns])
-    return pa.table(arrays)
+        out[name] = rows.column(name)
+    return pa.table(out)
 
 
 def _record(problem: str | None, prompt: Any, completion: Any) -> dict[str, Any]:
@@ -155,14 +154,14 @@ def _failed(error: str) -> dict[str, Any]:
     return {"status": Status.FAILED.value, "error": error}
 
 
+def schema_record(table: pa.Table) -> str:
+    """A part's schema as text, kept in its done record so the reducer reads each part once."""
+    return base64.b64encode(table.schema.serialize().to_pybytes()).decode("ascii")
+
+
+def schema_from_record(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+
+
 def empty_result_schema(passthrough: list[str]) -> pa.Schema:
     return pa.schema(list(COLUMNS.items()) + [(name, pa.null()) for name in passthrough])
-
-
-def passthrough_array(values: list[Any]) -> pa.Array:
-    """Values as Arrow; a column of mixed types (JSONL) falls back to JSON text."""
-    try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values],
-                        type=pa.string())

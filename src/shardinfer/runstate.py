@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,19 @@ def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
         log.info("continuing the run in %s", run_dir.path)
         return run_dir, plan
     log.info("planning %s", run_dir.path)
-    plan = make_plan(cfg, workers)
-    run_dir.make()
+    existed = run_dir.path.exists()
+    try:
+        plan = make_plan(cfg, workers, index_dir=run_dir.index)
+    except BaseException:
+        if not existed:  # a plan that fails leaves nothing behind (gzip indexes are written early)
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
+    run_dir.make(units=len(plan.units))
     write_json_atomic(run_dir.plan_json, plan.to_json())
     write_json_atomic(run_dir.fingerprint_json, fingerprint(cfg, plan.files))
     write_json_atomic(run_dir.run_json, {"config": config_to_dict(cfg), "created_at": time.time(),
                                          "planned_workers": workers, "shardinfer": __version__,
-                                         "launches": 0})
+                                         "layout": run_dir.layout, "launches": 0})
     return run_dir, plan
 
 

@@ -35,8 +35,7 @@ class RunStatus:
 def run_status(run_dir: RunDir) -> RunStatus:
     _, plan = load_run(run_dir)
     done = Ledger(run_dir).done_units()
-    claimed = {int(p.stem.split("-")[1]) for p in run_dir.claims.glob("unit-*.json")}
-    running = len(claimed - set(done))
+    running = len(set(Ledger(run_dir).claims()) - set(done))
     counts = sum((RowCounts.from_record(r) for r in done.values()), RowCounts())
     rate, eta = _speed(run_dir, plan, done)
     return RunStatus(

@@ -1,69 +1,79 @@
-"""Reading a work unit's rows from the input files (the plan says which rows of which files)."""
+"""Reading one work unit's rows, and only those, as an Arrow table.
+
+The plan says which rows of which files a unit holds and where they start: JSONL and CSV units are
+one read of their byte range (gzipped files seek through the index built at plan time), Parquet
+units read from the row group that holds their first row. The table has the corpus's row shape
+plus ``_row`` (the global row index) and ids filled in ('<file>:<row>' without an id column).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from shardinfer import corpus
 from shardinfer.config import Config
 from shardinfer.errors import RunError
 from shardinfer.plan import Plan, Unit
 from shardinfer.prompts import template_fields
-
-
-@dataclass
-class UnitRows:
-    rows: list[int] = field(default_factory=list)  # global row indices
-    ids: list[str] = field(default_factory=list)
-    texts: list[Any] = field(default_factory=list)
-    columns: list[dict[str, Any]] = field(default_factory=list)
-    problems: list[str | None] = field(default_factory=list)
-
-    def subset(self, keep: set[int]) -> UnitRows:
-        """The rows whose global index is in ``keep``, in order."""
-        index = [i for i, r in enumerate(self.rows) if r in keep]
-        return UnitRows(rows=[self.rows[i] for i in index], ids=[self.ids[i] for i in index],
-                        texts=[self.texts[i] for i in index], columns=[self.columns[i] for i in index],
-                        problems=[self.problems[i] for i in index])
+from shardinfer.results import ROW
 
 
 class UnitReader:
-    """Reads a unit's rows from the input files, keeping the last file in memory."""
-
-    def __init__(self, plan: Plan, cfg: Config):
+    def __init__(self, plan: Plan, cfg: Config, index_dir: Path | None = None):
         self.plan = plan
         self.cfg = cfg
-        self.extra = corpus.extra_columns(cfg.input, template_fields(cfg.prompt.user))
+        self.cols = corpus.columns_for(cfg.input, template_fields(cfg.prompt.user))
+        self.files = [_input_file(info, cfg) for info in plan.files]
+        self.indexes = [index_dir / info["gzip_index"] if index_dir and info.get("gzip_index") else None
+                        for info in plan.files]
         self.offsets = [0]
-        for f in plan.files:
-            self.offsets.append(self.offsets[-1] + f["rows"])
-        self._cached: tuple[int, corpus.Rows] | None = None
+        for info in plan.files:
+            self.offsets.append(self.offsets[-1] + info["rows"])
+        self._checked: set[int] = set()
 
-    def read(self, unit: Unit) -> UnitRows:
-        out = UnitRows()
-        for file_index, start, end in unit.segments:
-            rows = self._file_rows(file_index)
-            for i in range(start, end):
-                out.rows.append(self.offsets[file_index] + i)
-                out.ids.append(rows.ids[i])
-                out.texts.append(rows.texts[i])
-                out.columns.append({c: rows.columns[c][i] for c in self.extra})
-                out.problems.append(rows.problems[i])
-        return out
+    def read(self, unit: Unit) -> pa.Table:
+        tables = [self._segment(seg.file, seg.start, seg.rows, seg.begin, seg.stop, seg.line)
+                  for seg in unit.segments]
+        if not tables:
+            return _empty(self.cols)
+        return pa.concat_tables(tables, promote_options="permissive")
 
-    def _file_rows(self, index: int) -> corpus.Rows:
-        if self._cached is None or self._cached[0] != index:
-            info = self.plan.files[index]
-            path = Path(info["path"])
-            check_unchanged(path, info)
-            rows = corpus.read_rows(path, info["source"], self.cfg.input, self.extra)
-            if len(rows) != info["rows"]:
-                raise RunError(f"{path} now has {len(rows)} rows, the plan has {info['rows']}: "
-                               f"the input changed since the run was planned. Start a new run.")
-            self._cached = (index, rows)
-        return self._cached[1]
+    def _segment(self, index: int, start: int, rows: int, begin: int | None, stop: int | None,
+                 line: int | None) -> pa.Table:
+        f, info = self.files[index], self.plan.files[index]
+        if index not in self._checked:
+            check_unchanged(f.path, info)
+            self._checked.add(index)
+        table = corpus.read_range(f, self.cols, self.cfg.input.invalid_utf8, start, rows, begin, stop, line,
+                                  self.indexes[index])
+        if table.num_rows != rows:
+            raise RunError(f"{f.path}: rows {start}-{start + rows - 1} read as {table.num_rows} rows, the plan has "
+                           f"{rows}: the input changed since the run was planned. Start a new run.")
+        table = table.set_column(table.column_names.index(corpus.ID), corpus.ID,
+                                 corpus.row_ids(table, f.source, start))
+        first = self.offsets[index] + start
+        return table.append_column(ROW, pa.array(range(first, first + rows), pa.int64()))
+
+
+def keep_rows(table: pa.Table, rows: pa.Array) -> pa.Table:
+    """The rows of a unit's table whose global index is in ``rows``, in order."""
+    return table.filter(pc.is_in(table.column(ROW), value_set=rows))
+
+
+def _input_file(info: dict[str, Any], cfg: Config) -> corpus.InputFile:
+    path = Path(info["path"])
+    fmt = info.get("format") or corpus.file_format(path, cfg.input.format)
+    return corpus.InputFile(path, info["source"], fmt, bool(info.get("gzip", path.suffix.lower() == ".gz")))
+
+
+def _empty(cols: corpus.Columns) -> pa.Table:
+    fields = [(corpus.TEXT, pa.string()), (corpus.ID, pa.string()), (corpus.PROBLEM, pa.string())]
+    return pa.table({**{n: pa.array([], t) for n, t in fields}, **{c: pa.nulls(0) for c in cols.extra},
+                     ROW: pa.array([], pa.int64())})
 
 
 def check_unchanged(path: Path, info: dict[str, Any]) -> None:

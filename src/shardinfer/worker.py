@@ -16,14 +16,12 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardinfer.corpus import text_problem
 from shardinfer.engines import Completion, create_engine
 from shardinfer.env import RankEnv, check_allocation, detect
 from shardinfer.errors import RunError, ShardinferError
@@ -33,12 +31,13 @@ from shardinfer.metrics import WorkerMetrics
 from shardinfer.model_info import load_tokenizer
 from shardinfer.plan import Unit
 from shardinfer.progress import Progress
-from shardinfer.prompts import Prompt, PromptBuilder
-from shardinfer.results import ROW, RowCounts, failed_rows, result_table
-from shardinfer.rundir import RunDir
+from shardinfer.prompts import Prompt, PromptBuilder, template_fields
+from shardinfer.results import ID, PROBLEM, ROW, TEXT, RowCounts, failed_rows, result_table
+from shardinfer.rundir import FS, RunDir
 from shardinfer.runstate import load_run
+from shardinfer.scheduler import Candidates, IdleWait
 from shardinfer.timeline import Timeline
-from shardinfer.unit_reader import UnitReader, UnitRows
+from shardinfer.unit_reader import UnitReader, keep_rows
 
 log = logging.getLogger("shardinfer.worker")
 
@@ -47,7 +46,7 @@ log = logging.getLogger("shardinfer.worker")
 class InFlight:
     """A claimed unit whose rows are with the engine."""
     unit: Unit
-    rows: UnitRows
+    rows: pa.Table  # the corpus's row shape, with _row
     problems: list[str | None]
     prompts: list[Prompt | None]
     previous: pa.Table | None  # --retry-failed: the unit's earlier results
@@ -81,6 +80,7 @@ class Worker:
         self.failed_units_in_a_row = 0
         self.in_flight: dict[int, InFlight] = {}
         self.timeline = Timeline(start=self.metrics.started_at)
+        self._metrics_saved = 0.0
 
     def drain(self, signum: int, _frame: Any = None) -> None:
         """On SIGUSR2/SIGTERM: finish and commit the current unit, claim no more, exit."""
@@ -92,7 +92,7 @@ class Worker:
         self._load()
         for signum in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(signum, self.drain)
-        reader = UnitReader(self.plan, self.cfg)
+        reader = UnitReader(self.plan, self.cfg, self.run_dir.index)
         progress = Progress(rank=self.rank, total_rows=self.plan.total_rows,
                             interval_s=self.cfg.run.log_interval_s)
         heartbeat = Heartbeat(self.ledger)
@@ -110,9 +110,10 @@ class Worker:
         return self.metrics
 
     def _work(self, reader: UnitReader, progress: Progress, heartbeat: Heartbeat) -> None:
-        """Keep the engine fed with claimed units, commit each as its last row finishes; when no
-        unit is left to claim, wait for others' leases to finish or go stale."""
-        candidates = deque(self._unit_order())
+        """Keep the engine fed with claimed units, commit each as its last row finishes; with
+        nothing left to claim, wait quietly for given-back units or the end of the run."""
+        candidates = Candidates(self._todo(), self.rank, self.world)
+        idle = IdleWait(self.ledger, len(self.plan.units), self.world, self.cfg.run.lease_timeout_s)
         while True:
             if not self.draining:
                 self._fill(candidates, reader, heartbeat)
@@ -121,10 +122,26 @@ class Worker:
             if self.in_flight:
                 self._step(progress, heartbeat)
                 continue
-            if self.draining or len(self.ledger.done_units()) >= len(self.plan.units):
+            if self.draining:
                 return
-            time.sleep(min(self.cfg.run.lease_timeout_s / 4, 2.0))  # others still hold units
-            candidates = deque(u for u in self._unit_order() if not self.ledger.is_done(u.unit))
+            self._save_metrics()
+            released = self._idle(idle)
+            if released is None:
+                return
+            candidates.add_released(released)
+
+    def _idle(self, idle: IdleWait) -> list[tuple[int, int]] | None:
+        start, ops = time.monotonic(), FS.total
+        try:
+            return idle.wait(lambda: self.draining is not None)
+        finally:
+            self.metrics.idle_s += time.monotonic() - start
+            self.metrics.idle_fs_ops += FS.total - ops
+            self.metrics.watch_s, self.metrics.watch_fs_ops = idle.watch_s, idle.watch_ops
+
+    def _todo(self) -> list[int]:
+        done = self.ledger.done_set()
+        return [u.unit for u in self.plan.units if u.unit not in done]
 
     def _load(self) -> None:
         start = time.time()
@@ -137,18 +154,12 @@ class Worker:
         log.info("model loaded in %.1f s", self.metrics.model_load_s)
         self._save_metrics()
 
-    def _unit_order(self) -> list[Unit]:
-        """Each rank starts at its own offset, so workers rarely contend for the same claim."""
-        units = self.plan.units
-        start = self.rank * len(units) // max(self.world, 1)
-        return units[start:] + units[:start]
-
-    def _fill(self, candidates: deque[Unit], reader: UnitReader, heartbeat: Heartbeat) -> None:
-        """Claim (taking them from ``candidates``) and submit units while the engine wants more."""
-        while candidates and not self.draining and self.engine.wants_more():
-            unit = candidates.popleft()
-            if not self.ledger.claim(unit.unit):
-                continue
+    def _fill(self, candidates: Candidates, reader: UnitReader, heartbeat: Heartbeat) -> None:
+        """Claim and submit units while the engine wants more."""
+        while not self.draining and self.engine.wants_more():
+            unit = self._claim_next(candidates)
+            if unit is None:
+                return
             heartbeat.hold(unit.unit)
             flight = self._prepare(unit, reader)
             self.in_flight[unit.unit] = flight
@@ -157,6 +168,19 @@ class Worker:
                 self.metrics.first_generate_at = self.metrics.first_generate_at or now
                 self.engine.submit(unit.unit, [flight.prompt_ids(i) for i in flight.sent])
                 self.metrics.generation_s += time.time() - now
+
+    def _claim_next(self, candidates: Candidates) -> Unit | None:
+        while (candidate := candidates.next()) is not None:
+            number, released_at = candidate
+            if released_at is None:
+                claimed = self.ledger.claim(number, take_over=False)
+            else:
+                claimed = self.ledger.claim_released(number, released_at)
+            if claimed:
+                candidates.claimed()
+                return self.plan.units[number]
+            candidates.missed()
+        return None
 
     def _give_back_unstarted(self, heartbeat: Heartbeat) -> None:
         """Draining: keep the oldest unit and those with finished rows; release the others at once."""
@@ -182,7 +206,7 @@ class Worker:
         rows = reader.read(unit)
         previous = self.ledger.earlier_results(unit.unit)
         if previous is not None:  # --retry-failed: only the rows that failed last time
-            rows = rows.subset(set(failed_rows(previous).to_pylist()))
+            rows = keep_rows(rows, failed_rows(previous))
         problems = self._row_problems(rows)
         prompts = self._prompts(rows, problems)
         sent = [i for i, p in enumerate(prompts) if p is not None and p.token_ids is not None]
@@ -227,19 +251,23 @@ class Worker:
                            f"({self.cfg.run.max_attempts} attempts each); stopping this worker. "
                            f"Its rows are recorded as failed: `shardinfer resume --retry-failed` redoes them.")
 
-    def _row_problems(self, rows: UnitRows) -> list[str | None]:
-        problems = []
-        for row, text, problem, row_id in zip(rows.rows, rows.texts, rows.problems, rows.ids):
-            problem = problem or text_problem(text, self.cfg.input.text_column)
-            first = self.plan.duplicates.get(row)
-            if problem is None and first is not None:
-                problem = f"duplicate_id: id {row_id!r} is already used by input row {first}"
-            problems.append(problem)
+    def _row_problems(self, rows: pa.Table) -> list[str | None]:
+        """The readers' problems, and duplicate ids (the first row with an id runs)."""
+        problems: list[str | None] = rows.column(PROBLEM).to_pylist()
+        if self.plan.duplicates:
+            ids = rows.column(ID)
+            for i, row in enumerate(rows.column(ROW).to_pylist()):
+                first = self.plan.duplicates.get(row)
+                if problems[i] is None and first is not None:
+                    problems[i] = f"duplicate_id: id {ids[i].as_py()!r} is already used by input row {first}"
         return problems
 
-    def _prompts(self, rows: UnitRows, problems: list[str | None]) -> list[Prompt | None]:
+    def _prompts(self, rows: pa.Table, problems: list[str | None]) -> list[Prompt | None]:
         valid = [i for i, p in enumerate(problems) if p is None]
-        built = self.builder.build([rows.texts[i] for i in valid], [rows.columns[i] for i in valid]) if valid else []
+        texts = rows.column(TEXT).take(valid).to_pylist()
+        fields = [f for f in template_fields(self.cfg.prompt.user) if f in rows.column_names]
+        columns = rows.select(fields).take(valid).to_pylist() if fields else [{} for _ in valid]
+        built = self.builder.build(texts, columns) if valid else []
         prompts: list[Prompt | None] = [None] * len(problems)
         for i, prompt in zip(valid, built):
             prompts[i] = prompt
@@ -251,12 +279,16 @@ class Worker:
         m.rows += counts.rows
         m.prompt_tokens += counts.prompt_tokens
         m.output_tokens += counts.output_tokens
-        self._save_metrics()
+        if time.monotonic() - self._metrics_saved >= self.cfg.run.metrics_interval_s:
+            self._save_metrics()
         progress.update(rows=counts.rows, tokens_in=counts.prompt_tokens, tokens_out=counts.output_tokens)
 
     def _save_metrics(self) -> None:
-        self.metrics.timeline = self.timeline.to_json()
-        self.metrics.save(self.run_dir)
+        m = self.metrics
+        m.timeline = self.timeline.to_json()
+        m.fs_ops, m.fs_seconds, m.fsyncs = dict(FS.counts), round(FS.seconds, 6), FS.fsyncs
+        m.save(self.run_dir)
+        self._metrics_saved = time.monotonic()
 
 
 def _merge(previous: pa.Table, redone: pa.Table) -> pa.Table:

@@ -44,8 +44,10 @@ def source_texts(path: str | None) -> list[str]:
     if path is None:
         with bundled_corpus() as bundled:
             return source_texts(str(bundled))
-    rows = corpus.read_rows(Path(path), Path(path).name, InputConfig(path=path), [])
-    texts = [t for t in rows.texts if isinstance(t, str) and t.strip()]
+    cfg = InputConfig(path=path)
+    [source] = corpus.input_files(cfg)
+    table = corpus.read_table(source, cfg)
+    texts = table.column(corpus.TEXT).filter(table.column(corpus.PROBLEM).is_null()).to_pylist()
     if not texts:
         raise ConfigError(f"--text-source {path}: no rows with a non-empty 'text' column")
     return texts

@@ -63,6 +63,8 @@ class EngineSpec:
     capabilities: Capabilities = field(default_factory=Capabilities)
     install_hint: str = ""  # said after the pip command when a module is missing
     bench: BenchSupport | None = None
+    # An engine that brings its own tokenizer (else the model's, loaded with transformers).
+    tokenizer: Callable[[ModelConfig], Any] | None = None
 
     def args(self, model: ModelConfig) -> dict[str, Any]:
         """The engine's own arguments from the config (``model.<args_field>``)."""

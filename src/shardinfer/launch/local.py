@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,8 @@ class LocalLauncher(Launcher):
 
     def start(self, cfg: Config, run_dir: RunDir, plan: Plan, launch: int) -> RunHandle:
         groups = replica_gpu_groups(cfg)
-        ledger = Ledger(run_dir)
-        todo = [u for u in plan.units if not ledger.is_done(u.unit)]
+        done = Ledger(run_dir).done_set()
+        todo = [u for u in plan.units if u.unit not in done]
         groups = groups[:min(len(groups), len(todo))]
         if todo:
             log.info("%d units to do (%d rows in the run); starting %d worker(s)", len(todo), plan.total_rows,
@@ -124,14 +125,32 @@ class LocalHandle(RunHandle):
             raise RunError(f"{exc}{failure_text(self.run_dir, failures)}") from exc
 
     def _wait_all(self, timeout_s: float | None) -> list[int]:
+        """Wait for every worker; a worker that dies has its units given back at once, so the
+        others take them over without waiting for its leases to go stale."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        seen: set[int] = set()
         try:
-            return [p.wait(timeout=timeout_s) for p in self.procs]
+            while len(seen) < len(self.procs):
+                for rank, p in enumerate(self.procs):
+                    if rank not in seen and p.poll() is not None:
+                        seen.add(rank)
+                        if p.returncode != 0:
+                            self._give_back(rank, p)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(str(self.procs[0].args), timeout_s or 0)
+                time.sleep(0.2)
         except KeyboardInterrupt:
             for p in self.procs:
                 p.send_signal(signal.SIGTERM)
             for p in self.procs:
                 p.wait()
             raise
+        return [int(p.returncode) for p in self.procs]
+
+    def _give_back(self, rank: int, proc: subprocess.Popen) -> None:
+        units = Ledger(self.run_dir).release_claims_of(f"{socket.gethostname()}:{proc.pid}:rank{rank}")
+        if units:
+            log.warning("worker %d died holding units %s; they are given back to the others", rank, units)
 
 
 def _worker_command(run_dir: RunDir, rank: int, world: int, launch: int) -> list[str]:

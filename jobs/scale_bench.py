@@ -1,0 +1,234 @@
+"""Scale measurements of the data path: big synthetic corpora, planning them, reading one unit,
+and reducing millions of result rows. The figures in jobs/benchmarks.md ("Scale") come from here.
+
+    python jobs/scale_bench.py corpus --rows 10000000 --format parquet OUT/docs.parquet
+    python jobs/scale_bench.py corpus --rows 100000 --files 100 --format parquet OUT/many/
+    python jobs/scale_bench.py plan OUT/docs.parquet            # wall time and peak RSS of planning
+    python jobs/scale_bench.py read OUT/docs.parquet            # one unit's read: first, middle, last
+    python jobs/scale_bench.py reduce --rows 10000000 OUT/reduce-run
+
+Each measurement runs in a fresh process and reports its wall time and peak RSS (VmHWM), plus
+the RSS of the bare interpreter with the modules imported, so "above the interpreter" can be read
+off. The synthetic text is ~500 characters of words per row (--chars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+WORDS = np.array([f"{w}{i}" for i in range(400) for w in ("data", "model", "unit", "text", "row")])
+POOL = 100_000  # distinct texts, repeated over the corpus in shuffled order
+
+
+def _pool(chars: int, seed: int = 0) -> pa.Array:
+    rng = np.random.default_rng(seed)
+    words = max(chars // 8, 1)
+    picks = WORDS[rng.integers(0, len(WORDS), size=(POOL, words))]
+    return pa.array([" ".join(p)[:chars] for p in picks])
+
+
+def _chunk(pool: pa.Array, start: int, n: int, rng: np.random.Generator) -> pa.Table:
+    ids = pc.binary_join_element_wise("doc-", pc.utf8_lpad(pa.array(np.arange(start, start + n)).cast(pa.string()), 10, "0"), "")
+    return pa.table({"id": ids, "text": pool.take(pa.array(rng.integers(0, len(pool), size=n)))})
+
+
+def make_corpus(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    pool = _pool(args.chars)
+    rng = np.random.default_rng(1)
+    per_file = -(-args.rows // args.files)
+    paths = [out] if args.files == 1 else [out / f"part-{i:04d}.{_suffix(args.format)}" for i in range(args.files)]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    for i, path in enumerate(paths):
+        first, rows = i * per_file, min(per_file, args.rows - i * per_file)
+        if args.format == "parquet":
+            _write_parquet(path, pool, first, rows, args.row_group, rng)
+        else:
+            _write_jsonl(path, pool, first, rows, rng)
+    print(json.dumps({"rows": args.rows, "files": args.files, "format": args.format, "seconds": round(time.time() - start, 1),
+                      "bytes": sum(p.stat().st_size for p in paths)}))
+
+
+def _suffix(fmt: str) -> str:
+    return {"parquet": "parquet", "jsonl": "jsonl"}[fmt]
+
+
+def _write_parquet(path: Path, pool: pa.Array, first: int, rows: int, row_group: int, rng: np.random.Generator) -> None:
+    writer = None
+    for start in range(first, first + rows, 1_000_000):
+        table = _chunk(pool, start, min(1_000_000, first + rows - start), rng)
+        writer = writer or pq.ParquetWriter(path, table.schema, compression="zstd")
+        writer.write_table(table, row_group_size=row_group)
+    if writer:
+        writer.close()
+
+
+def _write_jsonl(path: Path, pool: pa.Array, first: int, rows: int, rng: np.random.Generator) -> None:
+    with open(path, "wb") as fh:
+        for start in range(first, first + rows, 500_000):
+            t = _chunk(pool, start, min(500_000, first + rows - start), rng)
+            lines = pc.binary_join_element_wise('{"id": "', t["id"], '", "text": "', t["text"], '"}\n', "")
+            fh.write(b"".join(v.as_buffer().to_pybytes() for v in lines.combine_chunks().cast(pa.binary())))
+
+
+def _config(path: str, **run: object) -> object:
+    from shardinfer.config import config_from_dict
+
+    return config_from_dict({"input": {"path": path, "id_column": "id"},
+                             "model": {"path": "/nonexistent-model", "max_model_len": 4096},
+                             "sampling": {"max_tokens": 256}, "run": {"workers": 1000, **run}})
+
+
+def _memory_mb(field: str) -> float:
+    """VmHWM (peak) or VmRSS (now) of this process, in MB (per process: not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def _report(name: str, start: float, **extra: object) -> None:
+    print(json.dumps({"measure": name, "seconds": round(time.time() - start, 3),
+                      "peak_rss_mb": round(_memory_mb("VmHWM"), 1), **extra}))
+
+
+def measure_plan(args: argparse.Namespace) -> None:
+    import shardinfer.plan as plan_module
+
+    cfg = _config(args.path)
+    base = _memory_mb("VmRSS")
+    start = time.time()
+    plan = plan_module.make_plan(cfg, 1000)  # type: ignore[arg-type]
+    _report("plan", start, rows=plan.total_rows, units=len(plan.units), files=len(plan.files),
+            interpreter_rss_mb=round(base, 1), duplicates=len(plan.duplicates))
+
+
+def measure_read(args: argparse.Namespace) -> None:
+    """Plan once (saved), then in fresh processes read the first, middle and last unit."""
+    from shardinfer.plan import make_plan
+
+    saved = Path(args.plan or (Path(args.path).with_suffix(".plan.json")))
+    if not saved.is_file():
+        saved.write_text(json.dumps(make_plan(_config(args.path), 1000).to_json()))  # type: ignore[arg-type]
+    units = len(json.loads(saved.read_text())["units"])
+    for which in (0, units // 2, units - 1):
+        subprocess.run([sys.executable, __file__, "read-one", args.path, str(saved), str(which)], check=True)
+
+
+def read_one(args: argparse.Namespace) -> None:
+    from shardinfer.plan import Plan
+    from shardinfer.unit_reader import UnitReader
+
+    plan = Plan.from_json(json.loads(Path(args.plan).read_text()))
+    reader = UnitReader(plan, _config(args.path))  # type: ignore[arg-type]
+    base = _memory_mb("VmRSS")
+    unit = plan.units[int(args.unit)]
+    start = time.time()
+    table = reader.read(unit)
+    _report("read unit", start, unit=unit.unit, rows=table.num_rows, interpreter_rss_mb=round(base, 1),
+            starts_at=unit.segments[0].to_json())
+
+
+def measure_reduce(args: argparse.Namespace) -> None:
+    """Commit parts holding ``--rows`` made-up result rows through the real ledger, then time the reduce."""
+    run = Path(args.out)
+    if not (run / "run.json").is_file():
+        subprocess.run([sys.executable, __file__, "reduce-setup", str(run), str(args.rows), str(args.units)], check=True)
+    subprocess.run([sys.executable, __file__, "reduce-one", str(run)], check=True)
+
+
+def reduce_setup(args: argparse.Namespace) -> None:
+    from shardinfer.config import config_to_dict
+    from shardinfer.ledger import Ledger
+    from shardinfer.plan import Plan, Segment, Unit
+    from shardinfer.rundir import RunDir, write_json_atomic
+
+    rows, units = int(args.rows), int(args.units)
+    cut = np.linspace(0, rows, units + 1).astype(np.int64)
+    plan = Plan(files=[{"path": "/none", "source": "none", "rows": rows, "bytes": 0, "mtime": 0}], total_rows=rows,
+                units=[Unit(i, int(a), int(b - a), int(b - a), [Segment(0, int(a), int(b))]) for i, (a, b) in
+                       enumerate(zip(cut[:-1], cut[1:]))], max_model_len=4096, prompt_limit=3840,
+                chars_per_token=4.0, estimate="synthetic")
+    run_dir = RunDir(args.out)
+    run_dir.make(units=units)
+    cfg = _config("/none")
+    write_json_atomic(run_dir.plan_json, plan.to_json())
+    write_json_atomic(run_dir.run_json, {"config": config_to_dict(cfg), "layout": 2, "launches": 1})  # type: ignore[arg-type]
+    ledger = Ledger(run_dir)
+    output = pa.scalar("a generated summary of the document in a few words " * 4)
+    for u in plan.units:
+        n = u.rows
+        table = pa.table({"_row": pa.array(np.arange(u.first_row, u.first_row + n)),
+                          "id": pc.binary_join_element_wise("doc-", pa.array(np.arange(u.first_row, u.first_row + n)).cast(pa.string()), ""),
+                          "output": pa.array([output.as_py()] * n), "status": pa.array(["ok"] * n),
+                          "error": pa.nulls(n, pa.string()), "prompt_tokens": pa.array(np.full(n, 125)),
+                          "output_tokens": pa.array(np.full(n, 40)), "finish_reason": pa.array(["stop"] * n)})
+        assert ledger.claim(u.unit)
+        ledger.commit(u.unit, table, {"launch": 0, "rows": n, "ok": n, "truncated": 0, "failed": 0,
+                                       "prompt_tokens": 125 * n, "output_tokens": 40 * n})
+
+
+def reduce_one(args: argparse.Namespace) -> None:
+    from shardinfer.reduce import reduce_run
+    from shardinfer.rundir import RunDir
+
+    base = _memory_mb("VmRSS")
+    start = time.time()
+    report = reduce_run(RunDir(args.out))
+    _report("reduce", start, rows=report["rows"]["in"], interpreter_rss_mb=round(base, 1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("corpus")
+    c.add_argument("out")
+    c.add_argument("--rows", type=int, required=True)
+    c.add_argument("--files", type=int, default=1)
+    c.add_argument("--format", choices=["parquet", "jsonl"], default="parquet")
+    c.add_argument("--chars", type=int, default=500)
+    c.add_argument("--row-group", type=int, default=131_072)
+    c.set_defaults(fn=make_corpus)
+    c = sub.add_parser("plan")
+    c.add_argument("path")
+    c.set_defaults(fn=measure_plan)
+    c = sub.add_parser("read")
+    c.add_argument("path")
+    c.add_argument("--plan")
+    c.set_defaults(fn=measure_read)
+    c = sub.add_parser("read-one")
+    c.add_argument("path")
+    c.add_argument("plan")
+    c.add_argument("unit")
+    c.set_defaults(fn=read_one)
+    c = sub.add_parser("reduce")
+    c.add_argument("out")
+    c.add_argument("--rows", type=int, default=10_000_000)
+    c.add_argument("--units", type=int, default=2442)
+    c.set_defaults(fn=measure_reduce)
+    c = sub.add_parser("reduce-setup")
+    c.add_argument("out")
+    c.add_argument("rows")
+    c.add_argument("units")
+    c.set_defaults(fn=reduce_setup)
+    c = sub.add_parser("reduce-one")
+    c.add_argument("out")
+    c.set_defaults(fn=reduce_one)
+    args = p.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
