@@ -151,3 +151,46 @@ def test_duplicate_ids_across_files_point_at_the_first_row(tmp_path):
                             "model": {"path": str(tmp_path / "m"), "max_model_len": 600},
                             "sampling": {"max_tokens": 50}})
     assert make_plan(cfg, 1).duplicates == {2: 0, 4: 1, 5: 0}
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_workers_read_only_their_units_from_every_format(tmp_path, monkeypatch, indexed):
+    """Each unit read alone (a byte range, a row group, a gzip seek) gives the rows a whole read gives."""
+    import csv
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shardinfer import corpus
+    from shardinfer.unit_reader import UnitReader
+
+    if not indexed:
+        monkeypatch.setattr(corpus, "gzip_indexing", lambda: False)
+    records = [{"id": f"r{i}", "text": f"document {i} " + "word " * (i % 37), "n": i} for i in range(900)]
+    records[100]["text"] = ""  # a bad row keeps its place
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.Table.from_pylist(records[:300]), tmp_path / "in" / "a.parquet", row_group_size=64)
+    with gzip.open(tmp_path / "in" / "b.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps(r) + "\n" + ("\n" if i % 50 == 0 else "") for i, r in enumerate(records[300:600]))
+    with open(tmp_path / "in" / "c.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["id", "text", "n"])
+        writer.writeheader()
+        writer.writerows({**r, "text": r["text"] + ("\nsecond line" if r["n"] % 7 == 0 else "")}
+                         for r in records[600:])
+    cfg = config_from_dict({"input": {"path": str(tmp_path / "in"), "id_column": "id", "passthrough": ["n"]},
+                            "model": {"path": str(tmp_path / "m"), "max_model_len": 600},
+                            "sampling": {"max_tokens": 50}, "run": {"unit_tokens": 300}})
+    plan = make_plan(cfg, 2, index_dir=tmp_path / "index")
+    assert len(plan.units) > 20
+    assert (plan.files[1].get("gzip_index") is not None) == indexed
+    assert any("gzipped" in note for note in plan.notes) != indexed
+    reader = UnitReader(plan, cfg, tmp_path / "index")
+    tables = [reader.read(u) for u in reversed(plan.units)]  # CSV's n is text, the others' a number
+    read = pa.concat_tables([t.set_column(t.column_names.index("n"), "n", t.column("n").cast(pa.string()))
+                             for t in tables]).sort_by("_row")
+    assert read.column("_row").to_pylist() == list(range(900))
+    assert read.column("_id").to_pylist() == [r["id"] for r in records]
+    assert read.column("n").to_pylist() == [str(r["n"]) for r in records]
+    assert read.column("_problem").to_pylist()[100].startswith("empty_text")
+    assert sum(p is not None for p in read.column("_problem").to_pylist()) == 1

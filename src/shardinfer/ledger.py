@@ -163,7 +163,8 @@ class Ledger:
                 if name.endswith(".json") and (u := unit_of(name)) is not None}
 
     def release_unfinished_claims(self) -> list[int]:
-        """Drop claims of units that have no done record (their workers are gone); returns them."""
+        """At the start of a launch (no worker of an earlier one runs): drop the claims of units that
+        have no done record, the given-back markers and the watcher lease; returns the units."""
         done = self.done_set()
         released = []
         for unit, path in self.claims().items():
@@ -174,6 +175,7 @@ class Ledger:
             for tmp in d.glob(".unit-*.tmp-*"):
                 tmp.unlink(missing_ok=True)
         self._clear_released()
+        FS.unlink(self.run_dir.watcher)  # a watcher of an earlier launch is gone too
         return sorted(released)
 
     def release_claims_of(self, worker: str) -> list[int]:
