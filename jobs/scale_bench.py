@@ -139,6 +139,10 @@ def read_one(args: argparse.Namespace) -> None:
     table = reader.read(unit)
     _report("read unit", start, unit=unit.unit, rows=table.num_rows, interpreter_rss_mb=round(base, 1),
             starts_at=unit.segments[0].to_json())
+    if unit.unit + 1 < len(plan.units):  # what a worker walking its slice reads next
+        start = time.time()
+        table = reader.read(plan.units[unit.unit + 1])
+        _report("read the next unit", start, unit=unit.unit + 1, rows=table.num_rows)
 
 
 def measure_reduce(args: argparse.Namespace) -> None:

@@ -192,5 +192,9 @@ def test_workers_read_only_their_units_from_every_format(tmp_path, monkeypatch, 
     assert read.column("_row").to_pylist() == list(range(900))
     assert read.column("_id").to_pylist() == [r["id"] for r in records]
     assert read.column("n").to_pylist() == [str(r["n"]) for r in records]
+    forward = UnitReader(plan, cfg, tmp_path / "index")  # in order: Parquet reads go on where they stopped
+    ahead = pa.concat_tables([t.set_column(t.column_names.index("n"), "n", t.column("n").cast(pa.string()))
+                              for t in (forward.read(u) for u in plan.units)])
+    assert ahead.equals(read.select(ahead.column_names))
     assert read.column("_problem").to_pylist()[100].startswith("empty_text")
     assert sum(p is not None for p in read.column("_problem").to_pylist()) == 1

@@ -335,12 +335,14 @@ def read_table(f: InputFile, cfg: InputConfig, extra: list[str] | tuple[str, ...
 
 
 def read_range(f: InputFile, cols: Columns, invalid_utf8: str, first_row: int, rows: int,
-               begin: int | None, end: int | None, line: int | None, gz_index: Path | None = None) -> pa.Table:
+               begin: int | None, end: int | None, line: int | None, gz_index: Path | None = None,
+               cursor: ParquetCursor | None = None) -> pa.Table:
     """Rows ``first_row``..``first_row + rows`` of a file. Text formats read bytes ``begin``..``end``
-    (the plan's positions); Parquet reads from the row group that holds ``first_row``."""
+    (the plan's positions); Parquet decodes from where ``cursor`` stands (the end of the previous
+    range read) or from the start of the row group that holds ``first_row``."""
     stats = ReadStats()
     if f.format == "parquet":
-        table = _read_parquet_range(f, cols, first_row, rows)
+        table = _read_parquet_range(f, cols, first_row, rows, cursor)
     elif begin is None or end is None:  # a plan without positions: read up to the range
         table = _slice_scan(scan(f, cols, invalid_utf8, stats, gz_index), first_row, rows)
     else:
@@ -391,25 +393,76 @@ def parquet_row_groups(path: Path) -> list[int]:
     return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
 
 
-def _read_parquet_range(f: InputFile, cols: Columns, first_row: int, rows: int) -> pa.Table:
-    """Only the row groups that hold the range, decoded batch by batch from the first of them."""
-    pf = _parquet(f.path)
-    sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)]
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    g0 = int(np.searchsorted(starts, first_row, side="right") - 1)
-    g1 = int(np.searchsorted(starts, first_row + rows, side="left"))
-    present = [c for c in cols.wanted if c in pf.schema_arrow.names]
-    batches = pf.iter_batches(batch_size=min(BATCH_ROWS, max(rows, 1024)), row_groups=range(g0, max(g1, g0 + 1)),
-                              columns=present)
-    kept, seen = [], int(starts[g0])
-    for batch in batches:
-        lo, hi = max(first_row - seen, 0), min(first_row + rows - seen, batch.num_rows)
-        if lo < hi:
-            kept.append(batch.slice(lo, hi - lo))
-        seen += batch.num_rows
-        if seen >= first_row + rows:
-            break
-    table = pa.Table.from_batches(kept, schema=pf.schema_arrow.empty_table().select(present).schema)
+class ParquetCursor:
+    """An open Parquet file and where the last range read from it ended. A worker walks its units in
+    order, so its next unit usually starts there: decoding goes on from that point instead of from
+    the start of the row group again."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.columns: list[str] = []
+        self.file: pq.ParquetFile | None = None
+        self.starts = np.zeros(1, np.int64)  # first row of every row group, then the row count
+        self.group = -1
+        self.position = -1  # row at the start of ``rest``
+        self.rest: pa.RecordBatch | None = None
+        self.batches: Iterator[pa.RecordBatch] | None = None
+
+    def open(self, path: Path) -> pq.ParquetFile:
+        if self.path != path or self.file is None:
+            self.file = _parquet(path)
+            sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.metadata.num_row_groups)]
+            self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            self.path, self.group = path, -1
+        return self.file
+
+    def read(self, columns: list[str], first_row: int, rows: int, batch_rows: int) -> list[pa.RecordBatch]:
+        if columns != self.columns:
+            self.columns, self.group = columns, -1
+        group = int(np.searchsorted(self.starts, first_row, side="right") - 1)
+        if not (group == self.group and self.position <= first_row):
+            self._seek(group, batch_rows)
+        kept: list[pa.RecordBatch] = []
+        end = first_row + rows
+        while self.position < end:
+            batch = self._next(batch_rows)
+            if batch is None:
+                break
+            lo, hi = max(first_row - self.position, 0), min(end - self.position, batch.num_rows)
+            if lo < hi:
+                kept.append(batch.slice(lo, hi - lo))
+            if hi < batch.num_rows:  # the rest of this batch starts the next unit
+                self.rest, self.position = batch.slice(hi), self.position + hi
+                break
+            self.position += batch.num_rows
+        return kept
+
+    def _seek(self, group: int, batch_rows: int) -> None:
+        assert self.file is not None
+        self.group, self.position, self.rest = group, int(self.starts[group]), None
+        # One reader per row group: a reader run across many row groups keeps memory of all of them.
+        self.batches = self.file.iter_batches(batch_size=batch_rows, row_groups=[group], columns=self.columns)
+
+    def _next(self, batch_rows: int) -> pa.RecordBatch | None:
+        if self.rest is not None:
+            batch, self.rest = self.rest, None
+            return batch
+        assert self.batches is not None
+        batch = next(self.batches, None)
+        while batch is None and self.group + 1 < len(self.starts) - 1:
+            self._seek(self.group + 1, batch_rows)
+            batch = next(self.batches, None)
+        return batch
+
+
+def _read_parquet_range(f: InputFile, cols: Columns, first_row: int, rows: int,
+                        cursor: ParquetCursor | None) -> pa.Table:
+    """The range, decoded from where the cursor stands, or from the start of its row group."""
+    cursor = cursor or ParquetCursor()
+    schema = cursor.open(f.path).schema_arrow
+    present = [c for c in cols.wanted if c in schema.names]
+    batches = cursor.read(present, first_row, rows, min(BATCH_ROWS, max(rows, 1024)))
+    table = pa.Table.from_batches(batches, schema=pa.schema([schema.field(c) for c in present]))
     return _normalize(table, f, cols, first_row)
 
 
@@ -446,13 +499,18 @@ def _blocks(f: InputFile, gz_index: Path | None) -> Iterator[tuple[int, bytes]]:
 
 
 def _line_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Start and end (without the newline) of every line of a block, and which lines hold anything."""
+    """Start and end (without the newline) of every line of a block, and which lines hold anything.
+    A line that starts with a non-blank byte holds something; only the rare others are looked into."""
     arr = np.frombuffer(data, dtype=np.uint8)
     newlines = np.flatnonzero(arr == 10)
     ends = np.concatenate([newlines, [len(arr)]]) if (len(arr) and arr[-1] != 10) else newlines
     starts = np.concatenate([[0], ends[:-1] + 1]) if len(ends) else np.zeros(0, dtype=np.int64)
-    content = np.concatenate([[0], np.cumsum(~np.isin(arr, _WHITESPACE))])
-    filled = content[ends] - content[starts] > 0
+    nonempty = ends > starts
+    first = np.full(len(starts), 32, np.uint8)
+    first[nonempty] = arr[starts[nonempty]]
+    filled = nonempty & ~np.isin(first, _WHITESPACE)
+    for i in np.flatnonzero(nonempty & ~filled).tolist():  # starts with a blank: blank throughout?
+        filled[i] = bool(data[starts[i]:ends[i]].strip())
     return starts.astype(np.int64), ends.astype(np.int64), filled
 
 

@@ -279,23 +279,22 @@ class Ledger:
     def stop_watching(self) -> None:
         FS.unlink(self.run_dir.watcher)
 
-    def stale_or_unclaimed(self, units: list[int], most: int) -> list[tuple[int, int]]:
-        """Of units not done, up to ``most`` that nobody holds (the last ones first): claims gone
-        stale (moved aside here) and units never claimed. With the attempt each was at."""
-        found: list[tuple[int, int]] = []
+    def inspect_claims(self, units: list[int], most: int) -> tuple[list[tuple[int, int]], list[int]]:
+        """Of units not done (one stat each): up to ``most`` claims gone stale, moved aside here, with
+        the attempt each was at; and the units nobody has claimed."""
+        stale: list[tuple[int, int]] = []
+        unclaimed: list[int] = []
         now = time.time()
-        for unit in reversed(units):
-            if len(found) >= most:
-                break
+        for unit in units:
             path = self.run_dir.claim(unit)
             mtime = FS.mtime(path)
             if mtime is None:
-                found.append((unit, 0))
-            elif now - mtime > self.lease_timeout_s:
+                unclaimed.append(unit)
+            elif now - mtime > self.lease_timeout_s and len(stale) < most:
                 aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
                 if FS.rename(path, aside):
-                    found.append((unit, _attempt_of(FS.read(aside))))
-        return found
+                    stale.append((unit, _attempt_of(FS.read(aside))))
+        return stale, unclaimed
 
 
 def _attempt_of(data: bytes | None) -> int:

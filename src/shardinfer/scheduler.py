@@ -99,20 +99,30 @@ class IdleWait:
         self._seen: float | None = -1.0  # modification time of coord/released/ when last listed
         self._tried: set[tuple[int, int]] = set()
         self._next_watch_try = 0.0
+        self._delay = MIN_WAIT_S  # the backoff goes on until this worker gets work again
+        self._look_first = True  # false after handing out units that others may have taken
+
+    def worked(self) -> None:
+        """This worker claimed a unit: its next idle spell starts afresh."""
+        self._delay, self._look_first = MIN_WAIT_S, True
 
     def wait(self, stop: Callable[[], bool]) -> list[tuple[int, int]] | None:
         """Released units to claim, or None when the run is complete; [] when ``stop`` says so."""
-        delay = MIN_WAIT_S
         while not stop():
-            found = self._look()
-            if found is None or found:
-                return found
+            if self._look_first:
+                found = self._look()
+                if found is None:
+                    return None
+                if found:
+                    self._look_first = False  # if none of them can be claimed, wait before looking again
+                    return found
+            self._look_first = True
             if time.monotonic() >= self._next_watch_try:
                 self._next_watch_try = time.monotonic() + self.watcher_try_s
                 if self.ledger.watch():
                     return self._timed_watch(stop)
-            time.sleep(delay * random.uniform(*JITTER))
-            delay = min(delay * 2, self.max_wait_s)
+            time.sleep(self._delay * random.uniform(*JITTER))
+            self._delay = min(self._delay * 2, self.max_wait_s)
         return []
 
     def _look(self) -> list[tuple[int, int]] | None:
@@ -121,6 +131,7 @@ class IdleWait:
         changed = self.ledger.released_changed_at()
         if changed == self._seen:
             return []
+        self._next_watch_try = 0.0  # a watcher that gave units back has stopped watching: look now
         released = self.ledger.released_units()
         if released is None:
             return None
@@ -140,9 +151,11 @@ class IdleWait:
             self.watch_ops += FS.total - ops
 
     def _watch(self, stop: Callable[[], bool]) -> list[tuple[int, int]] | None:
-        """The watcher: follow the units not done; give back stale and unclaimed ones; end the run."""
+        """The watcher: follow the units not done; give back claims gone stale at once, and units
+        nobody claimed at two of its looks in a row (their owner is gone or far behind); end the run."""
         log.info("watching the run: no unit left to claim here")
         pending = set(range(self.units)) - self.ledger.done_set()
+        unclaimed_before: set[int] = set()
         try:
             while not stop():
                 pending -= self._done_among(pending)
@@ -151,7 +164,10 @@ class IdleWait:
                     self.ledger.mark_complete()
                     log.info("every unit is done")
                     return None
-                free = self.ledger.stale_or_unclaimed(sorted(pending), ANNOUNCE_MAX)
+                stale, unclaimed = self.ledger.inspect_claims(sorted(pending), ANNOUNCE_MAX)
+                overdue = sorted(unclaimed_before & set(unclaimed), reverse=True)  # the ends of slices first
+                unclaimed_before = set(unclaimed)
+                free = stale + [(u, 0) for u in overdue[:ANNOUNCE_MAX - len(stale)]]
                 if free:
                     log.warning("giving back %d unit(s) nobody holds: %s", len(free), [u for u, _ in free][:10])
                     self.ledger.announce(free)

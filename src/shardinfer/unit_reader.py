@@ -34,6 +34,7 @@ class UnitReader:
         for info in plan.files:
             self.offsets.append(self.offsets[-1] + info["rows"])
         self._checked: set[int] = set()
+        self._cursors: dict[int, corpus.ParquetCursor] = {}  # per Parquet file: where the last read ended
 
     def read(self, unit: Unit) -> pa.Table:
         tables = [self._segment(seg.file, seg.start, seg.rows, seg.begin, seg.stop, seg.line)
@@ -48,8 +49,9 @@ class UnitReader:
         if index not in self._checked:
             check_unchanged(f.path, info)
             self._checked.add(index)
+        cursor = self._cursors.setdefault(index, corpus.ParquetCursor()) if f.format == "parquet" else None
         table = corpus.read_range(f, self.cols, self.cfg.input.invalid_utf8, start, rows, begin, stop, line,
-                                  self.indexes[index])
+                                  self.indexes[index], cursor)
         if table.num_rows != rows:
             raise RunError(f"{f.path}: rows {start}-{start + rows - 1} read as {table.num_rows} rows, the plan has "
                            f"{rows}: the input changed since the run was planned. Start a new run.")

@@ -81,6 +81,7 @@ class Worker:
         self.in_flight: dict[int, InFlight] = {}
         self.timeline = Timeline(start=self.metrics.started_at)
         self._metrics_saved = 0.0
+        self.idle = IdleWait(self.ledger, len(self.plan.units), self.world, self.cfg.run.lease_timeout_s)
 
     def drain(self, signum: int, _frame: Any = None) -> None:
         """On SIGUSR2/SIGTERM: finish and commit the current unit, claim no more, exit."""
@@ -113,7 +114,6 @@ class Worker:
         """Keep the engine fed with claimed units, commit each as its last row finishes; with
         nothing left to claim, wait quietly for given-back units or the end of the run."""
         candidates = Candidates(self._todo(), self.rank, self.world)
-        idle = IdleWait(self.ledger, len(self.plan.units), self.world, self.cfg.run.lease_timeout_s)
         while True:
             if not self.draining:
                 self._fill(candidates, reader, heartbeat)
@@ -125,7 +125,7 @@ class Worker:
             if self.draining:
                 return
             self._save_metrics()
-            released = self._idle(idle)
+            released = self._idle(self.idle)
             if released is None:
                 return
             candidates.add_released(released)
@@ -178,6 +178,7 @@ class Worker:
                 claimed = self.ledger.claim_released(number, released_at)
             if claimed:
                 candidates.claimed()
+                self.idle.worked()
                 return self.plan.units[number]
             candidates.missed()
         return None
