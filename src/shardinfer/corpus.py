@@ -346,7 +346,7 @@ def read_range(f: InputFile, cols: Columns, invalid_utf8: str, first_row: int, r
     elif begin is None or end is None:  # a plan without positions: read up to the range
         table = _slice_scan(scan(f, cols, invalid_utf8, stats, gz_index), first_row, rows)
     else:
-        with _open_at(f, begin, gz_index) as fh:
+        with open_at(f, begin, gz_index) as fh:
             data = fh.read(end - begin)
         parse = _jsonl_block if f.format == "jsonl" else _csv_block
         header = None if f.format == "jsonl" else _csv_header_of(f, gz_index)
@@ -480,7 +480,7 @@ def _scan_jsonl(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats
 
 def _blocks(f: InputFile, gz_index: Path | None) -> Iterator[tuple[int, bytes]]:
     """(offset, bytes) of whole lines, about BLOCK_BYTES at a time."""
-    with _open_at(f, 0, gz_index) as fh:
+    with open_at(f, 0, gz_index) as fh:
         offset, rest = 0, b""
         while True:
             chunk = fh.read(BLOCK_BYTES)
@@ -608,7 +608,7 @@ def passthrough_array(values: list[Any]) -> pa.Array:
 
 
 def _scan_csv(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats, gz_index: Path | None) -> Iterator[pa.Table]:
-    with _open_at(f, 0, gz_index) as fh:
+    with open_at(f, 0, gz_index) as fh:
         tracked = _TrackedLines(fh)
         header = _csv_header(tracked)
         first_row = 0
@@ -660,7 +660,7 @@ def _one_line(tracked: _TrackedLines) -> Iterator[str]:
 
 
 def _csv_header_of(f: InputFile, gz_index: Path | None) -> list[str]:
-    with _open_at(f, 0, gz_index) as fh:
+    with open_at(f, 0, gz_index) as fh:
         return _csv_header(fh)
 
 
@@ -736,7 +736,7 @@ def gzip_indexing() -> bool:
     return True
 
 
-def _open_at(f: InputFile, offset: int, gz_index: Path | None) -> IO[bytes]:
+def open_at(f: InputFile, offset: int, gz_index: Path | None) -> IO[bytes]:
     """The file's (uncompressed) bytes from ``offset``. A gzipped file seeks through its saved index
     (indexed_gzip); without one, it is decompressed from the start up to ``offset``."""
     if not f.gzip:

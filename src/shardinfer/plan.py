@@ -217,7 +217,7 @@ def _add_sample(out: FileScan, batch: pa.Table, ok: pa.ChunkedArray) -> None:
 def _byte_size(f: corpus.InputFile, gz_index: Path | None) -> int:
     if not f.gzip:
         return f.path.stat().st_size
-    with corpus._open_at(f, 0, gz_index) as fh:
+    with corpus.open_at(f, 0, gz_index) as fh:
         return int(fh.seek(0, os.SEEK_END))
 
 
