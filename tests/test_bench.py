@@ -63,6 +63,11 @@ def test_bench_compares_raw_vllm_and_the_pipeline_and_batching_strategies(tmp_pa
         assert run["startup_s"] > 0 and run["generation_s"] > 0 and run["tokens_per_s"]["total"] > 0
         assert abs(run["phases"]["steady_s"] + run["phases"]["tail_s"] - run["generation_s"]) < 0.01
     assert pipe["workers"] == 1 and pipe["rows_failed"] == 0
+    for run in (raw, pipe):  # what vLLM was set to and what its scheduler did, from its own stats
+        settings, scheduler = run["engine"]["settings"], run["engine"]["scheduler"]
+        assert settings["max_num_seqs"] > 0 and settings["kv_cache_tokens"] > 0 and settings["prefix_caching"] in (True, False)
+        assert scheduler["generation_tokens"] == 24 * 12 and scheduler["prompt_tokens"] == shape["prompt_tokens"]
+        assert scheduler["preemptions"] >= 0 and scheduler["decode_s"] > 0
     # raw vLLM's row finish times and tokens were read from its progress updates, none estimated
     assert result["baseline_timeline_estimated_rows"] == 0 == result["strategies_timeline_estimated_rows"]
     ratio = result["ratio"]["generation_per_replica"]
@@ -76,6 +81,7 @@ def test_bench_compares_raw_vllm_and_the_pipeline_and_batching_strategies(tmp_pa
     md = (out / "bench.md").read_text()
     assert "| raw vLLM | 24 |" in md and "| pipeline (1 worker) | 24 |" in md and "continuous batching" in md
     assert "Pipeline / baseline" in md and "](bench.png)" in md
+    assert "Engine settings in effect and what the scheduler did" in md
     assert md in proc.stdout
     (out / "bench.png").unlink()  # measured where matplotlib was missing: redraw from bench.json
     again = run_cli(["bench", "--replot", "--out", str(out)], engine_env)
@@ -101,3 +107,21 @@ def test_bench_hf_engine_against_the_naive_loop_on_random_weights(tmp_path, tiny
     assert naive["tokens"] == pipe["tokens"] == {"input": result["shape"]["prompt_tokens"], "output": 80,
                                                  "total": result["shape"]["prompt_tokens"] + 80}
     assert result["ratio"]["generation_per_replica"] > 0
+
+
+def test_bench_raw_engine_alone_on_random_token_prompts(tmp_path, tiny_model, engine_env):
+    config = write_config(tmp_path / "bench.yaml", corpus=tmp_path / "unused.jsonl", model_dir=tiny_model,
+                          run_dir=tmp_path / "unused-run", model={"max_model_len": 256},
+                          run={"workers": 1, "env": CPU_ENV})
+    args = ["bench", "--config", str(config), "--docs", "6", "--input-len", "50-80", "--output-len", "4",
+            "--prompt-kind", "random", "--out", str(tmp_path / "out")]
+    refused = run_cli(args, engine_env)
+    assert refused.returncode == 2 and "add --skip-pipeline" in refused.stderr
+    proc = run_cli([*args, "--skip-pipeline", "--engine-arg", "max_num_seqs=2"], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert list(result["runs"]) == ["raw vLLM"] and result["ratio"] is None
+    assert 50 <= result["shape"]["prompt_len_min"] <= result["shape"]["prompt_len_max"] <= 80
+    raw = result["runs"]["raw vLLM"]
+    assert raw["engine"]["settings"]["max_num_seqs"] == 2  # the sweep's setting is in effect
+    assert raw["engine"]["scheduler"]["running_max"] in (None, 0.0, 1.0, 2.0)

@@ -296,6 +296,7 @@ def test_kill_9_of_a_worker_mid_unit_is_taken_over_in_the_same_run(long_job, eng
     out, err = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, err[-3000:]
     assert "exited with signal SIGKILL" in err  # said, not hidden
+    assert "died holding units" in err and "given back to the others" in err  # at once, not a lease later
     assert _triples(tmp / "killed") == clean  # every row once, same outputs as without the kill
     logs = "".join(p.read_text() for p in (tmp / "killed" / "logs").glob("*.log"))
     assert "took over unit" in logs and "(attempt 2)" in logs

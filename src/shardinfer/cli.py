@@ -122,7 +122,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         input_len=_length_range(args.input_len), output_len=args.output_len,
                         max_model_len=args.max_model_len, engine_args=engine_args, workers=args.workers,
                         overrides=args.overrides, text_source=args.text_source, seed=args.seed,
-                        skip_raw=args.skip_raw, strategies=args.strategies, static_batch=args.static_batch,
+                        skip_raw=args.skip_raw, skip_pipeline=args.skip_pipeline, prompt_kind=args.prompt_kind,
+                        strategies=args.strategies, static_batch=args.static_batch,
                         strategy_docs=args.strategy_docs)
     result = run_bench(opts, args.command_line[1:])
     print((Path(args.out) / "bench.md").read_text())
@@ -171,6 +172,10 @@ def _add_bench_parser(sub: Any, engines: list[str]) -> None:
     p.add_argument("--text-source", help="corpus file (Parquet, JSONL, CSV) with a 'text' column (default: the bundled documentation)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic corpus")
     p.add_argument("--skip-raw", action="store_true", help="measure the pipeline only")
+    p.add_argument("--skip-pipeline", action="store_true", help="measure the baseline only (engine-setting sweeps)")
+    p.add_argument("--prompt-kind", choices=["text", "random"], default="text",
+                   help="text: real text through the chat template (default); random: random token ids "
+                        "(raw engine only, with --skip-pipeline)")
     p.add_argument("--strategies", action="store_true",
                    help="also compare one-at-a-time, static batches and continuous batching (vLLM)")
     p.add_argument("--static-batch", type=int, default=16, help="rows per static batch (default 16)")

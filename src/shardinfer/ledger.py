@@ -178,17 +178,20 @@ class Ledger:
         FS.unlink(self.run_dir.watcher)  # a watcher of an earlier launch is gone too
         return sorted(released)
 
-    def release_claims_of(self, worker: str) -> list[int]:
-        """A worker is known dead (its launcher saw it exit): give back its unfinished units now."""
+    def expire_claims_of(self, worker: str) -> list[int]:
+        """A worker is known dead (its launcher saw it exit): make its leases stale now, so the
+        watcher gives its units back with their next attempt at once instead of a lease timeout
+        later, and wake the idle workers."""
         done = self.done_set()
-        released = []
+        expired = []
         for unit, path in self.claims().items():
             data = FS.read(path) if unit not in done else None
             if data is not None and json.loads(data).get("worker") == worker:
-                FS.unlink(path)
-                released.append((unit, _attempt_of(data)))
-        self.announce(released)
-        return sorted(u for u, _ in released)
+                FS.touch(path, mtime=0.0)
+                expired.append(unit)
+        if expired:
+            FS.touch(self.run_dir.released)
+        return sorted(expired)
 
     def verify_committed(self, expected_rows: dict[int, int]) -> list[int]:
         """Undo commits whose part is missing, unreadable or of the wrong size, so they are redone."""

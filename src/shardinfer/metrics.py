@@ -50,6 +50,7 @@ class WorkerMetrics:
     idle_fs_ops: int = 0  # metadata operations while idle (watching included)
     watch_s: float = 0.0  # of the idle time, as the run's watcher
     watch_fs_ops: int = 0
+    engine_report: dict[str, Any] = field(default_factory=dict)  # the engine's settings and scheduler stats
 
     @property
     def end(self) -> float:

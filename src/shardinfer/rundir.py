@@ -131,10 +131,11 @@ class FileOps:
         with self._op("unlink"):
             path.unlink(missing_ok=True)
 
-    def touch(self, path: Path) -> bool:
+    def touch(self, path: Path, mtime: float | None = None) -> bool:
+        """Set a file's modification time to now (or to ``mtime``)."""
         with self._op("utime"):
             try:
-                os.utime(path)
+                os.utime(path, None if mtime is None else (mtime, mtime))
             except FileNotFoundError:
                 return False
             return True

@@ -288,6 +288,7 @@ class Worker:
         m = self.metrics
         m.timeline = self.timeline.to_json()
         m.fs_ops, m.fs_seconds, m.fsyncs = dict(FS.counts), round(FS.seconds, 6), FS.fsyncs
+        m.engine_report = self.engine.report()
         m.save(self.run_dir)
         self._metrics_saved = time.monotonic()
 

@@ -16,12 +16,12 @@ from typing import Any
 
 from shardinfer import __version__
 from shardinfer.bench.report import render_markdown, write_plots
-from shardinfer.bench.synth import make_docs, source_texts
+from shardinfer.bench.synth import make_docs, random_prompts, source_texts
 from shardinfer.config import Config, ModelConfig, config_from_dict, config_to_dict, load_config
 from shardinfer.engines.registry import BenchSupport, EngineSpec, engines, get_engine
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.metrics import load_metrics
-from shardinfer.model_info import check_model_path, load_tokenizer, resolve_max_model_len
+from shardinfer.model_info import check_model_path, load_tokenizer, model_config_json, resolve_max_model_len
 from shardinfer.prompts import PromptBuilder
 from shardinfer.report import run_timeline
 from shardinfer.rundir import RunDir, write_json_atomic
@@ -50,6 +50,8 @@ class BenchOptions:
     text_source: str | None = None
     seed: int = 0
     skip_raw: bool = False
+    skip_pipeline: bool = False
+    prompt_kind: str = "text"  # text: windows of real text through the chat template; random: random token ids
     strategies: bool = False
     static_batch: int = 16
     strategy_docs: int = 64
@@ -119,7 +121,8 @@ def run_bench(opts: BenchOptions, argv: list[str]) -> dict[str, Any]:
     }
     if not opts.skip_raw:
         result.update(_baseline(cfg, opts, _bench_engine(cfg.model.engine)[1].baseline))
-    result["runs"]["pipeline"] = _pipeline(cfg)
+    if not opts.skip_pipeline:
+        result["runs"]["pipeline"] = _pipeline(cfg)
     result["ratio"] = _ratios(result["runs"])
     if opts.strategies:
         if not _bench_engine(cfg.model.engine)[1].strategies:
@@ -148,6 +151,14 @@ def replot(out: Path) -> dict[str, Any]:
 
 
 def _write_corpus(cfg: Config, opts: BenchOptions) -> list[list[int]]:
+    if opts.prompt_kind == "random":
+        if not opts.skip_pipeline:
+            raise ConfigError("--prompt-kind random gives the engine random token ids, which the pipeline (text in) "
+                              "cannot reproduce: add --skip-pipeline")
+        vocab = model_config_json(cfg.model.path).get("vocab_size") or 32000
+        prompts = random_prompts(opts.docs, opts.input_len, int(vocab), opts.seed)
+        (opts.out / "prompts.json").write_text(json.dumps(prompts))
+        return prompts
     tokenizer = load_tokenizer(cfg.model)
     builder = PromptBuilder(cfg.prompt, tokenizer, max_model_len=resolve_max_model_len(cfg.model),
                             max_tokens=cfg.sampling.max_tokens)
@@ -186,11 +197,17 @@ def _baseline(cfg: Config, opts: BenchOptions, mode: str) -> dict[str, Any]:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         raise RunError(f"the {mode} baseline failed (exit {code}); last lines of {log_path}:\n{tail}")
     raw = json.loads(out_path.read_text())
-    runs = {name: _summary(run["prompt_tokens"], run["output_tokens"], run["rows"],
-                           Timeline(**run["timeline"]), run["started_at"], run["first_request_at"],
-                           run["end"]) for name, run in raw["runs"].items()}
+    runs = {name: {**_summary(run["prompt_tokens"], run["output_tokens"], run["rows"],
+                              Timeline(**run["timeline"]), run["started_at"], run["first_request_at"], run["end"]),
+                   **_engine(raw.get("engine_settings"), run.get("scheduler"))}
+            for name, run in raw["runs"].items()}
     return {"device": raw["device"], "versions": raw["versions"], "runs": runs,
             "baseline_timeline_estimated_rows": raw.get("timeline_estimated_rows", 0)}
+
+
+def _engine(settings: dict[str, Any] | None, scheduler: dict[str, Any] | None) -> dict[str, Any]:
+    """The engine's settings in effect and its scheduler's stats, when the engine tells them."""
+    return {"engine": {"settings": settings, "scheduler": scheduler}} if settings or scheduler else {}
 
 
 def _pipeline(cfg: Config) -> dict[str, Any]:
@@ -207,6 +224,10 @@ def _pipeline(cfg: Config) -> dict[str, Any]:
                        timeline, started, first or started, end)
     summary.update(workers=len({m.rank for m in metrics}), rows_failed=report["rows"]["failed"],
                    run_dir=str(run_dir.path), versions=report["versions"])
+    reports = [m.engine_report for m in metrics if m.engine_report]
+    if reports:  # one worker's (the first), and each worker's in engine_by_worker
+        summary.update(_engine(reports[0].get("settings"), reports[0].get("scheduler")))
+        summary["engine_by_worker"] = reports
     return summary
 
 
@@ -232,7 +253,9 @@ def _ratios(runs: dict[str, Any]) -> dict[str, float] | None:
     base = next((r for name, r in runs.items() if name != "pipeline"), None)
     if base is None:
         return None
-    pipe = runs["pipeline"]
+    pipe = runs.get("pipeline")
+    if pipe is None:
+        return None
     replicas = max(pipe.get("workers", 1), 1)
     return {"generation_per_replica": round(pipe["tokens_per_s"]["total"] / replicas / base["tokens_per_s"]["total"], 4),
             "end_to_end_per_replica": round(pipe["end_to_end_tokens_per_s"] / replicas / base["end_to_end_tokens_per_s"], 4)}

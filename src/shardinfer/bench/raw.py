@@ -44,8 +44,10 @@ def _vllm(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], started: 
     from vllm.inputs import TokensPrompt
 
     from shardinfer.engines.vllm_engine import engine_kwargs, sampling_kwargs
+    from shardinfer.engines.vllm_stats import SchedulerStats, settings
 
-    llm = vllm.LLM(**engine_kwargs(cfg.model, cfg.sampling, spec["max_model_len"], vllm.EngineArgs))
+    llm = vllm.LLM(**{"disable_log_stats": False,
+                      **engine_kwargs(cfg.model, cfg.sampling, spec["max_model_len"], vllm.EngineArgs)})
     params = vllm.SamplingParams(**sampling_kwargs(cfg.sampling))
     loaded = time.time()
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
@@ -60,16 +62,17 @@ def _vllm(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], started: 
 
     startup = loaded - started
     out: dict[str, Any] = {"device": _device(), "versions": {"vllm": vllm.__version__, **_torch_version()},
-           "startup_s": round(startup, 3), "runs": {}}
+                           "startup_s": round(startup, 3), "runs": {}, "engine_settings": settings(llm)}
+    stats = SchedulerStats(llm, every_s=1.0)
     if spec["mode"] == "vllm":
-        out["runs"]["raw vLLM"] = _timed(lambda tl: call(requests, tl), startup)
+        out["runs"]["raw vLLM"] = _timed(lambda tl: call(requests, tl), startup, stats)
         out["timeline_estimated_rows"] = estimated["rows"]
         return out
     subset = requests[: spec["strategy_docs"]]
     size = spec["static_batch"]
-    out["runs"]["one at a time"] = _timed(lambda tl: _chunks(call, subset, 1, tl), startup)
-    out["runs"][f"static batches of {size}"] = _timed(lambda tl: _chunks(call, subset, size, tl), startup)
-    out["runs"]["continuous batching"] = _timed(lambda tl: call(subset, tl), startup)
+    out["runs"]["one at a time"] = _timed(lambda tl: _chunks(call, subset, 1, tl), startup, stats)
+    out["runs"][f"static batches of {size}"] = _timed(lambda tl: _chunks(call, subset, size, tl), startup, stats)
+    out["runs"]["continuous batching"] = _timed(lambda tl: call(subset, tl), startup, stats)
     out["timeline_estimated_rows"] = estimated["rows"]
     return out
 
@@ -82,18 +85,22 @@ def _chunks(call: Callable[[list[Any], Timeline], list[tuple[int, int]]], reques
     return outputs
 
 
-def _timed(run: Callable[[Timeline], list[tuple[int, int]]], startup_s: float) -> dict[str, Any]:
+def _timed(run: Callable[[Timeline], list[tuple[int, int]]], startup_s: float,
+           stats: Any = None) -> dict[str, Any]:
     """Run one measurement, which returns (prompt tokens, output tokens) per row and records when
     rows finished. Each measurement's clock starts ``startup_s`` (the engine's start-up) before its
-    first request."""
+    first request. With ``stats``, what the engine's scheduler did during it."""
     begin = time.time()
     timeline = Timeline(start=begin - startup_s)
+    if stats is not None:
+        stats.start()
     counts = run(timeline)
     end = time.time()
     prompt = sum(n for n, _ in counts)
     output = sum(n for _, n in counts)
-    return {"rows": len(counts), "started_at": begin - startup_s, "first_request_at": begin, "end": end, "generate_s": round(end - begin, 3),
-            "prompt_tokens": prompt, "output_tokens": output, "timeline": timeline.to_json()}
+    return {"rows": len(counts), "started_at": begin - startup_s, "first_request_at": begin, "end": end,
+            "generate_s": round(end - begin, 3), "prompt_tokens": prompt, "output_tokens": output,
+            "timeline": timeline.to_json(), "scheduler": stats.summary() if stats is not None else None}
 
 
 def _recorder(timeline: Timeline, mean_in: float, max_tokens: int, estimated: dict[str, int]) -> Callable[..., Any]:

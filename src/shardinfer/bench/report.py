@@ -37,6 +37,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{s['docs']} documents, prompts of {s['prompt_len_min']}-{s['prompt_len_max']} tokens "
         f"(mean {s['prompt_len_mean']}, {s['prompt_tokens']} in all), {s['output_len']} output tokens each.", "",
         *_table(r["runs"]), "",
+        *_engine_table(r["runs"]),
     ]
     if r.get("ratio"):
         lines += [f"Pipeline / baseline, total tokens per second per replica: generation "
@@ -49,6 +50,28 @@ def render_markdown(r: dict[str, Any]) -> str:
             lines += [f"![batching strategies]({r['plots']['strategies']})", ""]
     lines += [_versions(r), ""]
     return "\n".join(lines)
+
+
+def _engine_table(runs: dict[str, Any]) -> list[str]:
+    """The engine's settings in effect and what its scheduler did, per run (vLLM's own stats)."""
+    rows = [(name, run["engine"]) for name, run in runs.items() if run.get("engine")]
+    if not rows:
+        return []
+    lines = ["Engine settings in effect and what the scheduler did (vLLM's stats; requests' prefill, decode and "
+             "queue seconds are summed over requests):", "",
+             "| run | max_num_seqs | max_num_batched_tokens | KV-cache tokens | prefix caching | chunked prefill | "
+             "preemptions | prefix-cache hits | running mean / max | waiting mean / max | prefill s | decode s | queue s |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, engine in rows:
+        s, d = engine.get("settings") or {}, engine.get("scheduler") or {}
+        hits = d.get("prefix_cache_hit_rate")
+        lines.append(
+            f"| {name} | {s.get('max_num_seqs', '')} | {s.get('max_num_batched_tokens', '')} | "
+            f"{s.get('kv_cache_tokens', '')} | {s.get('prefix_caching', '')} | {s.get('chunked_prefill', '')} | "
+            f"{d.get('preemptions', '')} | {'' if hits is None else f'{hits:.1%}'} | "
+            f"{d.get('running_mean', '')} / {d.get('running_max', '')} | {d.get('waiting_mean', '')} / "
+            f"{d.get('waiting_max', '')} | {d.get('prefill_s', '')} | {d.get('decode_s', '')} | {d.get('queue_s', '')} |")
+    return [*lines, ""]
 
 
 def _table(runs: dict[str, Any]) -> list[str]:

@@ -34,7 +34,12 @@ class SynthDoc:
 
 @contextlib.contextmanager
 def bundled_corpus() -> Iterator[Path]:
-    """The path of the corpus shipped in the package (PSF-licensed Python documentation)."""
+    """The path of the corpus shipped in the package (PSF-licensed Python documentation): installed
+    as the package ``shardinfer.data``, or ``jobs/data`` of a source checkout run from ``src/``."""
+    checkout = Path(__file__).resolve().parents[3] / "jobs" / "data" / BUNDLED
+    if checkout.is_file():
+        yield checkout
+        return
     with resources.as_file(resources.files("shardinfer.data") / BUNDLED) as path:
         yield path
 
@@ -70,6 +75,14 @@ def make_docs(builder: PromptBuilder, tokenizer: Any, texts: list[str], *, docs:
                           f"ask for more than that")
     rng = random.Random(seed)
     return [_doc(builder, tokenizer, stream, rng.randint(lo, hi), overhead, rng, (lo, hi)) for _ in range(docs)]
+
+
+def random_prompts(docs: int, lengths: tuple[int, int], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Prompts of random token ids (no shared prefix, nothing a prefix cache can reuse), drawn from
+    the upper part of the vocabulary (the lowest ids are often special tokens)."""
+    rng = random.Random(seed)
+    low = min(1000, vocab_size // 4)
+    return [[rng.randrange(low, vocab_size) for _ in range(rng.randint(*lengths))] for _ in range(docs)]
 
 
 def _token_stream(tokenizer: Any, texts: list[str]) -> list[int]:

@@ -42,6 +42,8 @@ class Engine(Protocol):
 
     def versions(self) -> dict[str, str]: ...
 
+    def report(self) -> dict[str, Any]: ...
+
 
 class BatchQueue:
     """``submit``/``poll`` for engines that only have a blocking ``generate``: each ``poll`` runs
@@ -72,3 +74,7 @@ class BatchQueue:
 
     def generate(self, prompts: list[list[int]]) -> list[Completion]:
         raise NotImplementedError
+
+    def report(self) -> dict[str, Any]:
+        """The engine's settings in effect and what it did (engines that can tell)."""
+        return {}

@@ -22,6 +22,7 @@ from shardinfer.config import Config, ModelConfig, SamplingConfig
 from shardinfer.engines.base import Completion, Finished
 from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec
 from shardinfer.engines.retry import generate_with_retries
+from shardinfer.engines.vllm_stats import SchedulerStats, settings
 from shardinfer.errors import ConfigError, missing_dependency
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class VllmEngine:
         self._ready: list[Finished] = []  # rejected at submit or redone after a failed step
         self._next_id = 0
         self.max_requests = 256  # requests that keep the engine busy (set at load)
+        self.stats: SchedulerStats | None = None
         self.max_tokens_queued: int | None = None
 
     def load(self) -> None:
@@ -59,7 +61,8 @@ class VllmEngine:
             import vllm
         except ImportError as exc:
             raise missing_dependency("vllm", SPEC.extra, SPEC.install_hint) from exc
-        kwargs = engine_kwargs(self.model, self.sampling, self.max_model_len, vllm.EngineArgs)
+        kwargs = {"disable_log_stats": False,  # the scheduler's stats go into the worker's metrics
+                  **engine_kwargs(self.model, self.sampling, self.max_model_len, vllm.EngineArgs)}
         log.info("loading vLLM %s: %s", vllm.__version__, kwargs)
         self.llm = vllm.LLM(**kwargs)
         self.params = vllm.SamplingParams(**sampling_kwargs(self.sampling))
@@ -68,6 +71,7 @@ class VllmEngine:
         self.stream_params = vllm.SamplingParams(**sampling_kwargs(self.sampling),
                                                  output_kind=RequestOutputKind.FINAL_ONLY)
         self.max_requests, self.max_tokens_queued = _queue_limits(self.llm)
+        self.stats = SchedulerStats(self.llm).start()
         log.info("keeping up to %d requests / %s tokens queued in the engine", self.max_requests,
                  self.max_tokens_queued or "unbounded")
 
@@ -127,6 +131,8 @@ class VllmEngine:
 
     def poll(self) -> list[Finished]:
         """One engine step: the rows it finished (or, after a failed step, every row in flight)."""
+        if self.stats is not None:
+            self.stats.sample(min_gap_s=1.0)
         if self._ready:
             ready, self._ready = self._ready, []
             return ready
@@ -161,6 +167,11 @@ class VllmEngine:
         results = generate_with_retries(self, [r.prompt for r in requests], attempts=self.attempts,
                                         backoff_s=self.backoff_s)
         return [(r.batch, r.index, result) for r, result in zip(requests, results)]
+
+    def report(self) -> dict[str, Any]:
+        if self.stats is None or self.llm is None:
+            return {}
+        return {"settings": settings(self.llm), "scheduler": self.stats.summary()}
 
     def versions(self) -> dict[str, str]:
         import torch

@@ -148,7 +148,7 @@ class LocalHandle(RunHandle):
         return [int(p.returncode) for p in self.procs]
 
     def _give_back(self, rank: int, proc: subprocess.Popen) -> None:
-        units = Ledger(self.run_dir).release_claims_of(f"{socket.gethostname()}:{proc.pid}:rank{rank}")
+        units = Ledger(self.run_dir).expire_claims_of(f"{socket.gethostname()}:{proc.pid}:rank{rank}")
         if units:
             log.warning("worker %d died holding units %s; they are given back to the others", rank, units)
 
