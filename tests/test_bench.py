@@ -109,6 +109,7 @@ def test_bench_hf_engine_against_the_naive_loop_on_random_weights(tmp_path, tiny
     assert result["ratio"]["generation_per_replica"] > 0
 
 
+@pytest.mark.engine
 def test_bench_raw_engine_alone_on_random_token_prompts(tmp_path, tiny_model, engine_env):
     config = write_config(tmp_path / "bench.yaml", corpus=tmp_path / "unused.jsonl", model_dir=tiny_model,
                           run_dir=tmp_path / "unused-run", model={"max_model_len": 256},
