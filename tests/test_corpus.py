@@ -99,7 +99,7 @@ def test_template_column_missing_is_a_config_error(tmp_path):
     write_all_formats(tmp_path)
     path = tmp_path / "a.parquet"
     with pytest.raises(ConfigError, match="prompt.user: column 'title'"):
-        corpus.check_columns([path], cfg(path), ["text", "title"])
+        corpus.check_columns([path], cfg(path), [("prompt.user", "text"), ("prompt.user", "title")])
 
 
 def test_bad_jsonl_rows_are_kept_with_a_problem(tmp_path):

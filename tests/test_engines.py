@@ -7,6 +7,8 @@ import pytest
 from conftest import CPU_ENV
 from shardinfer.config import ModelConfig, SamplingConfig
 from shardinfer.engines import Completion
+from shardinfer.engines.base import Refused
+from shardinfer.prompts import Prompt
 
 pytestmark = pytest.mark.engine
 
@@ -38,20 +40,47 @@ def test_vllm_engine_is_fed_batch_after_batch_and_a_refused_row_fails_alone(tiny
     engine.load()
     texts = ["The os module provides", "Lists are mutable sequences", "A dictionary maps keys",
              "Threads run concurrently", "The re module matches"]
-    prompts = [tokenizer(t)["input_ids"] for t in texts]
-    out_of_vocab = [len(tokenizer) + 1000]
+    prompts = [Prompt(tokenizer(t)["input_ids"]) for t in texts]
+    out_of_vocab = Prompt([len(tokenizer) + 1000])
     engine.submit("a", prompts[:3])
     assert len(engine._in_flight) == 3  # all three requests are with the engine
     engine.submit("b", [prompts[3], out_of_vocab, prompts[4]])  # queued while "a" runs
     got = _poll_all(engine, 6)
     assert not engine._in_flight and engine.poll() == []
-    assert isinstance(got[("b", 1)], Exception)
+    assert isinstance(got[("b", 1)], Refused)
     completions = {k: v for k, v in got.items() if k != ("b", 1)}
     assert all(isinstance(c, Completion) and len(c.token_ids) == 8 for c in completions.values())
     # each row's result is its own: the same prompts in one blocking call give the same tokens
     alone = engine.generate(prompts)
     order = [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 2)]
     assert [completions[k].token_ids for k in order] == [c.token_ids for c in alone]
+
+
+def test_vllm_engine_keeps_each_rows_adapter_when_rows_of_several_adapters_are_fed_together(
+        tiny_model, tokenizer, cpu_env, tmp_path):
+    from dataclasses import replace
+
+    from shardinfer.engines.vllm_engine import VllmEngine
+    from shardinfer.row_options import base_options
+    from shardinfer.tiny_model import build_tiny_lora
+
+    adapter = build_tiny_lora(tiny_model, tmp_path / "lora")
+    model = ModelConfig(path=str(tiny_model), dtype="float32", lora={"a": str(adapter)},
+                        vllm_args={"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20})
+    sampling = SamplingConfig(max_tokens=8, ignore_eos=True)
+    engine = VllmEngine(model, sampling, 512, attempts=1)
+    engine.load()
+    with_adapter = replace(base_options(sampling), lora="a")
+    texts = ["The os module provides", "Lists are mutable sequences", "A dictionary maps keys"]
+    base = [Prompt(tokenizer(t)["input_ids"]) for t in texts]
+    tuned = [Prompt(p.token_ids, options=with_adapter) for p in base]
+    alone = [c.token_ids for c in engine.generate(base)] + [c.token_ids for c in engine.generate(tuned)]
+    assert alone[:3] != alone[3:]  # the adapter changes what is generated
+    mixed = [base[0], tuned[0], base[1], tuned[1], base[2], tuned[2]]
+    engine.submit("mixed", mixed)
+    got = _poll_all(engine, 6)
+    assert [got[("mixed", i)].token_ids for i in (0, 2, 4, 1, 3, 5)] == alone
+    assert [c.token_ids for c in engine.generate(mixed)] == [alone[i] for i in (0, 3, 1, 4, 2, 5)]
 
 
 def test_vllm_engine_wants_more_work_until_it_holds_one_and_a_half_times_what_it_runs(tiny_model, tokenizer, cpu_env):
@@ -62,7 +91,7 @@ def test_vllm_engine_wants_more_work_until_it_holds_one_and_a_half_times_what_it
     engine = VllmEngine(model, SamplingConfig(max_tokens=4, ignore_eos=True), 512, attempts=1)
     engine.load()
     assert engine.max_requests == 6 and engine.max_tokens_queued
-    prompt = tokenizer("Sets hold unique elements")["input_ids"]
+    prompt = Prompt(tokenizer("Sets hold unique elements")["input_ids"])
     engine.submit(0, [prompt] * 5)
     assert engine.wants_more()
     engine.submit(1, [prompt])
@@ -96,7 +125,7 @@ def test_hf_engine_backs_off_on_out_of_memory_and_finishes_every_row(tiny_model,
     model = ModelConfig(path=str(tiny_model), engine="hf", dtype="float32", hf_batch_tokens=4096)
     engine = HfEngine(model, SamplingConfig(max_tokens=6, ignore_eos=True), 512, attempts=1)
     engine.load()
-    prompts = [tokenizer(f"Document number {i} is about modules and packages")["input_ids"] for i in range(12)]
+    prompts = [Prompt(tokenizer(f"Document number {i} is about modules and packages")["input_ids"]) for i in range(12)]
     reference = engine.generate(prompts)  # budget 4096: all 12 rows in one batch
     hook = _OutOfMemoryAbove(rows=3)
     engine.model.register_forward_pre_hook(hook, with_kwargs=True)

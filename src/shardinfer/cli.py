@@ -28,7 +28,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print("# resolved config")
     print(dump_config(cfg))
     print(f"# plan for {workers} worker(s) ({args.launcher} launcher)")
-    print(describe(make_plan(cfg, workers), cfg))
+    plan = make_plan(cfg, workers)
+    print(describe(plan, cfg))
+    from shardinfer.examples import example_requests
+
+    print(example_requests(cfg, plan))
     return 0
 
 
@@ -198,13 +202,16 @@ def _add_bench_parser(sub: Any, engines: list[str]) -> None:
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from shardinfer.bench.synth import bundled_corpus
-    from shardinfer.tiny_model import build_tiny_model
+    from shardinfer.tiny_model import build_tiny_lora, build_tiny_model
 
     if args.corpus:
-        print(build_tiny_model(args.out_dir, corpus_path=args.corpus))
-        return 0
-    with bundled_corpus() as corpus:
-        print(build_tiny_model(args.out_dir, corpus_path=corpus))
+        model = build_tiny_model(args.out_dir, corpus_path=args.corpus)
+    else:
+        with bundled_corpus() as corpus:
+            model = build_tiny_model(args.out_dir, corpus_path=corpus)
+    print(model)
+    if args.lora:
+        print(build_tiny_lora(model, args.lora))
     return 0
 
 
@@ -255,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="build the tiny local test model (no download)")
     p.add_argument("out_dir")
     p.add_argument("--corpus", help="JSONL(.gz) whose texts train the tokenizer (default: the bundled documentation)")
+    p.add_argument("--lora", metavar="DIR", help="also write a random LoRA adapter for it into DIR (model.lora)")
     p.set_defaults(fn=_cmd_tiny_model)
     p = sub.add_parser("config-reference", help="print every config key with its default and meaning")
     p.set_defaults(fn=_cmd_config_reference)

@@ -34,6 +34,8 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", *, results: bool = Tr
     """A dataclass field with a help text, whether it changes results, and (for names looked up in a
     registry) its valid choices. Mutable defaults go through ``default_factory``."""
     metadata = {"help": help, "results": results, "choices": choices}
+    if isinstance(default, type) and dataclasses.is_dataclass(default):  # a sub-section with its defaults
+        return field(default_factory=default, metadata=metadata)
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=metadata)
@@ -49,10 +51,17 @@ def _engine_choices() -> list[str]:
 @dataclass(kw_only=True)
 class InputConfig:
     path: str = _f(help="corpus: a file, a directory (all matching files, sorted) or a glob")
-    format: Literal["auto", "parquet", "jsonl", "csv"] = _f(
-        "auto", help="file format; auto picks by suffix (.parquet, .jsonl/.json/.jsonl.gz, .csv)"
+    format: Literal["auto", "parquet", "jsonl", "csv", "openai-batch"] = _f(
+        "auto", help="file format; auto picks by suffix (.parquet, .jsonl/.json/.jsonl.gz, .csv); openai-batch: "
+                     "an OpenAI Batch API / vllm run-batch JSONL file of requests, run as it is"
     )
     text_column: str = _f("text", help="column holding the document text")
+    messages_column: str | None = _f(
+        None, help="column holding a chat as a list of {role, content} (or its JSON text); used instead of "
+                   "text_column and prompt.user"
+    )
+    system_column: str | None = _f(None, help="column holding a per-row system message (chat mode); "
+                                              "null values fall back to prompt.system")
     id_column: str | None = _f(None, help="column holding a unique row id; default '<file>:<row>'")
     passthrough: list[str] = _f([], help="input columns copied unchanged into the results")
     invalid_utf8: Literal["replace", "fail"] = _f(
@@ -91,10 +100,28 @@ class ModelConfig:
     hf_args: dict[str, Any] = _f(
         {}, help="passed through to from_pretrained, e.g. device_map, attn_implementation (engine hf only)"
     )
+    lora: dict[str, str] = _f(
+        {}, help="LoRA adapters by name: {name: adapter directory (PEFT layout)}; a row picks one with "
+                 "model.lora_column or, in an OpenAI batch file, its body's model"
+    )
+    lora_column: str | None = _f(None, help="column naming a row's adapter (a key of model.lora); null: the base model")
+    served_name: str | None = _f(
+        None, help="the model name OpenAI batch requests must give (body.model); default: model.path or its "
+                   "last component"
+    )
     hf_batch_tokens: int | None = _f(
         None, help="hf engine: token budget of one padded batch (prompt + max_tokens per row); default: what "
                    "80% of the free GPU memory holds (32768 on CPU); halved on out-of-memory"
     )
+
+
+@dataclass(kw_only=True)
+class StructuredConfig:
+    json_schema: Any = _f(None, help="JSON schema every output must match (a mapping, or its JSON text)")
+    regex: str | None = _f(None, help="regular expression every output must match")
+    choice: list[str] | None = _f(None, help="the output is exactly one of these strings")
+    grammar: str | None = _f(None, help="EBNF/GBNF grammar every output must follow")
+    json_object: bool = _f(False, help="the output is some JSON object")
 
 
 @dataclass(kw_only=True)
@@ -106,6 +133,17 @@ class SamplingConfig:
     seed: int | None = _f(0, help="sampling seed (same seed + config = same outputs)")
     stop: list[str] = _f([], help="stop strings")
     ignore_eos: bool = _f(False, help="keep generating after EOS up to max_tokens")
+    n: int = _f(1, help="outputs per row; above 1 the results get an 'outputs' list column (output is the first)")
+    logprobs: int | None = _f(
+        None, help="log-probabilities of the chosen tokens plus this many top alternatives per token (0: chosen "
+                   "only; null: off), in a 'logprobs' list column"
+    )
+    structured: StructuredConfig = _f(StructuredConfig, help="constrained decoding for every row (one of its keys)")
+    per_row: dict[str, str] = _f(
+        {}, help="options read from columns, per row: {option: column}, e.g. {max_tokens: budget, json_schema: "
+                 "schema}; options: max_tokens, temperature, top_p, top_k, seed, stop, n, logprobs, "
+                 "presence_penalty, frequency_penalty, json_schema, regex, choice, grammar"
+    )
 
 
 @dataclass(kw_only=True)
@@ -168,6 +206,14 @@ class SlurmConfig:
 
 
 @dataclass(kw_only=True)
+class OutputConfig:
+    openai_batch: bool | None = _f(
+        None, help="also write results/openai-batch-output.jsonl in the Batch API's output format (one line per "
+                   "request, in input order); default: when input.format is openai-batch"
+    )
+
+
+@dataclass(kw_only=True)
 class Config:
     input: InputConfig = _f(help="what to read")
     prompt: PromptConfig = _f(help="how rows become prompts")
@@ -175,10 +221,11 @@ class Config:
     sampling: SamplingConfig = _f(help="generation parameters")
     run: RunConfig = _f(help="where and how wide to run", results=False)
     slurm: SlurmConfig = _f(help="cluster resources for shardinfer submit", results=False)
+    output: OutputConfig = _f(help="extra result files written by the reduce", results=False)
     name: str = _f("run", help="run name (default: the config file's stem)", results=False)
 
 
-_DEFAULT_SECTIONS = ("prompt", "sampling", "run", "slurm")
+_DEFAULT_SECTIONS = ("prompt", "sampling", "run", "slurm", "output")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -245,12 +292,59 @@ def _check_values(config: Config) -> None:
                 + (" (the id column is the results' id)" if name == config.input.id_column else "")
                 + f"; results columns are: {', '.join(CONTRACT)}."
             )
+    _check_requests(config)
     max_len = config.model.max_model_len
     if max_len is not None and config.sampling.max_tokens >= max_len:
         raise ConfigError(
             f"sampling.max_tokens ({config.sampling.max_tokens}) must be below model.max_model_len "
             f"({max_len}): no room is left for the prompt. Lower max_tokens or raise max_model_len."
         )
+
+
+def _check_requests(config: Config) -> None:
+    """Request options, the input modes that go together, and what the engine can do."""
+    from shardinfer.engines.registry import get_engine
+    from shardinfer.row_options import OptionError, check_config
+
+    try:
+        options = check_config(config.sampling)
+    except OptionError as exc:
+        raise ConfigError(str(exc)) from exc
+    i, per_row = config.input, config.sampling.per_row
+    if i.format == "openai-batch":
+        for key, value in (("input.messages_column", i.messages_column), ("input.system_column", i.system_column),
+                           ("input.passthrough", i.passthrough), ("sampling.per_row", per_row),
+                           ("model.lora_column", config.model.lora_column)):
+            if value:
+                raise ConfigError(f"{key}: an OpenAI batch file carries each request whole (messages, options, "
+                                  f"model); remove {key} or set input.format to jsonl")
+    if i.messages_column and config.prompt.user != "{text}":
+        raise ConfigError("prompt.user: a template does not apply to input.messages_column (the chat is sent as "
+                          "it is); remove prompt.user or use input.text_column")
+    if config.model.lora_column and not config.model.lora:
+        raise ConfigError("model.lora_column: no adapters are named; set model.lora: {name: adapter directory}")
+    spec = get_engine(config.model.engine)
+    needs = {
+        "structured output (sampling.structured, sampling.per_row)": ("structured_output", options.structured
+                                                                      or set(per_row) & {"json_schema", "regex",
+                                                                                         "choice", "grammar"}),
+        "LoRA adapters (model.lora)": ("lora", config.model.lora),
+        "n > 1 (sampling.n, sampling.per_row.n)": ("samples", options.n > 1 or "n" in per_row),
+        "logprobs (sampling.logprobs, sampling.per_row.logprobs)": ("logprobs", options.logprobs is not None
+                                                                    or "logprobs" in per_row),
+        "penalties (sampling.per_row)": ("penalties", set(per_row) & {"presence_penalty", "frequency_penalty"}),
+    }
+    for what, (capability, wanted) in needs.items():
+        if wanted and not getattr(spec.capabilities, capability):
+            able = [name for name, s in _engine_specs().items() if getattr(s.capabilities, capability)]
+            raise ConfigError(f"model.engine: {spec.name} does not support {what}. Use model.engine="
+                              f"{' or '.join(able) or '(no registered engine)'}, or drop the setting.")
+
+
+def _engine_specs() -> dict[str, Any]:
+    from shardinfer.engines.registry import engines
+
+    return engines()
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -16,6 +16,7 @@ result. Only errors of the whole input (no files, a missing text column) are rai
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import gzip
 import io
@@ -71,20 +72,32 @@ class ReadStats:
 
 @dataclass(frozen=True)
 class Columns:
-    """Which input columns a read keeps."""
+    """Which input columns a read keeps, and what the text column holds: text, a chat (``messages``,
+    kept as JSON text) or, in an OpenAI batch file, the whole request line (``openai``)."""
 
     text: str
     id: str | None
-    extra: tuple[str, ...] = ()  # pass-through and prompt-template columns
+    extra: tuple[str, ...] = ()  # pass-through and request columns (template fields, per-row options)
+    kind: str = "text"  # text | messages | openai
 
     @property
     def wanted(self) -> list[str]:
         return list(dict.fromkeys(c for c in (self.text, self.id, *self.extra) if c))
 
 
-def columns_for(cfg: InputConfig, template_fields: list[str], *, with_extra: bool = True) -> Columns:
-    return Columns(cfg.text_column, cfg.id_column,
-                   tuple(extra_columns(cfg, template_fields)) if with_extra else ())
+# An OpenAI batch file's rows: the request line whole, identified by its custom_id.
+OPENAI_REQUEST, OPENAI_ID = "request", "custom_id"
+
+
+def columns_for(cfg: InputConfig, used: list[tuple[str, str]], *, with_extra: bool = True) -> Columns:
+    """The columns to read: the text (or chat, or request line), the id and the ``used`` ones
+    ((config key, column) pairs that a row's request reads)."""
+    if cfg.format == "openai-batch":
+        return Columns(OPENAI_REQUEST, OPENAI_ID, kind="openai")
+    extra = tuple(extra_columns(cfg, used)) if with_extra else ()
+    if cfg.messages_column:
+        return Columns(cfg.messages_column, cfg.id_column, extra, kind="messages")
+    return Columns(cfg.text_column, cfg.id_column, extra)
 
 
 def resolve_files(cfg: InputConfig) -> list[Path]:
@@ -140,24 +153,27 @@ def source_names(files: list[Path]) -> list[str]:
     return [str(p.relative_to(root)) for p in absolute]
 
 
-def extra_columns(cfg: InputConfig, template_fields: list[str]) -> list[str]:
-    """Columns kept per row besides the text: pass-through and prompt-template columns."""
-    names = list(cfg.passthrough) + [f for f in template_fields if f != "text"]
+def extra_columns(cfg: InputConfig, used: list[tuple[str, str]]) -> list[str]:
+    """Columns kept per row besides the text: pass-through and request columns."""
+    names = list(cfg.passthrough) + [c for _, c in used if c != "text"]
     return list(dict.fromkeys(names))
 
 
-def check_columns(files: list[Path], cfg: InputConfig, template_fields: list[str]) -> None:
+def check_columns(files: list[Path], cfg: InputConfig, used: list[tuple[str, str]]) -> None:
     """Fail before the run when a configured column is in none of the first file's rows.
 
     The first file with any column is checked; a corpus of empty files has nothing to check.
+    An OpenAI batch file has no configured columns.
     """
+    if cfg.format == "openai-batch":
+        return
     for path in files:
         found = _peek_columns(path, file_format(path, cfg.format))
         if found:
             break
     else:
         return
-    for key, name in _configured_columns(cfg, template_fields):
+    for key, name in _configured_columns(cfg, used):
         if name not in found:
             raise ConfigError(
                 f"{key}: column {name!r} is not in {str(path)!r}. Columns found: "
@@ -165,12 +181,13 @@ def check_columns(files: list[Path], cfg: InputConfig, template_fields: list[str
             )
 
 
-def _configured_columns(cfg: InputConfig, template_fields: list[str]) -> list[tuple[str, str]]:
-    pairs = [("input.text_column", cfg.text_column)]
+def _configured_columns(cfg: InputConfig, used: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    pairs = [("input.messages_column", cfg.messages_column) if cfg.messages_column
+             else ("input.text_column", cfg.text_column)]
     if cfg.id_column:
         pairs.append(("input.id_column", cfg.id_column))
     pairs += [("input.passthrough", c) for c in cfg.passthrough]
-    pairs += [("prompt.user", c) for c in template_fields if c != "text" and c != cfg.text_column]
+    pairs += [(key, c) for key, c in used if c != "text" and c != cfg.text_column]
     return pairs
 
 
@@ -252,6 +269,8 @@ def _normalize(table: pa.Table, f: InputFile, cols: Columns, first_row: int,
     """The one row shape from a reader's raw columns (rows ``first_row``.. of file ``f``)."""
     n = table.num_rows
     raw_text = _column(table, cols.text, n)
+    if cols.kind == "messages":
+        raw_text = _as_json_text(raw_text)
     text, text_problem_column, chars = text_problems(raw_text, cols.text)
     problems = _coalesce(problems, text_problem_column)
     ids = pa.nulls(n, pa.string())
@@ -263,6 +282,16 @@ def _normalize(table: pa.Table, f: InputFile, cols: Columns, first_row: int,
         out[name] = _column(table, name, n)
     out.update(positions or {})
     return pa.table(out)
+
+
+def _as_json_text(values: pa.Array) -> pa.Array:
+    """A chat column as JSON text: lists of messages are serialized, strings (JSON already) kept."""
+    if pa.types.is_dictionary(values.type):
+        values = values.cast(values.type.value_type)
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_null(values.type):
+        return values
+    return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values.to_pylist()],
+                    pa.string())
 
 
 def _column(table: pa.Table, name: str | None, n: int) -> pa.Array:
@@ -318,7 +347,7 @@ def scan(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats,
     """Every row of a file, in order, as tables of the one row shape (with positions)."""
     if f.format == "parquet":
         yield from _scan_parquet(f, cols)
-    elif f.format == "jsonl":
+    elif f.format in ("jsonl", "openai-batch"):
         yield from _scan_jsonl(f, cols, invalid_utf8, stats, gz_index)
     else:
         yield from _scan_csv(f, cols, invalid_utf8, stats, gz_index)
@@ -327,7 +356,7 @@ def scan(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats,
 def read_table(f: InputFile, cfg: InputConfig, extra: list[str] | tuple[str, ...] = (),
                stats: ReadStats | None = None) -> pa.Table:
     """A whole file in the one row shape (small files: tests, the benchmark's source text)."""
-    cols = Columns(cfg.text_column, cfg.id_column, tuple(extra))
+    cols = dataclasses.replace(columns_for(cfg, [], with_extra=False), extra=tuple(extra))
     tables = list(scan(f, cols, cfg.invalid_utf8, stats or ReadStats()))
     if not tables:
         return _normalize(pa.table({}), f, cols, 0)
@@ -348,8 +377,8 @@ def read_range(f: InputFile, cols: Columns, invalid_utf8: str, first_row: int, r
     else:
         with open_at(f, begin, gz_index) as fh:
             data = fh.read(end - begin)
-        parse = _jsonl_block if f.format == "jsonl" else _csv_block
-        header = None if f.format == "jsonl" else _csv_header_of(f, gz_index)
+        parse = _BLOCK_PARSERS[f.format]
+        header = _csv_header_of(f, gz_index) if f.format == "csv" else None
         table = parse(data, begin, line or 1, f, cols, invalid_utf8, stats, first_row, header)
     return table.drop_columns([c for c in (OFFSET, LINE) if c in table.column_names])
 
@@ -471,8 +500,9 @@ def _read_parquet_range(f: InputFile, cols: Columns, first_row: int, rows: int,
 
 def _scan_jsonl(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats, gz_index: Path | None) -> Iterator[pa.Table]:
     first_row, line = 0, 1
+    parse = _BLOCK_PARSERS[f.format]
     for offset, data in _blocks(f, gz_index):
-        table = _jsonl_block(data, offset, line, f, cols, invalid_utf8, stats, first_row)
+        table = parse(data, offset, line, f, cols, invalid_utf8, stats, first_row, None)
         line += data.count(b"\n")
         first_row += table.num_rows
         yield table
@@ -529,6 +559,47 @@ def _jsonl_block(data: bytes, offset: int, line: int, f: InputFile, cols: Column
     return _normalize(table, f, cols, first_row, None, positions)
 
 
+def _openai_block(data: bytes, offset: int, line: int, f: InputFile, cols: Columns, invalid_utf8: str,
+                  stats: ReadStats, first_row: int, header: Any = None) -> pa.Table:
+    """One block of an OpenAI batch file: every line is a request, kept whole as its text and known
+    by its ``custom_id``; a line that is not a JSON object fails alone."""
+    starts, ends, filled = _line_bounds(data)
+    rows = np.flatnonzero(filled)
+    bom = offset == 0 and data.startswith(b"\xef\xbb\xbf")
+    positions = {OFFSET: pa.array(offset + starts[rows] + (3 * (rows == 0) if bom else 0), pa.int64()),
+                 LINE: pa.array(line + rows, pa.int64())}
+    texts: list[str | None] = []
+    ids: list[str | None] = []
+    problems: list[str | None] = []
+    for start, end, lineno in zip(starts[rows].tolist(), ends[rows].tolist(), (line + rows).tolist()):
+        raw = data[start:end]
+        if start == 0 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        text, problem = _decode(raw, invalid_utf8, f"line {lineno}", stats)
+        custom_id, problem = _request_id(text, lineno, problem)
+        texts.append(text)
+        ids.append(custom_id)
+        problems.append(problem)
+    table = pa.table({OPENAI_REQUEST: pa.array(texts, pa.string()), OPENAI_ID: pa.array(ids, pa.string())})
+    return _normalize(table, f, cols, first_row, pa.array(problems, pa.string()), positions)
+
+
+def _request_id(text: str | None, lineno: int, problem: str | None) -> tuple[str | None, str | None]:
+    """A request line's custom_id, or why the line is not a request."""
+    if text is None:
+        return None, problem
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"invalid_json: line {lineno}: {exc.msg} at column {exc.colno}"
+    if not isinstance(obj, dict):
+        return None, f"invalid_json: line {lineno} is a JSON {type(obj).__name__}, not a request object"
+    custom_id = obj.get("custom_id")
+    if isinstance(custom_id, (int, float)) and not isinstance(custom_id, bool):
+        custom_id = str(custom_id)
+    return (custom_id if isinstance(custom_id, str) else None), problem
+
+
 def _arrow_json(data: bytes, expected_rows: int) -> pa.Table | None:
     """The block parsed by Arrow, or None when any line is not a JSON object of consistent types or
     the block is not valid UTF-8 (Arrow's parser does not check every string)."""
@@ -552,7 +623,7 @@ def _json_lines(data: bytes, starts: np.ndarray, ends: np.ndarray, lines: np.nda
         obj, problem = _json_line(raw, lineno, invalid_utf8, stats)
         records.append(obj)
         problems.append(problem)
-    _set_aside_non_text(records, problems, cols.text)
+    _set_aside_non_text(records, problems, cols)
     return _records_table(records, cols), pa.array(problems, pa.string())
 
 
@@ -586,11 +657,15 @@ def _records_table(records: list[dict[str, Any]], cols: Columns) -> pa.Table:
     return pa.table(out) if out else pa.table({"_": pa.nulls(len(records))})
 
 
-def _set_aside_non_text(records: list[dict[str, Any]], problems: list[str | None], column: str) -> None:
-    """A text value that is not a string fails its row (not_text) and leaves the column."""
+def _set_aside_non_text(records: list[dict[str, Any]], problems: list[str | None], cols: Columns) -> None:
+    """A text value that is not a string fails its row (not_text) and leaves the column; a chat
+    becomes its JSON text."""
+    column = cols.text
     for i, record in enumerate(records):
         value = record.get(column)
-        if value is not None and not isinstance(value, str):
+        if value is not None and not isinstance(value, str) and cols.kind == "messages":
+            record[column] = json.dumps(value, ensure_ascii=False)
+        elif value is not None and not isinstance(value, str):
             problems[i] = problems[i] or text_problem(value, column)
             record[column] = None
 
@@ -722,6 +797,9 @@ def _csv_block(data: bytes, offset: int, line: int, f: InputFile, cols: Columns,
                stats: ReadStats, first_row: int, header: Any) -> pa.Table:
     tracked = _TrackedLines(io.BytesIO(data), offset=offset, line=line)
     return _csv_records(tracked, header, f, cols, invalid_utf8, stats, first_row, None)
+
+
+_BLOCK_PARSERS = {"jsonl": _jsonl_block, "openai-batch": _openai_block, "csv": _csv_block}
 
 
 # ---- opening files (gzip: an index built once makes it seekable) -----------------------------

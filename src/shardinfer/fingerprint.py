@@ -1,7 +1,8 @@
 """The run fingerprint: everything that decides a run's outputs, so a resume can refuse a changed one.
 
 The settings that change results (:func:`shardinfer.config.results_settings`), the model identity
-(path, a checksum of its config, its weight and tokenizer file names and sizes), the chat template,
+(path, a checksum of its config, its weight and tokenizer file names and sizes) and that of each LoRA
+adapter, the chat template,
 the engine and its installed version, and the input files with sizes and mtimes.
 """
 
@@ -23,6 +24,9 @@ def fingerprint(cfg: Config, files: list[dict[str, Any]]) -> dict[str, Any]:
         "config": results_settings(cfg),
         "model": model_identity(cfg.model.path),
         "tokenizer": model_identity(cfg.model.tokenizer) if cfg.model.tokenizer else None,
+        # only with adapters, so runs begun without the key compare equal
+        **({"adapters": {name: model_identity(path) for name, path in sorted(cfg.model.lora.items())}}
+           if cfg.model.lora else {}),
         "engine": {"name": cfg.model.engine, "version": get_engine(cfg.model.engine).version()},
         "input": [{k: f[k] for k in ("path", "bytes", "mtime", "rows")} for f in files],
     }

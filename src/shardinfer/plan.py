@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from shardinfer import corpus
 from shardinfer.config import Config
 from shardinfer.model_info import resolve_max_model_len, token_counter
-from shardinfer.prompts import template_fields
+from shardinfer.prompts import request_columns
 
 DEFAULT_UNITS_PER_WORKER = 8
 _SAMPLE_ROWS = 1000
@@ -166,7 +166,7 @@ class FileScan:
 
 def scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) -> FileScan:
     """Stream one file batch by batch; memory stays that of a batch plus a few numbers per row."""
-    cols = corpus.Columns(cfg.input.text_column, cfg.input.id_column)
+    cols = corpus.columns_for(cfg.input, [], with_extra=False)
     stats = corpus.ReadStats()
     chars, offsets, lines, hashes = [], [], [], []
     out = FileScan()
@@ -177,7 +177,7 @@ def scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) ->
         if corpus.OFFSET in batch.column_names:
             offsets.append(batch.column(corpus.OFFSET).to_numpy())
             lines.append(batch.column(corpus.LINE).to_numpy())
-        if cfg.input.id_column:
+        if cols.id:
             hashes.append(id_hashes(batch.column(corpus.ID)))
         _keep_longest(out, chars[-1], batch, f.source)
         _add_sample(out, batch, ok)
@@ -189,7 +189,7 @@ def scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) ->
         out.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
         out.lines = np.concatenate(lines) if lines else np.zeros(0, np.int64)
         out.size = _byte_size(f, gz_index)
-    if cfg.input.id_column:
+    if cols.id:
         out.id_hashes = (np.concatenate([h for h, _ in hashes] or [np.zeros(0, np.uint64)]),
                          np.concatenate([h for _, h in hashes] or [np.zeros(0, np.uint64)]))
     out.replaced_utf8 = stats.replaced_utf8
@@ -225,7 +225,7 @@ def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Pl
     """Stream the corpus once and cut it into units for ``workers`` workers. Gzipped files are
     indexed for seeking (saved in ``index_dir``, the run directory's) when indexed_gzip is there."""
     files = corpus.input_files(cfg.input)
-    fields = template_fields(cfg.prompt.user)
+    fields = request_columns(cfg)
     corpus.check_columns([f.path for f in files], cfg.input, fields)
     max_model_len = resolve_max_model_len(cfg.model)
     limit = max_model_len - cfg.sampling.max_tokens

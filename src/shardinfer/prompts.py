@@ -6,14 +6,18 @@ are identical whichever engine runs.
 
 from __future__ import annotations
 
+import contextlib
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from shardinfer.config import PromptConfig
+from shardinfer.config import Config, PromptConfig
 from shardinfer.errors import ConfigError
+from shardinfer.row_options import RowOptions
 
 TRUNCATION_MARKER = "\n[...]\n"
+SYSTEM = "_system"  # a row's own system message, among the columns handed to render
 # A huge document is first cut to this many characters per kept token at each end, so a
 # 50 MB row is never tokenized whole; no tokenizer packs more characters into one token.
 _CHARS_PER_TOKEN_BOUND = 32
@@ -38,11 +42,27 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
+def request_columns(cfg: Config) -> list[tuple[str, str]]:
+    """(config key, column) of every input column a row's request reads besides its text."""
+    pairs = [("prompt.user", f) for f in template_fields(cfg.prompt.user) if f != "text"]
+    if cfg.input.system_column:
+        pairs.append(("input.system_column", cfg.input.system_column))
+    if cfg.model.lora_column:
+        pairs.append(("model.lora_column", cfg.model.lora_column))
+    pairs += [(f"sampling.per_row.{option}", column) for option, column in cfg.sampling.per_row.items()]
+    return pairs
+
+
 @dataclass
 class Prompt:
+    """A row's request to the engine: its prompt token ids and options (or why it has none)."""
+
     token_ids: list[int] | None
     truncated: bool = False
     problem: str | None = None
+    options: RowOptions | None = None  # None: the config's sampling
+    endpoint: str | None = None  # OpenAI batch requests: the request's url
+    model: str | None = None  # OpenAI batch requests: the request's model
 
 
 class PromptBuilder:
@@ -55,24 +75,41 @@ class PromptBuilder:
         self.max_model_len = max_model_len
         self.max_tokens = max_tokens
 
-    def build(self, texts: list[str], columns: list[dict[str, Any]]) -> list[Prompt]:
-        """Prompts for a batch of valid rows (texts are non-empty strings)."""
-        huge = [len(t) > self.limit * _CHARS_PER_TOKEN_BOUND for t in texts]
+    def build(self, texts: list[str], columns: list[dict[str, Any]],
+              max_tokens: list[int] | None = None) -> list[Prompt]:
+        """Prompts for a batch of valid rows (texts are non-empty strings); ``max_tokens`` per row
+        when rows set their own."""
+        budgets = max_tokens or [self.max_tokens] * len(texts)
+        huge = [len(t) > self._limit(b) * _CHARS_PER_TOKEN_BOUND for t, b in zip(texts, budgets)]
         rendered: list[str | Exception | None] = [
             None if h else self._try_render(t, c) for t, c, h in zip(texts, columns, huge)]
         ok = [r for r in rendered if isinstance(r, str)]
         encoded = iter(self._encode(ok) if ok else [])
         prompts = []
-        for text, cols, is_huge, r in zip(texts, columns, huge, rendered):
+        for text, cols, is_huge, r, budget in zip(texts, columns, huge, rendered, budgets):
             if isinstance(r, Exception):
                 prompts.append(Prompt(None, problem=f"prompt_error: {type(r).__name__}: {r}"))
                 continue
             ids = None if is_huge else next(encoded)
-            if ids is not None and len(ids) <= self.limit:
+            if ids is not None and len(ids) <= self._limit(budget):
                 prompts.append(Prompt(ids))
             else:
-                prompts.append(self._too_long(text, cols, len(ids) if ids else None))
+                with self._budget(budget):
+                    prompts.append(self._too_long(text, cols, len(ids) if ids else None))
         return prompts
+
+    def _limit(self, max_tokens: int) -> int:
+        return self.max_model_len - max_tokens
+
+    @contextlib.contextmanager
+    def _budget(self, max_tokens: int) -> Iterator[None]:
+        """Work out one row's truncation under its own max_tokens."""
+        saved = self.limit, self.max_tokens
+        self.limit, self.max_tokens = self._limit(max_tokens), max_tokens
+        try:
+            yield
+        finally:
+            self.limit, self.max_tokens = saved
 
     def _try_render(self, text: str, columns: dict[str, Any]) -> str | Exception:
         try:
@@ -82,12 +119,17 @@ class PromptBuilder:
 
     def render(self, text: str, columns: dict[str, Any]) -> str:
         values = {k: "" if v is None else v for k, v in columns.items()}
+        system = values.pop(SYSTEM, None) or self.cfg.system
         user = self.cfg.user.format_map({**values, "text": text})
         if self.cfg.mode == "raw":
             return user
         messages = [{"role": "user", "content": user}]
-        if self.cfg.system:
-            messages.insert(0, {"role": "system", "content": self.cfg.system})
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return self.chat(messages)
+
+    def chat(self, messages: list[dict[str, Any]]) -> str:
+        """A chat rendered by the model's chat template, ready for the assistant's turn."""
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **self.cfg.chat_template_kwargs
         )

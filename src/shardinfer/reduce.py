@@ -10,6 +10,7 @@ rows once each; anything missing or inconsistent fails loudly with what to do.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -21,8 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shardinfer.config import Config
 from shardinfer.errors import RunError
 from shardinfer.ledger import Ledger
+from shardinfer.openai_batch import write_output
 from shardinfer.plan import Plan, Unit
 from shardinfer.report import build_report, write_report
 from shardinfer.results import ROW, Totals, empty_result_schema, schema_from_record
@@ -47,9 +50,25 @@ def reduce_run(run_dir: RunDir) -> dict[str, Any]:
     schema = _result_schema(run_dir, plan, done, cfg.input.passthrough)
     totals = _write_results(run_dir, plan, schema, cfg.run.results_row_group_rows)
     _check_counts(totals, plan.total_rows)
+    if writes_openai_output(cfg):
+        lines = write_output(sorted(run_dir.results.glob("part-*.parquet")), run_dir.openai_output,
+                             run_id(run_dir))
+        log.info("wrote %d lines to %s", lines, run_dir.openai_output)
     report = build_report(cfg, plan, run_dir, totals)
     write_report(run_dir, report)
     return report
+
+
+def writes_openai_output(cfg: Config) -> bool:
+    """output.openai_batch, by default on for OpenAI batch input."""
+    if cfg.output.openai_batch is not None:
+        return cfg.output.openai_batch
+    return cfg.input.format == "openai-batch"
+
+
+def run_id(run_dir: RunDir) -> str:
+    """A short id of the run directory, in the ids of the OpenAI output lines."""
+    return hashlib.sha256(str(run_dir.path.resolve()).encode()).hexdigest()[:12]
 
 
 def _result_schema(run_dir: RunDir, plan: Plan, done: dict[int, Any], passthrough: list[str]) -> pa.Schema:

@@ -45,9 +45,41 @@ COLUMNS: dict[str, pa.DataType] = {
     "prompt_tokens": pa.int64(), "output_tokens": pa.int64(), "finish_reason": pa.string(),
 }
 CONTRACT = list(COLUMNS)
+_TOP = pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64())]))
+# Columns a run gets only when it asks for what they hold (see ResultExtras), after the contract's.
+OPTIONAL: dict[str, pa.DataType] = {
+    "outputs": pa.list_(pa.string()),  # n > 1: every output (output is the first)
+    "finish_reasons": pa.list_(pa.string()),
+    # logprobs[i][j]: output i's token j, its logprob and the top alternatives
+    "logprobs": pa.list_(pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64()), ("top", _TOP)]))),
+    "structured_ok": pa.bool_(),  # null: no checked structured output asked for
+    "structured_error": pa.string(),  # why an output does not match its schema, regex or choices
+    "endpoint": pa.string(),  # OpenAI batch files: the request's url
+    "model": pa.string(),  # OpenAI batch files: the request's model
+    "adapter": pa.string(),  # runs with model.lora: the adapter a row ran with (null: the base model)
+}
 # Names an input column may not take in the results (pass-through columns).
-RESERVED = frozenset({*COLUMNS, ROW, TEXT, ID, PROBLEM, CHARS, OFFSET, LINE})
-_TYPES = {ROW: pa.int64(), **COLUMNS}
+RESERVED = frozenset({*COLUMNS, *OPTIONAL, ROW, TEXT, ID, PROBLEM, CHARS, OFFSET, LINE})
+
+
+@dataclass(frozen=True)
+class ResultExtras:
+    """Which optional columns a run's results have (the same for every part of the run), and the
+    options of rows that have none of their own."""
+
+    samples: bool = False
+    logprobs: bool = False
+    structured: bool = False
+    openai: bool = False
+    adapters: bool = False
+    base: Any = None  # RowOptions of rows without their own
+
+    def columns(self) -> list[str]:
+        groups = {"samples": ["outputs", "finish_reasons"], "logprobs": ["logprobs"],
+                  "structured": ["structured_ok", "structured_error"], "openai": ["endpoint", "model"],
+                  "adapters": ["adapter"]}
+        return [c for flag, cols in groups.items() if getattr(self, flag) for c in cols]
+_TYPES = {ROW: pa.int64(), **COLUMNS, **OPTIONAL}
 
 
 @dataclass
@@ -123,31 +155,48 @@ def failed_rows(table: pa.Table) -> pa.Array:
 
 
 def result_table(rows: pa.Table, problems: list[str | None], prompts: list[Any], completions: list[Any],
-                 passthrough: list[str]) -> pa.Table:
+                 passthrough: list[str], extras: ResultExtras | None = None) -> pa.Table:
     """A unit's results: every input row (a row of ``rows``, the corpus's row shape) gets exactly
     one result row; ids and pass-through columns go across as they are, in Arrow."""
-    records = [_record(problems[i], prompts[i], completions[i]) for i in range(rows.num_rows)]
+    extras = extras or ResultExtras()
+    records = [_record(problems[i], prompts[i], completions[i], extras) for i in range(rows.num_rows)]
     out: dict[str, Any] = {ROW: rows.column(ROW), "id": rows.column(ID)}
-    for name in CONTRACT[1:]:
-        out[name] = pa.array([r.get(name) for r in records], type=COLUMNS[name])
+    for name in CONTRACT[1:] + extras.columns():
+        out[name] = pa.array([r.get(name) for r in records], type=_TYPES[name])
     for name in passthrough:
         out[name] = rows.column(name)
     return pa.table(out)
 
 
-def _record(problem: str | None, prompt: Any, completion: Any) -> dict[str, Any]:
+def _record(problem: str | None, prompt: Any, completion: Any, extras: ResultExtras) -> dict[str, Any]:
     if problem is not None:
         return _failed(problem)
+    request = {"endpoint": prompt.endpoint, "model": prompt.model}
+    options = prompt.options or extras.base
+    if options is not None and options.lora:
+        request["adapter"] = options.lora
     if prompt.problem is not None:
-        return _failed(prompt.problem)
+        return {**_failed(prompt.problem), **request}
     if isinstance(completion, Exception):
-        return {**_failed(f"engine_error: {type(completion).__name__}: {completion}"),
-                "prompt_tokens": len(prompt.token_ids)}
-    return {
+        refused = type(completion).__name__ == "Refused"  # the engine found the request invalid
+        error = f"invalid_request: {completion}" if refused else f"engine_error: {type(completion).__name__}: {completion}"
+        return {**_failed(error),
+                "prompt_tokens": len(prompt.token_ids), **request}
+    record = {
         "output": completion.text, "status": (Status.TRUNCATED if prompt.truncated else Status.OK).value,
-        "prompt_tokens": len(prompt.token_ids), "output_tokens": len(completion.token_ids),
-        "finish_reason": completion.finish_reason,
+        "prompt_tokens": len(prompt.token_ids), "output_tokens": completion.output_tokens,
+        "finish_reason": completion.finish_reason, **request,
+        "outputs": [s.text for s in completion.samples], "finish_reasons": [s.finish_reason for s in completion.samples],
     }
+    if any(s.logprobs is not None for s in completion.samples):
+        record["logprobs"] = [[{"token": t.token, "logprob": t.logprob,
+                                "top": [{"token": a, "logprob": lp} for a, lp in t.top]} for t in s.logprobs or []]
+                              for s in completion.samples]
+    structured = options.structured if options is not None else None
+    if structured is not None and structured.checked:
+        why = next((w for s in completion.samples if (w := structured.check(s.text)) is not None), None)
+        record["structured_ok"], record["structured_error"] = why is None, why
+    return record
 
 
 def _failed(error: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ metrics/              per-worker metrics, one file per worker and launch, rewrit
 logs/                 per-worker DEBUG logs
 slurm/                rendered sbatch scripts and the jobs' output; jobs.json: every launch
 results/              merged results (Parquet); report.json and report.md beside them
+openai-batch-output.jsonl  the results as a Batch API output file (OpenAI batch input, output.openai_batch)
 ```
 
 No directory holds more than about a thousand entries at 10^6 units. Run directories made before
@@ -173,6 +174,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics")
     logs = property(lambda self: self.path / "logs")
     results = property(lambda self: self.path / "results")
+    openai_output = property(lambda self: self.path / "openai-batch-output.jsonl")
     report_json = property(lambda self: self.path / "report.json")
     report_md = property(lambda self: self.path / "report.md")
     throughput_png = property(lambda self: self.path / "throughput.png")

@@ -133,6 +133,34 @@ def build_tiny_model(
     return out
 
 
+def build_tiny_lora(model_dir: str | Path, out_dir: str | Path, *, rank: int = 8, seed: int = 1,
+                    scale: float = 0.5) -> Path:
+    """A LoRA adapter (PEFT layout) for a tiny model: random rank-``rank`` updates of every layer's
+    q_proj and v_proj, large enough (``scale``) to change what the model generates."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = Path(model_dir).resolve()
+    config = json.loads((model / "config.json").read_text())
+    hidden, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for name, width in (("q_proj", heads * head_dim), ("v_proj", kv_heads * head_dim)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator) * scale
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(width, rank, generator=generator) * scale
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    _write_json(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model), "r": rank,
+        "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "bias": "none",
+        "fan_in_fan_out": False, "modules_to_save": None})
+    return out
+
+
 def is_complete(model_dir: str | Path, stamp: dict[str, Any]) -> bool:
     """True if ``model_dir`` holds every file and a stamp equal to ``stamp``."""
     path = Path(model_dir)

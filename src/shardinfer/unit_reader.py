@@ -18,7 +18,7 @@ from shardinfer import corpus
 from shardinfer.config import Config
 from shardinfer.errors import RunError
 from shardinfer.plan import Plan, Unit
-from shardinfer.prompts import template_fields
+from shardinfer.prompts import request_columns
 from shardinfer.results import ROW
 
 
@@ -26,7 +26,7 @@ class UnitReader:
     def __init__(self, plan: Plan, cfg: Config, index_dir: Path | None = None):
         self.plan = plan
         self.cfg = cfg
-        self.cols = corpus.columns_for(cfg.input, template_fields(cfg.prompt.user))
+        self.cols = corpus.columns_for(cfg.input, request_columns(cfg))
         self.files = [_input_file(info, cfg) for info in plan.files]
         self.indexes = [index_dir / info["gzip_index"] if index_dir and info.get("gzip_index") else None
                         for info in plan.files]

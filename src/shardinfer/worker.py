@@ -22,7 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardinfer.engines import Completion, create_engine
+from shardinfer.engines import Completion, create_engine, get_engine
+from shardinfer.engines.base import Refused
 from shardinfer.env import RankEnv, check_allocation, detect
 from shardinfer.errors import RunError, ShardinferError
 from shardinfer.ledger import Heartbeat, Ledger
@@ -31,8 +32,9 @@ from shardinfer.metrics import WorkerMetrics
 from shardinfer.model_info import load_tokenizer
 from shardinfer.plan import Unit
 from shardinfer.progress import Progress
-from shardinfer.prompts import Prompt, PromptBuilder, template_fields
+from shardinfer.prompts import Prompt, request_columns
 from shardinfer.results import ID, PROBLEM, ROW, TEXT, RowCounts, failed_rows, result_table
+from shardinfer.row_requests import RequestBuilder, result_extras
 from shardinfer.rundir import FS, RunDir
 from shardinfer.runstate import load_run
 from shardinfer.scheduler import Candidates, IdleWait
@@ -57,14 +59,14 @@ class InFlight:
     def __post_init__(self) -> None:
         self.waiting = len(self.sent)
 
-    def prompt_ids(self, position: int) -> list[int]:
+    def prompt(self, position: int) -> Prompt:
         prompt = self.prompts[position]
         assert prompt is not None and prompt.token_ids is not None  # only sent rows are asked for
-        return prompt.token_ids
+        return prompt
 
 
 class Worker:
-    builder: PromptBuilder  # set when the model loads
+    builder: RequestBuilder  # set when the model loads
 
     def __init__(self, run_dir: RunDir, rank_env: RankEnv, *, launch: int):
         self.run_dir = run_dir
@@ -76,6 +78,8 @@ class Worker:
         self.ledger = Ledger(run_dir, worker=f"{socket.gethostname()}:{os.getpid()}:rank{self.rank}",
                              lease_timeout_s=self.cfg.run.lease_timeout_s)
         self.engine = create_engine(self.cfg, self.plan.max_model_len)
+        self.extras = result_extras(self.cfg)
+        self.request_columns = [column for _, column in request_columns(self.cfg)]
         self.draining: str | None = None  # the signal that asked this worker to stop
         self.failed_units_in_a_row = 0
         self.in_flight: dict[int, InFlight] = {}
@@ -147,8 +151,8 @@ class Worker:
         start = time.time()
         self.engine.load()
         tokenizer = load_tokenizer(self.cfg.model)
-        self.builder = PromptBuilder(self.cfg.prompt, tokenizer, max_model_len=self.plan.max_model_len,
-                                     max_tokens=self.cfg.sampling.max_tokens)
+        self.builder = RequestBuilder(self.cfg, tokenizer, max_model_len=self.plan.max_model_len,
+                                      capabilities=get_engine(self.cfg.model.engine).capabilities)
         self.metrics.model_load_s = time.time() - start
         self.metrics.versions = self.engine.versions()
         log.info("model loaded in %.1f s", self.metrics.model_load_s)
@@ -166,7 +170,7 @@ class Worker:
             if flight.waiting:
                 now = time.time()
                 self.metrics.first_generate_at = self.metrics.first_generate_at or now
-                self.engine.submit(unit.unit, [flight.prompt_ids(i) for i in flight.sent])
+                self.engine.submit(unit.unit, [flight.prompt(i) for i in flight.sent])
                 self.metrics.generation_s += time.time() - now
 
     def _claim_next(self, candidates: Candidates) -> Unit | None:
@@ -229,7 +233,7 @@ class Worker:
             flight.results[row] = result
             flight.waiting -= 1
             if not isinstance(result, Exception):
-                self.timeline.add(now, len(flight.prompt_ids(row)), len(result.token_ids))
+                self.timeline.add(now, len(flight.prompt(row).token_ids or ()), result.output_tokens)
         if finished:
             self.metrics.last_generate_end = now
         for unit in [u for u, f in self.in_flight.items() if not f.waiting]:
@@ -238,11 +242,11 @@ class Worker:
 
     def _commit(self, flight: InFlight, progress: Progress) -> None:
         table = result_table(flight.rows, flight.problems, flight.prompts, flight.results,
-                             self.cfg.input.passthrough)
+                             self.cfg.input.passthrough, self.extras)
         if flight.previous is not None:
             table = _merge(flight.previous, table)
         sent = [flight.results[i] for i in flight.sent]
-        failed_all = bool(sent) and all(isinstance(r, Exception) for r in sent)
+        failed_all = bool(sent) and all(isinstance(r, Exception) and not isinstance(r, Refused) for r in sent)
         self.failed_units_in_a_row = self.failed_units_in_a_row + 1 if failed_all else 0
         counts = RowCounts.of(table)
         if self.ledger.commit(flight.unit.unit, table, {"launch": self.metrics.launch, **counts.to_record()}):
@@ -266,7 +270,7 @@ class Worker:
     def _prompts(self, rows: pa.Table, problems: list[str | None]) -> list[Prompt | None]:
         valid = [i for i, p in enumerate(problems) if p is None]
         texts = rows.column(TEXT).take(valid).to_pylist()
-        fields = [f for f in template_fields(self.cfg.prompt.user) if f in rows.column_names]
+        fields = [f for f in dict.fromkeys(self.request_columns) if f in rows.column_names]
         columns = rows.select(fields).take(valid).to_pylist() if fields else [{} for _ in valid]
         built = self.builder.build(texts, columns) if valid else []
         prompts: list[Prompt | None] = [None] * len(problems)

@@ -34,10 +34,10 @@ class EchoEngine(BatchQueue):
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.tokenizer or self.cfg.model.path)
 
-    def generate(self, prompts: list[list[int]]) -> list[Completion]:
+    def generate(self, prompts: list[Any]) -> list[Completion]:
         out = []
-        for ids in prompts:
-            tokens = list(reversed(ids[-self.cfg.sampling.max_tokens:]))
+        for prompt in prompts:
+            tokens = list(reversed(prompt.token_ids[-self.cfg.sampling.max_tokens:]))
             out.append(Completion(tokens, self.tokenizer.decode(tokens), "length"))
         return out
 

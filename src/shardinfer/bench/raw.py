@@ -45,10 +45,11 @@ def _vllm(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], started: 
 
     from shardinfer.engines.vllm_engine import engine_kwargs, sampling_kwargs
     from shardinfer.engines.vllm_stats import SchedulerStats, settings
+    from shardinfer.row_options import base_options
 
     llm = vllm.LLM(**{"disable_log_stats": False,
                       **engine_kwargs(cfg.model, cfg.sampling, spec["max_model_len"], vllm.EngineArgs)})
-    params = vllm.SamplingParams(**sampling_kwargs(cfg.sampling))
+    params = vllm.SamplingParams(**sampling_kwargs(base_options(cfg.sampling)))
     loaded = time.time()
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
 

@@ -15,6 +15,7 @@ from typing import Any
 from shardinfer.config import Config, ModelConfig
 from shardinfer.engines.base import BatchQueue, Completion
 from shardinfer.engines.registry import EngineSpec, register_engine
+from shardinfer.prompts import Prompt
 
 TOKENS_PER_S = 4000.0  # set by the simulation before it starts the workers
 VOCAB = 50_000
@@ -52,8 +53,8 @@ class SleepEngine(BatchQueue):
     def load(self) -> None:
         pass
 
-    def generate(self, prompts: list[list[int]]) -> list[Completion]:
-        time.sleep(sum(len(p) + self.max_tokens for p in prompts) / TOKENS_PER_S)
+    def generate(self, prompts: list[Prompt]) -> list[Completion]:
+        time.sleep(sum(len(p.token_ids or ()) + self.max_tokens for p in prompts) / TOKENS_PER_S)
         out = list(range(1, self.max_tokens + 1))
         return [Completion(out, "", "length") for _ in prompts]
 

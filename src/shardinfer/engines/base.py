@@ -1,7 +1,8 @@
 """The engine interface shared by all backends.
 
-An engine is fed work as it goes: ``submit(batch, prompts)`` queues prompt token ids under a batch
-key, ``poll()`` returns the rows that finished since the last call as ``(batch, index, result)``,
+An engine is fed work as it goes: ``submit(batch, prompts)`` queues prompts (token ids and the row's
+options, :class:`~shardinfer.prompts.Prompt`) under a batch key, ``poll()`` returns the rows that
+finished since the last call as ``(batch, index, result)``,
 where ``result`` is a :class:`Completion` or the exception that row failed with. ``wants_more()``
 says whether the engine needs more queued work to stay busy, so the worker hands it the next unit
 before the current one drains and the accelerator never waits between units. ``cancel(batch)``
@@ -11,15 +12,44 @@ drops a batch's rows that have not finished (a draining worker gives its unit ba
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from shardinfer.prompts import Prompt
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token, its log-probability and the top alternatives (token, logprob)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
 
 
 @dataclass
 class Completion:
+    """What a row got: its first output, and the others when it asked for n > 1."""
+
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_tokens reached)
+    logprobs: list[TokenLogprob] | None = None  # when the row asked for them
+    more: list[Completion] = field(default_factory=list)  # outputs 2..n
+
+    @property
+    def samples(self) -> list[Completion]:
+        return [self, *self.more]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.samples)
+
+
+class Refused(Exception):
+    """The engine refused one request as invalid (a schema it cannot compile, an option out of its
+    range): that row fails alone, with ``invalid_request``; the engine itself is fine."""
 
 
 Finished = tuple[Any, int, "Completion | Exception"]
@@ -30,9 +60,9 @@ class Engine(Protocol):
 
     def load(self) -> None: ...
 
-    def generate(self, prompts: list[list[int]]) -> list[Completion]: ...
+    def generate(self, prompts: list[Prompt]) -> list[Completion]: ...
 
-    def submit(self, batch: Any, prompts: list[list[int]]) -> None: ...
+    def submit(self, batch: Any, prompts: list[Prompt]) -> None: ...
 
     def poll(self) -> list[Finished]: ...
 
@@ -50,11 +80,11 @@ class BatchQueue:
     the oldest submitted batch (with retries), and more work is wanted only when none is queued."""
 
     def __init__(self, attempts: int = 3, backoff_s: float = 2.0):
-        self._queue: deque[tuple[Any, list[list[int]]]] = deque()
+        self._queue: deque[tuple[Any, list[Prompt]]] = deque()
         self.attempts = attempts
         self.backoff_s = backoff_s
 
-    def submit(self, batch: Any, prompts: list[list[int]]) -> None:
+    def submit(self, batch: Any, prompts: list[Prompt]) -> None:
         self._queue.append((batch, prompts))
 
     def wants_more(self) -> bool:
@@ -72,7 +102,7 @@ class BatchQueue:
         done = generate_with_retries(self, prompts, attempts=self.attempts, backoff_s=self.backoff_s)
         return [(batch, i, result) for i, result in enumerate(done)]
 
-    def generate(self, prompts: list[list[int]]) -> list[Completion]:
+    def generate(self, prompts: list[Prompt]) -> list[Completion]:
         raise NotImplementedError
 
     def report(self) -> dict[str, Any]:

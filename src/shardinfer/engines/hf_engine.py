@@ -17,8 +17,10 @@ from typing import Any
 
 from shardinfer.config import Config, ModelConfig, SamplingConfig
 from shardinfer.engines.base import BatchQueue, Completion
-from shardinfer.engines.registry import BenchSupport, EngineSpec
+from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec
 from shardinfer.errors import ConfigError, missing_dependency
+from shardinfer.prompts import Prompt
+from shardinfer.row_options import RowOptions, base_options
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class HfEngine(BatchQueue):
         super().__init__(attempts, backoff_s)
         self.model_cfg = model
         self.sampling = sampling
+        self.base = base_options(sampling)
         self.max_model_len = max_model_len
         self.model: Any = None
         self.tokenizer: Any = None
@@ -62,24 +65,36 @@ class HfEngine(BatchQueue):
             self.batch_tokens = _gpu_batch_tokens(self.model, torch)
         log.info("batch token budget %d", self.batch_tokens)
 
-    def generate(self, prompts: list[list[int]]) -> list[Completion]:
+    def generate(self, prompts: list[Prompt]) -> list[Completion]:
+        """Rows with the same options go through ``generate`` together."""
+        groups: dict[RowOptions, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(prompt.options or self.base, []).append(i)
+        results: list[Completion | None] = [None] * len(prompts)
+        for options, members in groups.items():
+            done = self._generate_group([prompts[i].token_ids or [] for i in members], options)
+            for i, completion in zip(members, done):
+                results[i] = completion
+        return results  # type: ignore[return-value]
+
+    def _generate_group(self, prompts: list[list[int]], options: RowOptions) -> list[Completion]:
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[Completion | None] = [None] * len(prompts)
-        todo = deque(self._batches(order, prompts))
+        todo = deque(self._batches(order, prompts, options))
         while todo:
             batch = todo.popleft()
             try:
-                done = self._generate_batch([prompts[i] for i in batch])
+                done = self._generate_batch([prompts[i] for i in batch], options)
             except Exception as exc:
                 if not _is_out_of_memory(exc) or len(batch) == 1:
                     raise
-                todo.extendleft(reversed(self._back_off(batch, prompts)))
+                todo.extendleft(reversed(self._back_off(batch, prompts, options)))
                 continue
             for i, completion in zip(batch, done):
                 results[i] = completion
         return results  # type: ignore[return-value]
 
-    def _back_off(self, batch: list[int], prompts: list[list[int]]) -> list[list[int]]:
+    def _back_off(self, batch: list[int], prompts: list[list[int]], options: RowOptions) -> list[list[int]]:
         """Out of memory: halve the budget below this batch's size and split the batch under it."""
         import gc
 
@@ -88,20 +103,21 @@ class HfEngine(BatchQueue):
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        size = (len(prompts[batch[0]]) + self.sampling.max_tokens) * len(batch)
+        size = (len(prompts[batch[0]]) + options.max_tokens) * len(batch) * options.n
         self.batch_tokens = max(size // 2, 1)
         self.out_of_memory += 1
         log.warning("out of memory on a batch of %d rows (%d tokens): budget lowered to %d tokens, "
                     "splitting the batch", len(batch), size, self.batch_tokens)
-        return self._batches(batch, prompts)
+        return self._batches(batch, prompts, options)
 
-    def _batches(self, order: list[int], prompts: list[list[int]]) -> list[list[int]]:
-        """Consecutive rows (longest first) while (longest + max_tokens) * rows fits the budget."""
+    def _batches(self, order: list[int], prompts: list[list[int]], options: RowOptions) -> list[list[int]]:
+        """Consecutive rows (longest first) while (longest + max_tokens) * rows * n fits the budget."""
         batches: list[list[int]] = []
         current: list[int] = []
         for i in order:
             width = len(prompts[current[0]]) if current else len(prompts[i])
-            if current and (width + self.sampling.max_tokens) * (len(current) + 1) > self.batch_tokens:
+            rows = (len(current) + 1) * options.n
+            if current and (width + options.max_tokens) * rows > self.batch_tokens:
                 batches.append(current)
                 current = []
             current.append(i)
@@ -109,22 +125,31 @@ class HfEngine(BatchQueue):
             batches.append(current)
         return batches
 
-    def _generate_batch(self, batch: list[list[int]]) -> list[Completion]:
+    def _generate_batch(self, batch: list[list[int]], options: RowOptions) -> list[Completion]:
+        """One padded ``generate``; n > 1 samples come as n sequences per row (greedy: one, repeated)."""
         import torch
 
         width = max(len(p) for p in batch)
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         device = self.model.device
-        if self.sampling.seed is not None:
-            torch.manual_seed(self.sampling.seed)
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        sampled = options.temperature > 0
+        per_row = options.n if sampled else 1
         with torch.inference_mode():
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      **self._generate_kwargs())
-        return [self._completion(row[width:].tolist()) for row in out]
+                                      num_return_sequences=per_row, **self._generate_kwargs(options))
+        samples = [self._completion(row[width:].tolist(), options) for row in out]
+        completions = []
+        for r in range(len(batch)):
+            mine = samples[r * per_row:(r + 1) * per_row] if sampled else [samples[r]] * options.n
+            first = Completion(mine[0].token_ids, mine[0].text, mine[0].finish_reason)
+            first.more = [Completion(m.token_ids, m.text, m.finish_reason) for m in mine[1:]]
+            completions.append(first)
+        return completions
 
-    def _generate_kwargs(self) -> dict[str, Any]:
-        s = self.sampling
+    def _generate_kwargs(self, s: RowOptions) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": s.max_tokens, "pad_token_id": self.pad_id,
                                   "do_sample": s.temperature > 0}
         # ignore_eos: EOS may be chosen and generation goes on, as in vLLM (min_new_tokens would
@@ -138,16 +163,16 @@ class HfEngine(BatchQueue):
             kwargs.update(stop_strings=list(s.stop), tokenizer=self.tokenizer)
         return kwargs
 
-    def _completion(self, tokens: list[int]) -> Completion:
+    def _completion(self, tokens: list[int], options: RowOptions) -> Completion:
         """Cut at the first EOS (kept, as vLLM does) and at the first stop string (dropped)."""
         finish = "length"
-        if not self.sampling.ignore_eos:
+        if not options.ignore_eos:
             for j, t in enumerate(tokens):
                 if t in self.eos_ids:
                     tokens, finish = tokens[: j + 1], "stop"
                     break
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for stop in self.sampling.stop:
+        for stop in options.stop:
             if stop in text:
                 text, finish = text[: text.index(stop)], "stop"
         return Completion(token_ids=tokens, text=text, finish_reason=finish)
@@ -207,5 +232,5 @@ SPEC = EngineSpec(
     name="hf", description="transformers generate on length-sorted batches; device_map over all GPUs",
     create=_create, modules=("torch", "transformers"), extra="hf",
     install_hint="CPU-only machine: pip install 'shardinfer[cpu]'", args_field="hf_args",
-    replica_gpus=_replica_gpus, bench=BenchSupport(baseline="hf-static", dummy_weights=_dummy_weights),
+    replica_gpus=_replica_gpus, capabilities=Capabilities(samples=True), bench=BenchSupport(baseline="hf-static", dummy_weights=_dummy_weights),
 )

@@ -35,6 +35,7 @@ class Capabilities:
     lora: bool = False  # LoRA adapters per row
     samples: bool = False  # n > 1 outputs per row
     logprobs: bool = False  # token log-probabilities
+    penalties: bool = False  # presence and frequency penalties
 
     def supported(self) -> list[str]:
         return [name for name, on in vars(self).items() if on]

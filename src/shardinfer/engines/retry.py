@@ -11,7 +11,7 @@ from shardinfer.engines.base import Completion
 log = logging.getLogger(__name__)
 
 
-def generate_with_retries(engine: Any, prompts: list[list[int]], *, attempts: int,
+def generate_with_retries(engine: Any, prompts: list[Any], *, attempts: int,
                           backoff_s: float = 2.0) -> list[Completion | Exception]:
     """Retry a batch the engine failed entirely, with exponential backoff (each try splits the
     batch on errors, so smaller batches are tried too); the last try's errors are returned."""
@@ -26,7 +26,7 @@ def generate_with_retries(engine: Any, prompts: list[list[int]], *, attempts: in
     return done
 
 
-def generate_isolating(engine: Any, prompts: list[list[int]]) -> list[Completion | Exception]:
+def generate_isolating(engine: Any, prompts: list[Any]) -> list[Completion | Exception]:
     """Generate a whole batch; if the engine raises, split it to isolate the rows that fail."""
     if not prompts:
         return []

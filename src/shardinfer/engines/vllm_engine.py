@@ -11,19 +11,24 @@ in flight are aborted and redone through ``generate`` with retries and row isola
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import json
 import logging
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shardinfer.config import Config, ModelConfig, SamplingConfig
-from shardinfer.engines.base import Completion, Finished
+from shardinfer.engines.base import Completion, Finished, Refused, TokenLogprob
 from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec
 from shardinfer.engines.retry import generate_with_retries
 from shardinfer.engines.vllm_stats import SchedulerStats, settings
 from shardinfer.errors import ConfigError, missing_dependency
+from shardinfer.prompts import Prompt
+from shardinfer.row_options import RowOptions, base_options
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,13 @@ log = logging.getLogger(__name__)
 class _Request:
     batch: Any
     index: int
-    prompt: list[int]
+    prompt: Prompt
+    tokens: int  # prompt and output tokens it may take in the KV cache
+    item: Any = None  # the engine input rendered from the prompt (or why it cannot be)
+
+    @property
+    def adapter(self) -> str | None:
+        return self.prompt.options.lora if self.prompt.options is not None else None
 
 
 class VllmEngine:
@@ -46,9 +57,14 @@ class VllmEngine:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.llm: Any = None
-        self.params: Any = None
-        self.stream_params: Any = None
+        self.base = base_options(sampling)
+        self._params: dict[tuple[RowOptions, bool], Any] = {}  # SamplingParams by (options, streamed)
+        self._adapters: dict[str, Any] = {}  # LoRARequest by adapter name
         self._in_flight: dict[str, _Request] = {}
+        # vLLM on CPU applies a LoRA adapter to every request of a batch it is in: there, requests of
+        # one adapter (or the base model) run at a time and the others wait here.
+        self.one_adapter_at_a_time = False
+        self._held: deque[_Request] = deque()
         self._in_flight_tokens = 0
         self._ready: list[Finished] = []  # rejected at submit or redone after a failed step
         self._next_id = 0
@@ -65,41 +81,106 @@ class VllmEngine:
                   **engine_kwargs(self.model, self.sampling, self.max_model_len, vllm.EngineArgs)}
         log.info("loading vLLM %s: %s", vllm.__version__, kwargs)
         self.llm = vllm.LLM(**kwargs)
-        self.params = vllm.SamplingParams(**sampling_kwargs(self.sampling))
-        from vllm.sampling_params import RequestOutputKind
-
-        self.stream_params = vllm.SamplingParams(**sampling_kwargs(self.sampling),
-                                                 output_kind=RequestOutputKind.FINAL_ONLY)
         self.max_requests, self.max_tokens_queued = _queue_limits(self.llm)
+        self.one_adapter_at_a_time = bool(self.model.lora) and not _on_gpu()
         self.stats = SchedulerStats(self.llm).start()
         log.info("keeping up to %d requests / %s tokens queued in the engine", self.max_requests,
                  self.max_tokens_queued or "unbounded")
 
-    def generate(self, prompts: list[list[int]]) -> list[Completion]:
+    def params(self, options: RowOptions | None, *, streamed: bool = False) -> Any:
+        """vLLM sampling parameters of a row's options (made once per distinct options)."""
+        import vllm
+
+        key = (options or self.base, streamed)
+        if key not in self._params:
+            kwargs = sampling_kwargs(key[0])
+            if key[0].temperature == 0:
+                kwargs["n"] = 1  # greedy outputs are all the same: one is made, then repeated
+            if streamed:
+                from vllm.sampling_params import RequestOutputKind
+
+                kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
+            self._params[key] = vllm.SamplingParams(**kwargs)
+        return self._params[key]
+
+    def adapter(self, options: RowOptions | None) -> Any:
+        """The LoRA request of a row's adapter (None: the base model)."""
+        name = (options or self.base).lora
+        if name is None:
+            return None
+        if name not in self._adapters:
+            from vllm.lora.request import LoRARequest
+
+            self._adapters[name] = LoRARequest(name, len(self._adapters) + 1, str(Path(self.model.lora[name])))
+        return self._adapters[name]
+
+    def generate(self, prompts: list[Prompt]) -> list[Completion]:
         """One blocking ``LLM.generate`` over all prompts (retries and benchmarks)."""
         from vllm.inputs import TokensPrompt
 
-        requests = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
-        outputs = self.llm.generate(requests, self.params, use_tqdm=False)
-        return [_completion(o) for o in outputs]
+        groups: dict[Any, list[int]] = {}
+        for i, p in enumerate(prompts):  # one adapter at a time where the engine needs it
+            groups.setdefault(self.adapter(p.options) if self.one_adapter_at_a_time else None, []).append(i)
+        done: list[Completion | None] = [None] * len(prompts)
+        for members in groups.values():
+            chosen = [prompts[i] for i in members]
+            adapters = [self.adapter(p.options) for p in chosen]
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p.token_ids or []) for p in chosen],
+                                        [self.params(p.options) for p in chosen], use_tqdm=False,
+                                        lora_request=adapters if any(adapters) else None)
+            for i, o, p in zip(members, outputs, chosen):
+                done[i] = _completion(o, p.options or self.base)
+        return done  # type: ignore[return-value]
 
-    def submit(self, batch: Any, prompts: list[list[int]]) -> None:
-        engine = self.llm.llm_engine
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        inputs = self._engine_inputs([prompts[i] for i in order])
+    def submit(self, batch: Any, prompts: list[Prompt]) -> None:
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].token_ids or ()))
+        inputs = self._engine_inputs([prompts[i].token_ids or [] for i in order])
         for index, item in zip(order, inputs):
-            request_id = f"shardinfer-{self._next_id}"
-            self._next_id += 1
-            try:
-                if isinstance(item, Exception):
-                    raise item
-                engine.add_request(request_id, item, self.stream_params)
-            except Exception as exc:  # noqa: BLE001 - a request the engine refuses fails its row only
-                log.warning("the engine refused row %d of batch %s: %r", index, batch, exc)
-                self._ready.append((batch, index, exc))
+            prompt = prompts[index]
+            options = prompt.options or self.base
+            request = _Request(batch, index, prompt, len(prompt.token_ids or ()) + options.budget_tokens, item)
+            if self.one_adapter_at_a_time and (self._held or not self._runs_now(options.lora)):
+                self._held.append(request)
+                self._in_flight_tokens += request.tokens
                 continue
-            self._in_flight[request_id] = _Request(batch, index, prompts[index])
-            self._in_flight_tokens += len(prompts[index]) + self.sampling.max_tokens
+            self._add(request)
+
+    def _add(self, request: _Request, *, counted: bool = False) -> None:
+        """Hand one request to the engine (``counted``: its tokens are counted already, it was held)."""
+        request_id = f"shardinfer-{self._next_id}"
+        self._next_id += 1
+        options = request.prompt.options
+        try:
+            if isinstance(request.item, Exception):
+                raise request.item
+            self.llm.llm_engine.add_request(request_id, request.item, self.params(options, streamed=True),
+                                            lora_request=self.adapter(options))
+        except Exception as exc:  # noqa: BLE001 - a request the engine refuses fails its row only
+            log.warning("the engine refused row %d of batch %s: %r", request.index, request.batch, exc)
+            self._ready.append((request.batch, request.index, Refused(str(exc))))
+            if counted:
+                self._in_flight_tokens -= request.tokens
+            return
+        self._in_flight[request_id] = request
+        if not counted:
+            self._in_flight_tokens += request.tokens
+
+    def _runs_now(self, adapter: str | None) -> bool:
+        """Whether a request of this adapter may join the requests in flight (one adapter at a time)."""
+        return not self._in_flight or next(iter(self._in_flight.values())).adapter == adapter
+
+    def _admit_held(self) -> None:
+        """Nothing in flight: hand the engine the held requests of the oldest one's adapter."""
+        if self._in_flight or not self._held:
+            return
+        adapter = self._held[0].adapter
+        keep: deque[_Request] = deque()
+        for request in self._held:
+            if request.adapter == adapter:
+                self._add(request, counted=True)
+            else:
+                keep.append(request)
+        self._held = keep
 
     def _engine_inputs(self, prompts: list[list[int]]) -> list[Any]:
         """Token prompts rendered the way ``LLM.generate`` renders them (when this vLLM has the
@@ -116,7 +197,7 @@ class VllmEngine:
             return [_render_one(render, r) for r in raw]
 
     def wants_more(self) -> bool:
-        if len(self._in_flight) >= self.max_requests:
+        if len(self._in_flight) + len(self._held) >= self.max_requests:
             return False
         return self.max_tokens_queued is None or self._in_flight_tokens < self.max_tokens_queued
 
@@ -128,11 +209,16 @@ class VllmEngine:
         for rid in ids:
             self._pop(rid)
         self._ready = [f for f in self._ready if f[0] != batch]
+        for request in [r for r in self._held if r.batch == batch]:
+            self._held.remove(request)
+            self._in_flight_tokens -= request.tokens
+        self._admit_held()
 
     def poll(self) -> list[Finished]:
         """One engine step: the rows it finished (or, after a failed step, every row in flight)."""
         if self.stats is not None:
             self.stats.sample(min_gap_s=1.0)
+        self._admit_held()
         if self._ready:
             ready, self._ready = self._ready, []
             return ready
@@ -146,12 +232,12 @@ class VllmEngine:
         for output in outputs:
             if output.finished and output.request_id in self._in_flight:
                 request = self._pop(output.request_id)
-                done.append((request.batch, request.index, _completion(output)))
+                done.append((request.batch, request.index, _completion(output, request.prompt.options or self.base)))
         return done
 
     def _pop(self, request_id: str) -> _Request:
         request = self._in_flight.pop(request_id)
-        self._in_flight_tokens -= len(request.prompt) + self.sampling.max_tokens
+        self._in_flight_tokens -= request.tokens
         return request
 
     def _redo_in_flight(self, exc: Exception) -> list[Finished]:
@@ -163,7 +249,7 @@ class VllmEngine:
         except Exception as abort_exc:  # noqa: BLE001 - the engine may be dead; retries will tell
             log.warning("could not abort the requests in flight: %r", abort_exc)
         self._in_flight.clear()
-        self._in_flight_tokens = 0
+        self._in_flight_tokens = sum(r.tokens for r in self._held)
         results = generate_with_retries(self, [r.prompt for r in requests], attempts=self.attempts,
                                         backoff_s=self.backoff_s)
         return [(r.batch, r.index, result) for r, result in zip(requests, results)]
@@ -190,21 +276,40 @@ def engine_kwargs(model: ModelConfig, sampling: SamplingConfig, max_model_len: i
         "dtype": model.dtype,
         "max_model_len": max_model_len,
         **({"seed": sampling.seed} if sampling.seed is not None else {}),
+        **lora_kwargs(model),
         **model.vllm_args,
     }
 
 
-def sampling_kwargs(s: SamplingConfig) -> dict[str, Any]:
+def lora_kwargs(model: ModelConfig) -> dict[str, Any]:
+    """LoRA serving for the adapters of ``model.lora``: as many slots as adapters, the largest rank."""
+    if not model.lora:
+        return {}
+    return {"enable_lora": True, "max_loras": len(model.lora), "max_lora_rank": max(map(adapter_rank, model.lora.values()))}
+
+
+def adapter_rank(path: str) -> int:
+    """An adapter's rank, from its adapter_config.json (PEFT layout)."""
+    config = Path(path).expanduser() / "adapter_config.json"
+    try:
+        return int(json.loads(config.read_text())["r"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"model.lora: {config} is missing or has no rank 'r' ({exc}); give the directory of a "
+                          f"PEFT LoRA adapter (adapter_config.json and adapter_model.safetensors)") from exc
+
+
+def sampling_kwargs(o: RowOptions) -> dict[str, Any]:
+    """``vllm.SamplingParams`` arguments of a row's options."""
     kwargs: dict[str, Any] = {
-        "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-        "ignore_eos": s.ignore_eos,
+        "max_tokens": o.max_tokens, "temperature": o.temperature, "top_p": o.top_p, "ignore_eos": o.ignore_eos,
+        "n": o.n, "presence_penalty": o.presence_penalty, "frequency_penalty": o.frequency_penalty,
     }
-    if s.top_k is not None:
-        kwargs["top_k"] = s.top_k
-    if s.seed is not None:
-        kwargs["seed"] = s.seed
-    if s.stop:
-        kwargs["stop"] = list(s.stop)
+    optional = {"top_k": o.top_k, "seed": o.seed, "stop": list(o.stop) or None, "logprobs": o.logprobs}
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    if o.structured is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kwargs["structured_outputs"] = StructuredOutputsParams(**o.structured.engine_kwargs())
     return kwargs
 
 
@@ -218,6 +323,12 @@ def check_engine_args(engine_args: dict[str, Any], engine_args_cls: type) -> Non
                 f"model.vllm_args.{key}: not an argument of this vLLM version"
                 + (f". Did you mean {', '.join(close)}?" if close else ". See vllm.EngineArgs for the list.")
             )
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _render_one(render: Any, prompt: Any) -> Any:
@@ -240,9 +351,33 @@ def _queue_limits(llm: Any) -> tuple[int, int | None]:
     return int(QUEUE_FACTOR * max_seqs), (int(QUEUE_FACTOR * kv_tokens) if kv_tokens else None)
 
 
-def _completion(output: Any) -> Completion:
-    best = output.outputs[0]
-    return Completion(token_ids=list(best.token_ids), text=best.text, finish_reason=best.finish_reason or "length")
+def _completion(output: Any, options: RowOptions) -> Completion:
+    """A request's outputs, in index order: the first, with the others as ``more``; greedy requests
+    for n outputs made one, repeated here."""
+    top = options.logprobs or 0
+    samples = [_sample(o, top) for o in sorted(output.outputs, key=lambda o: o.index)]
+    first = samples[0]
+    first.more = samples[1:] if len(samples) > 1 else [copy.copy(first) for _ in range(options.n - 1)]
+    return first
+
+
+def _sample(out: Any, top: int) -> Completion:
+    logprobs = None
+    if out.logprobs is not None:
+        logprobs = [_token_logprob(token, alternatives, top)
+                    for token, alternatives in zip(out.token_ids, out.logprobs)]
+    return Completion(token_ids=list(out.token_ids), text=out.text, finish_reason=out.finish_reason or "length",
+                      logprobs=logprobs)
+
+
+def _token_logprob(token: int, alternatives: dict[int, Any], top: int) -> TokenLogprob:
+    """The chosen token and the ``top`` best-ranked alternatives (vLLM also gives the chosen token
+    when it is not among them)."""
+    chosen = alternatives[token]
+    ranked = sorted((lp for lp in alternatives.values() if lp.rank is not None and lp.rank <= top),
+                    key=lambda lp: lp.rank)
+    return TokenLogprob(chosen.decoded_token or "", float(chosen.logprob),
+                        [(lp.decoded_token or "", float(lp.logprob)) for lp in ranked])
 
 
 def _replica_gpus(model: ModelConfig, node_gpus: int) -> int:
@@ -262,6 +397,8 @@ def _create(cfg: Config, max_model_len: int) -> VllmEngine:
 SPEC = EngineSpec(
     name="vllm", description="vllm.LLM in-process, fed continuously", create=_create, modules=("vllm",),
     extra="vllm", install_hint="CPU-only machine: pip install 'shardinfer[cpu]'", args_field="vllm_args",
-    replica_gpus=_replica_gpus, capabilities=Capabilities(continuous=True),
+    replica_gpus=_replica_gpus,
+    capabilities=Capabilities(continuous=True, structured_output=True, lora=True, samples=True, logprobs=True,
+                              penalties=True),
     bench=BenchSupport(baseline="vllm", strategies=True, dummy_weights=_dummy_weights),
 )
