@@ -29,6 +29,23 @@ def test_demo_config_loads_with_its_typed_values():
     assert "{text}" in cfg.prompt.user
 
 
+def test_the_bundled_openai_batch_example_has_ten_good_requests_and_two_that_fail_alone():
+    from shardinfer.openai_batch import parse_request
+    from shardinfer.row_options import OptionError, base_options
+    from shardinfer.row_requests import served_names
+
+    cfg = load_config(REPO / "configs" / "openai-batch.yaml")
+    assert cfg.input.format == "openai-batch" and served_names(cfg) == [".cache/tiny-qwen3", "tiny-qwen3"]
+    codes = []
+    for line in (REPO / cfg.input.path).read_text().splitlines():
+        try:
+            parse_request(line, base_options(cfg.sampling), served_names(cfg), {})
+            codes.append("ok")
+        except OptionError as exc:
+            codes.append(exc.code)
+    assert codes == ["ok"] * 10 + ["invalid_url", "model_not_found"]
+
+
 def test_defaults_fill_missing_sections():
     cfg = config_from_dict(MINIMAL)
     assert cfg.sampling.max_tokens == 256 and cfg.sampling.temperature == 0.0

@@ -137,3 +137,21 @@ def test_hf_engine_backs_off_on_out_of_memory_and_finishes_every_row(tiny_model,
     assert max(w for w in hook.widths if w <= 3) == 3  # it settled on the widest batch that fits
     assert sum(1 for w in hook.widths if w > 3) == engine.out_of_memory
     assert [got[("unit", i)].token_ids for i in range(12)] == [c.token_ids for c in reference]
+
+
+def test_hf_engine_gives_n_outputs_per_row_and_groups_rows_by_their_options(tiny_model, tokenizer, cpu_env):
+    from dataclasses import replace
+
+    from shardinfer.engines.hf_engine import HfEngine
+    from shardinfer.row_options import base_options
+
+    sampling = SamplingConfig(max_tokens=6, ignore_eos=True, n=2)
+    engine = HfEngine(ModelConfig(path=str(tiny_model), engine="hf", dtype="float32"), sampling, 512, attempts=1)
+    engine.load()
+    ids = tokenizer("Lists are mutable sequences")["input_ids"]
+    sampled = replace(base_options(sampling), temperature=1.0, seed=5, n=3)
+    greedy, hot, short = engine.generate([Prompt(ids), Prompt(ids, options=sampled),
+                                          Prompt(ids, options=replace(base_options(sampling), max_tokens=2))])
+    assert len(greedy.samples) == 2 and greedy.samples[0].token_ids == greedy.samples[1].token_ids
+    assert len(hot.samples) == 3 and len({tuple(s.token_ids) for s in hot.samples}) > 1
+    assert hot.output_tokens == 18 and [len(s.token_ids) for s in short.samples] == [2, 2]

@@ -77,7 +77,7 @@ def _model_options(model: Any, base: RowOptions, served: list[str], adapters: di
     if model in adapters:
         return replace(base, lora=model)
     if model not in served:
-        known = served[:1] + sorted(adapters)
+        known = served + sorted(adapters)
         raise OptionError(f"body.model: {model!r} is not loaded in this run; it serves {', '.join(map(repr, known))}",
                           "model_not_found")
     return base

@@ -9,6 +9,7 @@
 | prompt_tokens | int64 | tokens of the prompt sent to the engine; null when failed before it |
 | output_tokens | int64 | generated tokens; null when failed |
 | finish_reason | string | stop (EOS or a stop string) or length (max_tokens); null when failed |
+| ...optional columns (:data:`OPTIONAL`), only in runs that ask for what they hold (:class:`ResultExtras`) |
 | ...pass-through columns from the input |
 
 Parts also carry ``_row`` (the global input row index) which the reducer uses to order and check.
