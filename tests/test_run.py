@@ -160,6 +160,24 @@ def test_plan_shows_units_histogram_and_limits_without_a_model_load(bad_run, eng
     assert "vllm" not in proc.stderr.lower()  # no engine was started
 
 
+def test_a_setting_the_engine_refuses_exits_2_and_the_fixed_config_replans_the_run(tmp_path, tiny_model, engine_env):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": d["text"][:500]} for d in demo_docs(4)])
+    bad = write_config(tmp_path / "bad.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / "run",
+                       model={"vllm_args": {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20,
+                                            "kv_cache_dtype": "no-such-dtype"}},
+                       run={"directory": str(tmp_path / "run"), "workers": 2, "env": {"OMP_NUM_THREADS": "1"}})
+    proc = run_cli(["run", str(bad)], engine_env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the 2 workers died on a config error" in proc.stderr and "kv_cache_dtype" in proc.stderr
+    assert "Nothing was committed: fix the config and run again" in proc.stderr
+    assert "Run the same command again" not in proc.stderr and "the others finished" not in proc.stderr
+    good = write_config(tmp_path / "good.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / "run")
+    proc = run_cli(["run", str(good)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no unit was committed: planning it anew" in proc.stderr
+    assert len(read_results(tmp_path / "run")) == 4
+
+
 def test_missing_text_column_fails_before_any_work(tmp_path, tiny_model, engine_env):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"body": "x"}])
     config = write_config(tmp_path / "c.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / "run")
@@ -305,10 +323,11 @@ def test_kill_9_of_a_worker_mid_unit_is_taken_over_in_the_same_run(long_job, eng
 def test_kill_9_of_the_whole_run_then_resume_finishes_identically(long_job, engine_env):
     config, tmp, clean, _ = long_job
     run_dir = tmp / "crashed"
-    launcher = _start(config("crashed"), engine_env)
+    launcher = _start(config("crashed", metrics_interval_s=0.5), engine_env)
     deadline = time.time() + 300
     while time.time() < deadline and len(list((run_dir / "done").rglob("unit-*.json"))) < 2:
         time.sleep(0.05)
+    _the_run_is_seen_live(run_dir, engine_env)
     os.killpg(launcher.pid, signal.SIGKILL)  # launcher and workers, mid-unit
     launcher.communicate(timeout=60)
     assert not (run_dir / "results").exists()
@@ -319,6 +338,23 @@ def test_kill_9_of_the_whole_run_then_resume_finishes_identically(long_job, engi
     proc = run_cli(["resume", str(run_dir)], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _triples(run_dir) == clean
+
+
+def _the_run_is_seen_live(run_dir, env):
+    """While the run runs: Prometheus files that count what the ledger holds, and status --json."""
+    prom = {p.name: p.read_text() for p in (run_dir / "prometheus").glob("*.prom")}
+    assert {"worker-00000.prom", "worker-00001.prom"} <= set(prom)
+    rows = sum(float(line.rsplit(" ", 1)[1]) for text in prom.values() for line in text.splitlines()
+               if line.startswith("shardinfer_rows_total{"))
+    assert rows > 0
+    finished = [line for text in prom.values() for line in text.splitlines()
+                if line.startswith("shardinfer_worker_finished{")]
+    assert len(finished) == 2 and all(line.endswith(" 0") for line in finished)
+    status = json.loads(run_cli(["status", "--json", str(run_dir)], env).stdout)
+    assert status["done"] >= 2 and not status["finished"]
+    assert {w["rank"] for w in status["workers"]} == {0, 1}
+    assert {w["state"] for w in status["workers"]} <= {"working", "loading"}
+    assert all(w["last_seen_s"] < 30 for w in status["workers"])
 
 
 def test_usr2_drains_a_worker_and_the_others_finish(long_job, engine_env):

@@ -126,6 +126,17 @@ def test_impossible_requests_fail_at_once_with_the_fix(cluster_env, job, overrid
     assert not run_dir.exists()
 
 
+def test_submit_dry_run_catches_a_bad_engine_argument_without_a_job(cluster_env, job):
+    config, tmp, _ = job
+    before = _job_ids(cluster_env)
+    for dry in (["--dry-run"], []):
+        proc = run_cli(["submit", str(config), *dry, "model.vllm_args.tensor_paralel_size=1",
+                        f"run.directory={tmp / 'typo'}"], cluster_env)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "model.vllm_args" in proc.stderr and "did you mean tensor_parallel_size" in proc.stderr
+    assert not (_job_ids(cluster_env) - before) and not (tmp / "typo").exists()
+
+
 def _job_ids(env) -> set[str]:
     """Every job the cluster knows of, whatever its state (earlier tests' jobs may still be finishing)."""
     out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], env=env, capture_output=True, text=True).stdout

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,18 +22,26 @@ log = logging.getLogger("shardinfer")
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from shardinfer.config import dump_config, load_config
+    from shardinfer.estimate import estimate
+    from shardinfer.examples import example_requests
     from shardinfer.launch.registry import get_launcher
     from shardinfer.plan import describe, make_plan
+    from shardinfer.preflight import describe as describe_checks
+    from shardinfer.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     workers = get_launcher(args.launcher).workers(cfg)
     print("# resolved config")
     print(dump_config(cfg))
+    checks = preflight(cfg)
+    print(describe_checks(checks))
+    if any(c.status == "fail" for c in checks):
+        print("shardinfer: config error: pre-flight checks failed; fix the lines marked [fail]", file=sys.stderr)
+        return 2
     print(f"# plan for {workers} worker(s) ({args.launcher} launcher)")
     plan = make_plan(cfg, workers)
     print(describe(plan, cfg))
-    from shardinfer.examples import example_requests
-
+    print("\n".join(estimate(cfg, plan).lines()))
     print(example_requests(cfg, plan))
     return 0
 
@@ -82,8 +92,24 @@ def _print_jobs(handle: RunHandle) -> None:
 def _cmd_status(args: argparse.Namespace) -> int:
     from shardinfer.status import describe_status, run_status
 
-    print(describe_status(run_status(RunDir(args.run_dir))))
-    return 0
+    run_dir = RunDir(args.run_dir)
+    if args.json:
+        print(json.dumps(run_status(run_dir).to_json()))
+        return 0
+    if args.watch is None:
+        print(describe_status(run_status(run_dir)))
+        return 0
+    interactive = sys.stdout.isatty()
+    try:
+        while True:
+            status = run_status(run_dir)
+            text = describe_status(status)
+            print(("\x1b[H\x1b[2J" if interactive else "") + time.strftime("%H:%M:%S ") + text, flush=True)
+            if status.finished:
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
@@ -246,8 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(slurm.mpi_start: srun or mpirun)")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; plan and submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the reduce job and print the outcome")
-    p = sub.add_parser("status", help="units done / running / pending, rows, tokens, speed, ETA, SLURM jobs")
+    p = sub.add_parser("status", help="units done / running / pending, rows, tokens, speed, ETA, SLURM jobs, "
+                                      "workers (recent tok/s, last seen, stalled)")
     p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    p.add_argument("--watch", type=float, nargs="?", const=5.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 5) until the run is finished")
     p.set_defaults(fn=_cmd_status)
     p = sub.add_parser("resume", help="run only what is not done in RUN_DIR, with its config and launcher")
     p.add_argument("run_dir")

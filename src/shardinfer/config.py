@@ -169,6 +169,10 @@ class RunConfig:
         1_048_576, help="rows per row group of the merged results (files hold up to 8 row groups); the reduce "
                         "holds one row group in memory"
     )
+    expected_tokens_per_s: float | None = _f(
+        None, help="total tokens/s one worker (model replica) is expected to do: plan's GPU-hour and cost estimate "
+                   "uses it; default: the project's table of measured figures by model size"
+    )
     gpu_hour_price: float | None = _f(
         None, help="price of one GPU-hour (worker-hour on CPU); the report then gives the cost per million tokens"
     )
@@ -248,7 +252,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
     """Build a checked :class:`Config` from a plain mapping plus overrides."""
     raw = _deep_copy(raw)
     for item in overrides or []:
-        apply_override(raw, item)
+        apply_override(raw, item, text_keys=_text_keys())
     for section in _DEFAULT_SECTIONS:
         raw.setdefault(section, {})
     config = _build(Config, raw, "")
@@ -279,6 +283,8 @@ def _check_values(config: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if config.slurm.gpus_per_node < 0:
         raise ConfigError(f"slurm.gpus_per_node: must be >= 0, got {config.slurm.gpus_per_node}")
+    if config.run.expected_tokens_per_s is not None and config.run.expected_tokens_per_s <= 0:
+        raise ConfigError(f"run.expected_tokens_per_s: must be above 0, got {config.run.expected_tokens_per_s}")
     if config.run.gpu_hour_price is not None and config.run.gpu_hour_price < 0:
         raise ConfigError(f"run.gpu_hour_price: must be >= 0, got {config.run.gpu_hour_price}")
     if config.sampling.temperature < 0:
@@ -347,15 +353,21 @@ def _engine_specs() -> dict[str, Any]:
     return engines()
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set ``a.b.c=value`` in a raw mapping; the value is parsed as YAML (``2`` is an int)."""
+def apply_override(raw: dict[str, Any], item: str, text_keys: frozenset[str] = frozenset()) -> None:
+    """Set ``a.b.c=value`` in a raw mapping; the value is parsed as YAML (``2`` is an int), except
+    for the text settings (``text_keys``), whose value is taken as it is written: ``prompt.user={text}``
+    is the template ``{text}`` (quotes around the whole value are removed; ``null`` unsets it)."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. run.workers=2")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+    if key.strip() in text_keys:
+        value: Any = _text_value(text)
+    else:
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}. If it is text, quote it: "
+                              f"{key.strip()}='{text}'") from exc
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -364,6 +376,26 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _text_value(text: str) -> str | None:
+    if text.strip() in ("null", "~"):
+        return None
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return str(yaml.safe_load(text))
+    return text
+
+
+def _text_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
+    """Dotted keys of the settings that hold text (``str`` or ``str | None``)."""
+    cls = cls or Config
+    keys: set[str] = set()
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys |= _text_keys(tp, f"{prefix}{name}.")  # type: ignore[arg-type]
+        elif tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and set(typing.get_args(tp)) == {str, type(None)}):
+            keys.add(prefix + name)
+    return frozenset(keys)
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
@@ -480,7 +512,7 @@ def _coerce_list(item_type: Any, value: Any, key: str) -> list:
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list):
-        raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__}){_mapping_hint(value)}")
     return [_coerce_scalar(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
 
 
@@ -493,4 +525,12 @@ def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
         return str(value)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__}){_mapping_hint(value)}")
+
+
+def _mapping_hint(value: Any) -> str:
+    """``{END}`` in YAML is a mapping with a null value: the user most likely meant text."""
+    if isinstance(value, dict) and value and all(v is None for v in value.values()):
+        text = "{" + ", ".join(map(str, value)) + "}"
+        return f". {text} was read as a mapping: quote it to mean text ('{text}')"
+    return ""

@@ -1,6 +1,10 @@
 """The few exception types of shardinfer. Every message says what was set, what was found, and the fix."""
 
 
+EXIT_CONFIG = 2  # every process exits with this on a ConfigError: a rerun cannot help until it is fixed
+EXIT_FAILED = 1  # the run could not finish: a rerun (resume) may
+
+
 class ShardinferError(Exception):
     """Base class: an error the user can act on (printed without a traceback by the CLI)."""
 

@@ -31,3 +31,20 @@ def gpu_groups(gpus: list[str], workers: int) -> list[list[str]]:
     if per < 1:
         raise ValueError(f"{workers} workers need at least {workers} GPUs, found {len(gpus)}: {gpus}")
     return [gpus[i * per:(i + 1) * per] for i in range(workers)]
+
+
+def device_name(gpus: list[str]) -> str:
+    """What a worker runs on: its GPUs' names (``2x NVIDIA H100 80GB HBM3``), else ``cpu``."""
+    if not gpus or shutil.which("nvidia-smi") is None:
+        return "cpu" if not gpus else f"{len(gpus)} GPU(s)"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", ",".join(gpus)],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return f"{len(gpus)} GPU(s)"
+    names = [line.strip() for line in out.splitlines() if line.strip()]
+    if not names:
+        return f"{len(gpus)} GPU(s)"
+    if len(set(names)) == 1:
+        return names[0] if len(names) == 1 else f"{len(names)}x {names[0]}"
+    return ", ".join(names)

@@ -39,6 +39,8 @@ class WorkerMetrics:
     launcher: str = "local"
     job_id: str | None = None
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES of the worker
+    device: str | None = None  # what it ran on: the GPUs' names (nvidia-smi), else "cpu"
+    saved_at: float | None = None  # when this record was last written: the worker's last sign of life
     drained: bool = False  # stopped early on SIGUSR2/SIGTERM
     drained_by: str | None = None  # the signal's name
     restart: int = 0  # requeues of the SLURM job before this start
@@ -83,6 +85,7 @@ class WorkerMetrics:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, run_dir: RunDir) -> None:
+        self.saved_at = time.time()
         with FS.scope("metrics"):
             write_json_atomic(run_dir.worker_metrics(self.launch, self.rank, self.restart), self.to_json(), fsync=False)
 

@@ -47,7 +47,7 @@ def tokenizer_path(cfg: ModelConfig) -> str:
 def check_model_path(cfg: ModelConfig) -> None:
     """A local path that does not exist is a config error, not a hub lookup."""
     path = Path(cfg.path).expanduser()
-    if _looks_local(cfg.path) and not (path / "config.json").is_file():
+    if looks_local(cfg.path) and not (path / "config.json").is_file():
         raise ConfigError(
             f"model.path: {cfg.path!r} is not a model directory (no config.json there). "
             f"Point it at a Hugging Face style directory holding config.json and the weights."
@@ -61,7 +61,7 @@ def load_tokenizer(cfg: ModelConfig, *, required: bool = True) -> Any:
     if own is not None:
         return own(cfg)
     path = tokenizer_path(cfg)
-    if _looks_local(path) and not Path(path).expanduser().is_dir():
+    if looks_local(path) and not Path(path).expanduser().is_dir():
         if required:
             raise ConfigError(f"model.tokenizer: {path!r} is not a directory. Point model.path (or "
                               f"model.tokenizer) at a directory holding the tokenizer files.")
@@ -114,6 +114,6 @@ def _trust_remote_code(cfg: ModelConfig) -> bool:
     return bool(get_engine(cfg.engine).args(cfg).get("trust_remote_code"))
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     """A path (not a hub name such as org/model): absolute, relative with ./ or ~, or existing."""
     return path.startswith((".", "/", "~")) or Path(path).exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 
 from shardinfer import corpus
 from shardinfer.config import Config
+from shardinfer.errors import ConfigError
 from shardinfer.model_info import resolve_max_model_len, token_counter
 from shardinfer.prompts import request_columns
 
@@ -100,6 +102,8 @@ class Plan:
     problem_rows: int = 0
     replaced_utf8: int = 0  # rows whose invalid UTF-8 bytes were replaced with U+FFFD
     notes: list[str] = field(default_factory=list)  # what the user should know about reading the input
+    prompt_tokens: int = 0  # estimated prompt tokens of the rows that run (over-long rows at the limit)
+    output_tokens: int = 0  # the most output tokens those rows may ask for (max_tokens each)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -165,7 +169,18 @@ class FileScan:
 
 
 def scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) -> FileScan:
-    """Stream one file batch by batch; memory stays that of a batch plus a few numbers per row."""
+    """Stream one file batch by batch; memory stays that of a batch plus a few numbers per row. A
+    file that cannot be read (truncated, not of its format) is a config error naming it."""
+    try:
+        return _scan_file(f, cfg, gz_index)
+    except (pa.ArrowException, OSError, EOFError, zlib.error) as exc:
+        raise ConfigError(
+            f"input.path: {f.path} cannot be read as {f.format}{' (gzip)' if f.gzip else ''}: {str(exc).rstrip('.')}. Re-export "
+            f"the file, or leave it out of input.path (a narrower glob or directory)."
+        ) from exc
+
+
+def _scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) -> FileScan:
     cols = corpus.columns_for(cfg.input, [], with_extra=False)
     stats = corpus.ReadStats()
     chars, offsets, lines, hashes = [], [], [], []
@@ -247,6 +262,7 @@ def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Pl
                   segments=[_segment(scans, f, lo, hi) for f, lo, hi in segments_for(a, b, offsets.tolist())])
              for i, (a, b) in enumerate(cut_units(costs, target, cfg.run.max_unit_rows))]
     over = np.flatnonzero(tokens > limit)
+    running = chars > 0
     return Plan(
         files=[_file_info(f, s, idx) for f, s, idx in zip(files, scans, indexes)],
         total_rows=len(costs), units=units, max_model_len=max_model_len, prompt_limit=limit,
@@ -255,6 +271,8 @@ def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Pl
         over_limit_ids=_over_limit_examples(scans, limit * cpt),
         problem_rows=sum(s.problem_rows for s in scans), replaced_utf8=sum(s.replaced_utf8 for s in scans),
         notes=_notes(files, scans, indexes, units),
+        prompt_tokens=int(np.minimum(tokens[running], limit).sum()),
+        output_tokens=int(running.sum()) * cfg.sampling.max_tokens * cfg.sampling.n,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 Series = Sequence[tuple[float, float]]  # (seconds, tokens per second)
 
 
-def plot_rates(path: Path, series: dict[str, Series], *, title: str, note: str = "") -> Path | None:
+def plot_rates(path: Path, series: Mapping[str, Series], *, title: str, note: str = "") -> Path | None:
     """One line per series; returns the written path, or None (with a hint) without matplotlib."""
     plt = _pyplot(path)
     if plt is None:

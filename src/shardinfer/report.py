@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from collections import defaultdict
 from typing import Any
@@ -18,7 +19,7 @@ from shardinfer.plan import Plan
 from shardinfer.plot import plot_rates
 from shardinfer.results import STATUSES, Totals
 from shardinfer.rundir import RunDir, write_json_atomic
-from shardinfer.timeline import Timeline, merge, phases, rates
+from shardinfer.timeline import Timeline, merge, phases, rates, smooth
 
 
 def build_report(cfg: Config, plan: Plan, run_dir: RunDir, totals: Totals) -> dict[str, Any]:
@@ -40,9 +41,9 @@ def build_report(cfg: Config, plan: Plan, run_dir: RunDir, totals: Totals) -> di
         "tokens_per_s": _rates(tokens, wall),
         "generation_tokens_per_s": _rates(tokens, generation),
         "phases_s": phases(timeline, first_request, end),
-        "timeline": _timeline(timeline),
+        "timeline": {**_timeline(timeline), "per_worker": _per_worker(metrics, timeline)},
         "cost": _cost(metrics, tokens, cfg.run.gpu_hour_price),
-        "workers": [_worker_row(m) for m in metrics],
+        "workers": _flag_slow([_worker_row(m) for m in metrics]),
         "launches": len({m.key for m in metrics}),
         "model": {"path": cfg.model.path, "engine": cfg.model.engine, "dtype": cfg.model.dtype,
                   "max_model_len": plan.max_model_len, "engine_args": get_engine(cfg.model.engine).args(cfg.model)},
@@ -91,6 +92,23 @@ def _timeline(timeline: Timeline) -> dict[str, Any]:
             "output_tokens_per_s": [round(o, 1) for _, _, o in series]}
 
 
+MAX_WORKER_LINES = 16
+
+
+def _per_worker(metrics: list[WorkerMetrics], run: Timeline) -> dict[str, list[float]]:
+    """Each worker's total tokens/s on the run's bins (runs of up to MAX_WORKER_LINES workers)."""
+    if len(metrics) > MAX_WORKER_LINES or len(metrics) < 2:
+        return {}
+    out = {}
+    for m in metrics:
+        if not m.timeline:
+            continue
+        own = merge([m.timeline], start=run.start).coarsen_to(run.bin_s)
+        totals = [round((p + o) / own.bin_s, 1) for p, o in zip(own.prompt, own.output)]
+        out[f"rank {m.rank}" + (f" (launch {m.launch})" if m.launch else "")] = totals
+    return out
+
+
 def _cost(metrics: list[WorkerMetrics], tokens: dict[str, int], price: float | None) -> dict[str, Any] | None:
     """Device-hours (GPUs held by each worker, or the worker itself on CPU) times the price; each
     per-million figure charges the whole cost to that kind of token."""
@@ -114,12 +132,31 @@ def _rates(tokens: dict[str, int], seconds: float) -> dict[str, float]:
 
 def _worker_row(m: WorkerMetrics) -> dict[str, Any]:
     tokens = {"prompt": m.prompt_tokens, "output": m.output_tokens, "total": m.total_tokens}
-    return {"launch": m.launch, "rank": m.rank, "host": m.host, "units": m.units, "rows": m.rows,
+    return {"launch": m.launch, "rank": m.rank, "host": m.host, "device": m.device, "gpus": m.gpus,
+            "units": m.units, "rows": m.rows,
             "prompt_tokens": m.prompt_tokens, "output_tokens": m.output_tokens,
             "model_load_s": round(m.model_load_s, 3), "generation_s": round(m.generation_s, 3),
             "wall_s": round(m.busy_s, 3), "tokens_per_s": _rates(tokens, m.busy_s),
             "generation_tokens_per_s": _rates(tokens, m.generation_s),
             "finished": bool(m.finished_at)}
+
+
+SLOW_FRACTION = 0.5  # a worker below this fraction of its launch's median generation tok/s is flagged
+
+
+def _flag_slow(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mark workers much slower than the others of their launch (a bad GPU, a busy node, a thermal
+    throttle): their generation tokens/s is under half the launch's median."""
+    for launch in {r["launch"] for r in rows}:
+        mine = [r for r in rows if r["launch"] == launch and r["generation_s"] > 0]
+        if len(mine) < 2:
+            continue
+        median = statistics.median(r["generation_tokens_per_s"]["total"] for r in mine)
+        for r in mine:
+            r["slow"] = r["generation_tokens_per_s"]["total"] < SLOW_FRACTION * median
+    for r in rows:
+        r.setdefault("slow", False)
+    return rows
 
 
 def _versions(metrics: list[WorkerMetrics]) -> dict[str, str]:
@@ -133,16 +170,32 @@ def write_report(run_dir: RunDir, report: dict[str, Any]) -> None:
     line = report["timeline"]
     report["plot"] = None
     if line["t"]:
-        points = list(zip(line["t"], line["input_tokens_per_s"], line["output_tokens_per_s"]))
-        written = plot_rates(run_dir.throughput_png, {
-            "total": [(t, i + o) for t, i, o in points], "input": [(t, i) for t, i, _ in points],
-            "output": [(t, o) for t, _, o in points]},
-            title=f"{report['run']}: tokens per second ({line['bin_s']:g} s bins)")
+        written = plot_rates(run_dir.throughput_png, _plot_series(line),
+                             title=f"{report['run']}: tokens per second (rolling mean over "
+                                   f"{_window(line) * line['bin_s']:g} s)")
         report["plot"] = written.name if written else None
     write_json_atomic(run_dir.report_json, report)
     tmp = run_dir.report_md.with_name(".report.md.tmp")
     tmp.write_text(render_markdown(report))
     tmp.replace(run_dir.report_md)
+
+
+def _window(line: dict[str, Any]) -> int:
+    """Bins in the rolling mean: about 2% of the run, at least one."""
+    return max(len(line["t"]) // 50, 1)
+
+
+def _plot_series(line: dict[str, Any]) -> dict[str, list[tuple[float, float]]]:
+    """Rolling means (single bins are noise: a bin holds the rows that happened to finish in it):
+    total, input and output, and one line per worker when there are a few."""
+    half = _window(line) // 2
+    t = line["t"]
+    inputs, outputs = line["input_tokens_per_s"], line["output_tokens_per_s"]
+    series = {"total": list(zip(t, smooth([i + o for i, o in zip(inputs, outputs)], half))),
+              "input": list(zip(t, smooth(inputs, half))), "output": list(zip(t, smooth(outputs, half)))}
+    for name, totals in (line.get("per_worker") or {}).items():
+        series[name] = list(zip(t, smooth(totals[: len(t)], half)))
+    return series
 
 
 def render_markdown(r: dict[str, Any]) -> str:
@@ -165,13 +218,18 @@ def render_markdown(r: dict[str, Any]) -> str:
         _phases_line(r["phases_s"]), "",
         *_cost_lines(r["cost"]),
         *([f"![tokens per second over time]({r['plot']})", ""] if r.get("plot") else []),
-        "| launch | rank | host | units | rows | load s | generation s | wall s | total tok/s |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| launch | rank | host | device | units | rows | load s | generation s | wall s | total tok/s | |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for w in r["workers"]:
-        lines.append(f"| {w['launch']} | {w['rank']} | {w['host']} | {w['units']} | {w['rows']} | "
-                     f"{w['model_load_s']:.1f} | {w['generation_s']:.1f} | {w['wall_s']:.1f} | "
-                     f"{w['tokens_per_s']['total']:.0f} |")
+        lines.append(f"| {w['launch']} | {w['rank']} | {w['host']} | {w.get('device') or '?'} | {w['units']} | "
+                     f"{w['rows']} | {w['model_load_s']:.1f} | {w['generation_s']:.1f} | {w['wall_s']:.1f} | "
+                     f"{w['tokens_per_s']['total']:.0f} | {'**slow**' if w.get('slow') else ''} |")
+    slow = [w for w in r["workers"] if w.get("slow")]
+    if slow:
+        lines += ["", f"Slow workers (under {SLOW_FRACTION:.0%} of their launch's median generation tok/s): "
+                  + ", ".join(f"rank {w['rank']} on {w['host']} ({w.get('device') or '?'})" for w in slow)
+                  + ". Check those nodes' GPUs."]
     if r["input"]["rows_with_replaced_utf8"]:
         lines += ["", f"{r['input']['rows_with_replaced_utf8']} row(s) had invalid UTF-8 replaced by U+FFFD."]
     m = r["model"]

@@ -11,6 +11,7 @@ done/SSSS/unit-N.json     the done record, written after the part: only then is 
 coord/watcher.json    the lease of the one idle worker that watches for stale claims
 coord/released/       units given back for anyone to claim (unit-N.aK), and `complete` at the end
 metrics/              per-worker metrics, one file per worker and launch, rewritten on a timer
+prometheus/           the same as Prometheus text files (worker-N.prom, run.prom) for node_exporter
 logs/                 per-worker DEBUG logs
 slurm/                rendered sbatch scripts and the jobs' output; jobs.json: every launch
 results/              merged results (Parquet); report.json and report.md beside them
@@ -172,6 +173,7 @@ class RunDir:
     released = property(lambda self: self.path / "coord" / "released")
     watcher = property(lambda self: self.path / "coord" / "watcher.json")
     metrics = property(lambda self: self.path / "metrics")
+    prometheus = property(lambda self: self.path / "prometheus")
     logs = property(lambda self: self.path / "logs")
     results = property(lambda self: self.path / "results")
     openai_output = property(lambda self: self.path / "openai-batch-output.jsonl")

@@ -34,7 +34,7 @@ def run_dir_for(cfg: Config) -> RunDir:
     if cfg.run.directory:
         return RunDir(cfg.run.directory)
     first = RunDir(Path("runs") / cfg.name)
-    if not first.run_json.is_file() or not changed_settings(first, cfg):
+    if not first.run_json.is_file() or not changed_settings(first, cfg) or not has_committed(first):
         return first
     other = RunDir(Path("runs") / f"{cfg.name}-{config_hash(cfg)}")
     log.info("%s holds a run of another config; this config runs in %s", first.path, other.path)
@@ -47,13 +47,22 @@ def config_hash(cfg: Config) -> str:
 
 
 def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
-    """Plan a new run, or reopen the run of the same results settings in the run directory."""
+    """Plan a new run, or reopen the run of the same results settings in the run directory. A run
+    directory in which no unit was committed is planned anew when the config changed."""
     run_dir = run_dir_for(cfg)
     if run_dir.run_json.is_file():
         plan = load_plan(run_dir)
-        check_fingerprint(run_dir, cfg, plan)
-        log.info("continuing the run in %s", run_dir.path)
-        return run_dir, plan
+        try:
+            check_fingerprint(run_dir, cfg, plan)
+        except RunError:
+            if has_committed(run_dir):
+                raise
+            log.warning("%s holds a run of another config in which no unit was committed: planning it anew",
+                        run_dir.path)
+            clear_uncommitted(run_dir)
+        else:
+            log.info("continuing the run in %s", run_dir.path)
+            return run_dir, plan
     log.info("planning %s", run_dir.path)
     existed = run_dir.path.exists()
     try:
@@ -69,6 +78,25 @@ def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
                                          "planned_workers": workers, "shardinfer": __version__,
                                          "layout": run_dir.layout, "launches": 0})
     return run_dir, plan
+
+
+def has_committed(run_dir: RunDir) -> bool:
+    return bool(Ledger(run_dir).done_set())
+
+
+# What a run directory holds besides the logs and the cluster jobs' output, which are kept.
+_RUN_STATE = ("run.json", "plan.json", "fingerprint.json", "jobs.json", "claims", "parts", "done", "coord", "metrics",
+              "index", "results", "report.json", "report.md")
+
+
+def clear_uncommitted(run_dir: RunDir) -> None:
+    """Remove the state of a run that committed nothing (the caller checked), so it can be planned again."""
+    for name in _RUN_STATE:
+        path = run_dir.path / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def begin_launch(run_dir: RunDir, plan: Plan, cfg: Config) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ from shardinfer.errors import ConfigError
 from shardinfer.launch.registry import get_launcher
 from shardinfer.launch.start import launch_records
 from shardinfer.ledger import Ledger
+from shardinfer.live import WorkerLive, worker_live
 from shardinfer.metrics import load_metrics
 from shardinfer.plan import Plan
 from shardinfer.results import RowCounts
@@ -30,20 +32,39 @@ class RunStatus:
     eta_s: float | None
     jobs: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
+    workers: list[WorkerLive] = field(default_factory=list)  # of the latest launch
+    stalled: list[int] = field(default_factory=list)  # ranks of workers silent too long
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["counts"] = {**self.counts.to_record()}
+        return data
 
 
 def run_status(run_dir: RunDir) -> RunStatus:
-    _, plan = load_run(run_dir)
+    cfg, plan = load_run(run_dir)
     done = Ledger(run_dir).done_units()
     running = len(set(Ledger(run_dir).claims()) - set(done))
     counts = sum((RowCounts.from_record(r) for r in done.values()), RowCounts())
     rate, eta = _speed(run_dir, plan, done)
+    workers = _workers(run_dir, cfg.run.metrics_interval_s)
     return RunStatus(
         run_dir=str(run_dir.path), units=len(plan.units), done=len(done), running=running,
         pending=len(plan.units) - len(done) - running, rows=plan.total_rows, counts=counts,
         tokens_per_s=rate, eta_s=eta, jobs=_jobs(run_dir),
         finished=run_dir.report_json.is_file() and len(done) == len(plan.units),
+        workers=workers, stalled=[w.rank for w in workers if w.state == "stalled"],
     )
+
+
+def _workers(run_dir: RunDir, interval_s: float) -> list[WorkerLive]:
+    """The workers of the latest launch (and SLURM restart), as they are now."""
+    metrics = load_metrics(run_dir)
+    if not metrics:
+        return []
+    latest = max(m.key for m in metrics)
+    now = time.time()
+    return [worker_live(m, now, interval_s) for m in sorted(metrics, key=lambda m: m.rank) if m.key == latest]
 
 
 def _speed(run_dir: RunDir, plan: Plan, done: dict[int, Any]) -> tuple[float, float | None]:
@@ -88,6 +109,15 @@ def describe_status(s: RunStatus) -> str:
     ]
     for job in s.jobs:
         lines.append(f"launch {job['launch']} ({job['launcher']}): " + _job_states(job))
+    if s.workers:
+        lines.append("workers (latest launch): rank, host, device, units, rows, tok/s over the last 5 min, "
+                     "last seen, state")
+        lines += [f"  {w.rank:5d}  {w.host}  {w.device or '?'}  {w.units}  {w.rows}  {w.tokens_per_s_recent:,.0f}  "
+                  f"{_duration(w.last_seen_s)} ago  {w.state.upper() if w.state == 'stalled' else w.state}"
+                  for w in s.workers]
+    if s.stalled:
+        lines.append(f"stalled: worker(s) {', '.join(map(str, s.stalled))} wrote no metrics for a long time "
+                     f"(hung engine, lost node?); their units are taken over once their leases expire")
     return "\n".join(lines)
 
 

@@ -35,6 +35,12 @@ class Timeline:
         self.prompt[index] += prompt_tokens
         self.output[index] += output_tokens
 
+    def coarsen_to(self, bin_s: float) -> Timeline:
+        """The same tokens in bins at least ``bin_s`` wide (widths double, so they line up)."""
+        while self.bin_s < bin_s:
+            self._coarsen()
+        return self
+
     def _coarsen(self) -> None:
         self.bin_s *= 2
         self.prompt = [sum(self.prompt[i:i + 2]) for i in range(0, len(self.prompt), 2)]
@@ -77,7 +83,7 @@ def phases(timeline: Timeline, first_request_at: float | None, end: float) -> di
     active = [p + o for p, o in zip(timeline.prompt[first_bin:], timeline.output[first_bin:])]
     if not any(active):
         return {"startup_s": round(startup, 3), "steady_s": 0.0, "tail_s": 0.0, "steady_tokens_per_s": 0.0}
-    smoothed = _smooth(active, max(len(active) // 20, 1))
+    smoothed = smooth(active, max(len(active) // 20, 1))
     typical = statistics.median(smoothed)
     last = max((i for i, v in enumerate(smoothed) if v >= TAIL_FRACTION * typical), default=len(active) - 1)
     tail_start = timeline.start + (first_bin + last + 1) * timeline.bin_s
@@ -88,7 +94,7 @@ def phases(timeline: Timeline, first_request_at: float | None, end: float) -> di
             "steady_tokens_per_s": round(steady_tokens / steady, 1) if steady else 0.0}
 
 
-def _smooth(values: list[int], half_width: int) -> list[float]:
+def smooth(values: list[int] | list[float], half_width: int) -> list[float]:
     """Centered moving average."""
     out = []
     for i in range(len(values)):

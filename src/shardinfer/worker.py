@@ -25,8 +25,10 @@ import pyarrow.compute as pc
 from shardinfer.engines import Completion, create_engine, get_engine
 from shardinfer.engines.base import Refused
 from shardinfer.env import RankEnv, check_allocation, detect
-from shardinfer.errors import RunError, ShardinferError
+from shardinfer.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError, RunError, ShardinferError
+from shardinfer.gpus import device_name, visible_gpus
 from shardinfer.ledger import Heartbeat, Ledger
+from shardinfer.live import write_run_prom, write_worker_prom
 from shardinfer.logs import setup_logging
 from shardinfer.metrics import WorkerMetrics
 from shardinfer.model_info import load_tokenizer
@@ -85,6 +87,7 @@ class Worker:
         self.in_flight: dict[int, InFlight] = {}
         self.timeline = Timeline(start=self.metrics.started_at)
         self._metrics_saved = 0.0
+        self._run_prom_at = -1e9
         self.idle = IdleWait(self.ledger, len(self.plan.units), self.world, self.cfg.run.lease_timeout_s)
 
     def drain(self, signum: int, _frame: Any = None) -> None:
@@ -110,6 +113,8 @@ class Worker:
         self.metrics.drained = self.draining is not None
         self.metrics.drained_by = self.draining
         self._save_metrics()
+        if self.rank == 0:
+            self._write_run_prom()
         log.info("%s: %d units, %d rows done by this worker", "drained" if self.draining else "no units left",
                  self.metrics.units, self.metrics.rows)
         return self.metrics
@@ -155,6 +160,7 @@ class Worker:
                                       capabilities=get_engine(self.cfg.model.engine).capabilities)
         self.metrics.model_load_s = time.time() - start
         self.metrics.versions = self.engine.versions()
+        self.metrics.device = device_name(visible_gpus())
         log.info("model loaded in %.1f s", self.metrics.model_load_s)
         self._save_metrics()
 
@@ -221,6 +227,8 @@ class Worker:
     def _step(self, progress: Progress, heartbeat: Heartbeat) -> None:
         """One engine poll: place the finished rows, commit the units that are complete."""
         self._drop_lost(heartbeat)
+        if time.monotonic() - self._metrics_saved >= self.cfg.run.metrics_interval_s:
+            self._save_metrics()  # also while a long unit runs: status and monitoring see a live worker
         start = time.time()
         finished = self.engine.poll()
         now = time.time()
@@ -295,6 +303,16 @@ class Worker:
         m.engine_report = self.engine.report()
         m.save(self.run_dir)
         self._metrics_saved = time.monotonic()
+        write_worker_prom(self.run_dir, m, self.cfg.name, time.time())
+        if self.rank == 0 and time.monotonic() - self._run_prom_at >= max(self.cfg.run.metrics_interval_s, 60.0):
+            self._write_run_prom()
+
+    def _write_run_prom(self) -> None:
+        """Units by state, for monitoring (rank 0 only: it lists the ledger's shards)."""
+        done = self.ledger.done_set()
+        claimed = len(set(self.ledger.claims()) - done)
+        write_run_prom(self.run_dir, self.cfg.name, len(self.plan.units), len(done), claimed)
+        self._run_prom_at = time.monotonic()
 
 
 def _merge(previous: pa.Table, redone: pa.Table) -> pa.Table:
@@ -328,9 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_worker(run_dir, rank_env, launch=args.launch, expect_world=args.expect_world,
                    gpus_per_replica=args.gpus_per_replica)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        return EXIT_CONFIG
     except ShardinferError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_FAILED
     except Exception:
         log.exception("worker failed")
         raise

@@ -58,6 +58,8 @@ class HfEngine(BatchQueue):
             self.model = AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=dtype, **args).eval()
         except TypeError as exc:
             raise ConfigError(f"model.hf_args: {exc}. Remove or rename that argument.") from exc
+        except OSError as exc:  # no such directory or hub model, no weights
+            raise ConfigError(f"model.path: transformers cannot load {self.model_cfg.path!r}: {exc}") from exc
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_cfg.tokenizer or self.model_cfg.path)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]

@@ -66,6 +66,9 @@ class EngineSpec:
     bench: BenchSupport | None = None
     # An engine that brings its own tokenizer (else the model's, loaded with transformers).
     tokenizer: Callable[[ModelConfig], Any] | None = None
+    # The argument names the installed engine accepts in model.<args_field>, read without loading
+    # it (None: it takes any, or it cannot tell).
+    argument_names: Callable[[], set[str] | None] | None = None
 
     def args(self, model: ModelConfig) -> dict[str, Any]:
         """The engine's own arguments from the config (``model.<args_field>``)."""

@@ -11,9 +11,11 @@ in flight are aborted and redone through ``generate`` with retries and row isola
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import json
 import logging
 from collections import deque
@@ -80,7 +82,13 @@ class VllmEngine:
         kwargs = {"disable_log_stats": False,  # the scheduler's stats go into the worker's metrics
                   **engine_kwargs(self.model, self.sampling, self.max_model_len, vllm.EngineArgs)}
         log.info("loading vLLM %s: %s", vllm.__version__, kwargs)
-        self.llm = vllm.LLM(**kwargs)
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except (ValueError, TypeError) as exc:  # pydantic's validation errors are ValueErrors
+            raise ConfigError(f"vLLM refused the engine settings: {_first_lines(exc)}. Fix model.* or "
+                              f"model.vllm_args.") from exc
+        except OSError as exc:
+            raise ConfigError(f"model.path: vLLM cannot load {self.model.path!r}: {_first_lines(exc)}") from exc
         self.max_requests, self.max_tokens_queued = _queue_limits(self.llm)
         self.one_adapter_at_a_time = bool(self.model.lora) and not _on_gpu()
         self.stats = SchedulerStats(self.llm).start()
@@ -313,9 +321,9 @@ def sampling_kwargs(o: RowOptions) -> dict[str, Any]:
     return kwargs
 
 
-def check_engine_args(engine_args: dict[str, Any], engine_args_cls: type) -> None:
+def check_engine_args(engine_args: dict[str, Any], engine_args_cls: type | set[str]) -> None:
     """Unknown vLLM engine arguments fail before loading, with the closest valid names."""
-    valid = {f.name for f in dataclasses.fields(engine_args_cls)}
+    valid = engine_args_cls if isinstance(engine_args_cls, set) else {f.name for f in dataclasses.fields(engine_args_cls)}
     for key in engine_args:
         if key not in valid:
             close = difflib.get_close_matches(key, sorted(valid), n=3)
@@ -323,6 +331,28 @@ def check_engine_args(engine_args: dict[str, Any], engine_args_cls: type) -> Non
                 f"model.vllm_args.{key}: not an argument of this vLLM version"
                 + (f". Did you mean {', '.join(close)}?" if close else ". See vllm.EngineArgs for the list.")
             )
+
+
+def argument_names() -> set[str] | None:
+    """The fields of the installed vLLM's ``EngineArgs``, read from its source (importing vLLM takes
+    seconds and wants the GPU libraries); None when that file is not where it is expected."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations))) / "engine" / "arg_utils.py"
+    try:
+        tree = ast.parse(source.read_text())
+    except (OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "EngineArgs":
+            names = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)}
+            return names or None
+    return None
+
+
+def _first_lines(exc: BaseException, lines: int = 4) -> str:
+    return " ".join(str(exc).strip().splitlines()[:lines])
 
 
 def _on_gpu() -> bool:
@@ -401,4 +431,5 @@ SPEC = EngineSpec(
     capabilities=Capabilities(continuous=True, structured_output=True, lora=True, samples=True, logprobs=True,
                               penalties=True),
     bench=BenchSupport(baseline="vllm", strategies=True, dummy_weights=_dummy_weights),
+    argument_names=argument_names,
 )

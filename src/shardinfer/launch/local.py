@@ -16,7 +16,7 @@ from typing import Any
 
 from shardinfer.config import Config
 from shardinfer.engines.registry import get_engine
-from shardinfer.errors import ConfigError, RunError
+from shardinfer.errors import EXIT_CONFIG, ConfigError, RunError
 from shardinfer.gpus import gpu_groups, visible_gpus
 from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
 from shardinfer.ledger import Ledger
@@ -117,11 +117,14 @@ class LocalHandle(RunHandle):
                 _RUNNING_HERE.discard(self.record.submitted_at)
         failures = {rank: code for rank, code in enumerate(codes) if code != 0}
         if failures:
-            log.warning("%d of %d workers died%s; the others finished their units", len(failures), len(codes),
-                        failure_text(self.run_dir, failures))
+            log.warning("%s%s", died_text(len(failures), len(codes)), failure_text(self.run_dir, failures))
         try:
             return reduce_run(self.run_dir)
         except RunError as exc:
+            if failures and set(failures.values()) == {EXIT_CONFIG}:
+                raise ConfigError(f"{died_text(len(failures), len(codes))} on a config error; running again "
+                                  f"will not help until it is fixed.{failure_text(self.run_dir, failures)} "
+                                  f"{_committed_text(self.run_dir)}") from exc
             raise RunError(f"{exc}{failure_text(self.run_dir, failures)}") from exc
 
     def _wait_all(self, timeout_s: float | None) -> list[int]:
@@ -167,6 +170,20 @@ def _spawn(run_dir: RunDir, cfg: Config, rank: int, world: int, gpus: list[str],
     cmd = _worker_command(run_dir, rank, world, launch)
     log.debug("starting worker %d: %s", rank, " ".join(cmd))
     return subprocess.Popen(cmd, env=env)
+
+
+def died_text(died: int, workers: int) -> str:
+    """How many workers died, of how many."""
+    if died == workers:
+        return f"the {workers} worker{'s' if workers > 1 else ''} died" if workers > 1 else "the worker died"
+    return f"{died} of {workers} workers died; the others finished their units"
+
+
+def _committed_text(run_dir: RunDir) -> str:
+    if Ledger(run_dir).done_set():
+        return ("Units committed before are kept: after the fix, `shardinfer run` continues the run if the fix leaves "
+                "the results settings as they were; otherwise set run.directory to a new directory.")
+    return "Nothing was committed: fix the config and run again; the run is planned anew."
 
 
 def failure_text(run_dir: RunDir, failures: dict[int, int]) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer.config import Config
-from shardinfer.errors import RunError, ShardinferError, missing_dependency
+from shardinfer.errors import EXIT_CONFIG, ConfigError, RunError, ShardinferError, missing_dependency
 from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
 from shardinfer.plan import Plan
 from shardinfer.rundir import RunDir, read_json
@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(rank=rank_env.rank, world=rank_env.world, log_file=RunDir(value).worker_log(rank_env.rank))
     try:
         metrics = _work(value, launch, rank_env, args.gpus_per_replica)
-    except BaseException:
+    except BaseException as exc:
         log.exception("rank %d failed; aborting all %d ranks", rank_env.rank, rank_env.world)
         sys.stderr.flush()
-        comm.Abort(1)
+        comm.Abort(EXIT_CONFIG if isinstance(exc, ConfigError) else 1)
     gathered = comm.gather(metrics, root=0)
     if comm.Get_rank() != 0:
         return 0

@@ -20,8 +20,9 @@ from shardinfer.errors import ConfigError, RunError
 from shardinfer.launch.base import LaunchRecord, RunHandle
 from shardinfer.launch.registry import get_launcher
 from shardinfer.ledger import Ledger
-from shardinfer.model_info import check_model_path
 from shardinfer.plan import Plan
+from shardinfer.preflight import describe as describe_checks
+from shardinfer.preflight import preflight, require
 from shardinfer.rundir import RunDir, read_json, write_json_atomic
 from shardinfer.runstate import begin_launch, load_run, prepare_run, run_dir_for
 
@@ -33,7 +34,7 @@ def launch(config: Config | str | Path, *, launcher: str = "local", overrides: l
     """Plan (or reopen) the run of ``config`` and start a launch of it with ``launcher``."""
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     chosen = get_launcher(launcher, on_cluster=on_cluster)
-    check_model_path(cfg.model)
+    require(preflight(cfg))
     chosen.check(cfg)
     run_dir, plan, number = open_launch(cfg, chosen.workers(cfg), retry_failed=retry_failed)
     handle = chosen.start(cfg, run_dir, plan, number)
@@ -43,8 +44,8 @@ def launch(config: Config | str | Path, *, launcher: str = "local", overrides: l
 
 def open_launch(cfg: Config, workers: int, *, retry_failed: bool = False) -> tuple[RunDir, Plan, int]:
     """Plan or reopen the run, make sure no other launch of it runs, and begin a new launch."""
+    refuse_if_active(run_dir_for(cfg))  # before a run that committed nothing may be planned anew
     run_dir, plan = prepare_run(cfg, workers)
-    refuse_if_active(run_dir)
     number = begin_launch(run_dir, plan, cfg)
     if retry_failed:
         log.info("rows to retry in units %s", set_aside_failed(run_dir))
@@ -63,7 +64,9 @@ def resume(run_dir: RunDir, *, retry_failed: bool = False, launcher: str | None 
 def dry_run(cfg: Config, launcher: str, *, on_cluster: bool | None = None) -> str:
     """What a launch would start or submit; plans and submits nothing."""
     chosen = get_launcher(launcher, on_cluster=on_cluster)
-    return chosen.preview(cfg, run_dir_for(cfg))
+    checks = preflight(cfg)
+    require(checks)
+    return describe_checks(checks) + "\n" + chosen.preview(cfg, run_dir_for(cfg))
 
 
 def set_aside_failed(run_dir: RunDir) -> list[int]:
