@@ -95,6 +95,7 @@ def test_python_api_runs_in_process_and_every_handle_has_the_same_methods(tmp_pa
     report = shardinfer.run(_echo_config(tmp_path, tiny_model, "api"), overrides=["run.workers=2"])
     assert report["rows"] == {"in": 7, "ok": 7, "truncated": 0, "failed": 0}
     assert sorted(w["rank"] for w in report["workers"]) == [0, 1]
+    assert json.loads(json.dumps(report)) == json.loads((tmp_path / "api" / "report.json").read_text())
     handle = shardinfer.submit(_echo_config(tmp_path, tiny_model, "handle"), launcher="local")
     assert handle.launcher == "local" and handle.launch == 0 and handle.job_ids == []
     assert set(handle.states()) == {"worker 0"}

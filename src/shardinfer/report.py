@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import statistics
 import time
@@ -47,7 +48,7 @@ def build_report(cfg: Config, plan: Plan, run_dir: RunDir, totals: Totals) -> di
         "launches": len({m.key for m in metrics}),
         "model": {"path": cfg.model.path, "engine": cfg.model.engine, "dtype": cfg.model.dtype,
                   "max_model_len": plan.max_model_len, "engine_args": get_engine(cfg.model.engine).args(cfg.model)},
-        "sampling": vars(cfg.sampling),
+        "sampling": dataclasses.asdict(cfg.sampling),
         "versions": _versions(metrics),
         "input": {"files": len(plan.files), "rows": plan.total_rows, "duplicate_ids": len(plan.duplicates),
                   "rows_with_replaced_utf8": plan.replaced_utf8},
