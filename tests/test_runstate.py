@@ -20,8 +20,16 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
+def _mark_committed(run_dir):
+    """As if a worker had committed unit 0 (what decides whether a run may be planned anew)."""
+    record = run_dir.done_record(0)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"rows": 1}))
+
+
 def test_default_run_directory_never_mixes_configs(in_tmp):
     first, _ = prepare_run(_cfg(in_tmp), 1)
+    _mark_committed(first)
     assert str(first.path) == "runs/job"
     assert run_dir_for(_cfg(in_tmp)).path == first.path  # same config: same run, continued
     second, _ = prepare_run(_cfg(in_tmp, max_tokens=9), 1)
@@ -37,10 +45,21 @@ def _raw(tmp_path):
 
 
 def test_an_explicit_run_directory_with_another_config_is_refused(in_tmp):
-    prepare_run(config_from_dict({**_raw(in_tmp), "run": {"directory": "out"}}), 1)
+    run_dir, _ = prepare_run(config_from_dict({**_raw(in_tmp), "run": {"directory": "out"}}), 1)
+    _mark_committed(run_dir)
     changed = {**_raw(in_tmp), "run": {"directory": "out"}, "prompt": {"system": "new"}}
     with pytest.raises(RunError, match=r"out holds a run of a different config \(prompt.system changed\)"):
         prepare_run(config_from_dict(changed), 1)
+
+
+def test_a_run_that_committed_nothing_is_planned_anew_with_a_changed_config(in_tmp):
+    run_dir, _ = prepare_run(config_from_dict({**_raw(in_tmp), "run": {"directory": "out"}}), 1)
+    (run_dir.logs / "worker-00000.log").write_text("the first try's log")
+    changed = {**_raw(in_tmp), "run": {"directory": "out"}, "prompt": {"system": "new"}}
+    again, _ = prepare_run(config_from_dict(changed), 1)
+    assert again.path == run_dir.path
+    assert json.loads(run_dir.run_json.read_text())["config"]["prompt"]["system"] == "new"
+    assert (run_dir.logs / "worker-00000.log").read_text() == "the first try's log"  # logs are kept
 
 
 def test_launch_settings_may_change_between_launches_of_one_run(in_tmp):
@@ -69,6 +88,7 @@ def test_a_run_begun_before_a_setting_existed_continues(in_tmp):
     """A run.json without a results setting added since (older version) reads it at its default."""
     explicit = {**_raw(in_tmp), "run": {"directory": "old"}}
     run_dir, _ = prepare_run(config_from_dict(explicit), 1)
+    _mark_committed(run_dir)
     state = json.loads(run_dir.run_json.read_text())
     del state["config"]["model"]["hf_batch_tokens"], state["config"]["sampling"]["ignore_eos"]
     run_dir.run_json.write_text(json.dumps(state))

@@ -168,11 +168,15 @@ def test_sbatch_and_submitit_ask_for_the_same_resources(tmp_path, shape):
     assert "no-requeue" in _sbatch_options(ours.worker) and "exclusive" in _sbatch_options(ours.worker)
 
 
-def test_dry_run_prints_what_each_launcher_would_submit():
+def test_dry_run_prints_what_each_launcher_would_submit(tiny_model):
+    import dataclasses
+
     from shardinfer.launch.start import dry_run
 
-    cfg = cluster_cfg()
+    cfg = cluster_cfg()  # the model must pass the pre-flight checks on this machine: the tiny one
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(tiny_model)))
     mpi = dry_run(cfg, "mpi", on_cluster=True)
+    assert "[ok  ] model.vllm_args: 1 argument(s) known to vllm" in mpi
     assert "srun --mpi=pmix" in mpi and "-m shardinfer.launch.mpi" in mpi and "shardinfer.worker" not in mpi
     assert "#SBATCH --nodes=4" in mpi and "no reduce job" in mpi
     sbatch = dry_run(cfg, "sbatch", on_cluster=True)
