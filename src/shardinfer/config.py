@@ -173,6 +173,10 @@ class RunConfig:
         None, help="total tokens/s one worker (model replica) is expected to do: plan's GPU-hour and cost estimate "
                    "uses it; default: the project's table of measured figures by model size"
     )
+    report_to: list[Literal["mlflow", "wandb"]] = _f(
+        [], help="also push each worker's metrics to these trackers, set up their own way (MLFLOW_TRACKING_URI, "
+                 "WANDB_PROJECT/WANDB_MODE); needs pip install 'shardinfer[monitor]'"
+    )
     gpu_hour_price: float | None = _f(
         None, help="price of one GPU-hour (worker-hour on CPU); the report then gives the cost per million tokens"
     )
@@ -513,7 +517,7 @@ def _coerce_list(item_type: Any, value: Any, key: str) -> list:
         value = [value]
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__}){_mapping_hint(value)}")
-    return [_coerce_scalar(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return [_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
 
 
 def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:

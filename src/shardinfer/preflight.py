@@ -34,7 +34,10 @@ class Check:
 
 def preflight(cfg: Config) -> list[Check]:
     """Every check, in order; none raises."""
-    return [_model(cfg), _tokenizer(cfg), _engine_args(cfg), _context(cfg)]
+    checks = [_model(cfg), _tokenizer(cfg), _engine_args(cfg), _context(cfg)]
+    if cfg.run.report_to:
+        checks.append(_trackers(cfg))
+    return checks
 
 
 def describe(checks: list[Check]) -> str:
@@ -133,6 +136,16 @@ def _engine_args(cfg: Config) -> Check:
                  for k in unknown]
         return Check(key, "fail", f"not arguments of {spec.version() or spec.name}: {'; '.join(hints)}")
     return Check(key, "ok", f"{len(given)} argument(s) known to {spec.version() or spec.name}")
+
+
+def _trackers(cfg: Config) -> Check:
+    from shardinfer.monitor import check_trackers
+
+    try:
+        check_trackers(cfg)
+    except ShardinferError as exc:
+        return Check("run.report_to", "fail", str(exc))
+    return Check("run.report_to", "ok", ", ".join(cfg.run.report_to))
 
 
 def _context(cfg: Config) -> Check:

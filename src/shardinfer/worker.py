@@ -32,6 +32,7 @@ from shardinfer.live import write_run_prom, write_worker_prom
 from shardinfer.logs import setup_logging
 from shardinfer.metrics import WorkerMetrics
 from shardinfer.model_info import load_tokenizer
+from shardinfer.monitor import Monitor
 from shardinfer.plan import Unit
 from shardinfer.progress import Progress
 from shardinfer.prompts import Prompt, request_columns
@@ -88,6 +89,7 @@ class Worker:
         self.timeline = Timeline(start=self.metrics.started_at)
         self._metrics_saved = 0.0
         self._run_prom_at = -1e9
+        self.monitor = Monitor(self.cfg, self.metrics)
         self.idle = IdleWait(self.ledger, len(self.plan.units), self.world, self.cfg.run.lease_timeout_s)
 
     def drain(self, signum: int, _frame: Any = None) -> None:
@@ -113,6 +115,7 @@ class Worker:
         self.metrics.drained = self.draining is not None
         self.metrics.drained_by = self.draining
         self._save_metrics()
+        self.monitor.close()
         if self.rank == 0:
             self._write_run_prom()
         log.info("%s: %d units, %d rows done by this worker", "drained" if self.draining else "no units left",
@@ -304,6 +307,7 @@ class Worker:
         m.save(self.run_dir)
         self._metrics_saved = time.monotonic()
         write_worker_prom(self.run_dir, m, self.cfg.name, time.time())
+        self.monitor.push(m)
         if self.rank == 0 and time.monotonic() - self._run_prom_at >= max(self.cfg.run.metrics_interval_s, 60.0):
             self._write_run_prom()
 
