@@ -86,6 +86,31 @@ def write_config(path: Path, *, corpus: Path, model_dir: Path, run_dir: Path, **
     return path
 
 
+OPENAI_EXAMPLE = REPO / "jobs" / "data" / "openai-batch-example.jsonl"
+
+
+def openai_batch_config(tmp: Path, model_dir: Path, name: str, **run: Any) -> Path:
+    """The bundled OpenAI batch example (10 good requests, 2 that fail alone) on the tiny model."""
+    return write_config(tmp / f"{name}.yaml", corpus=OPENAI_EXAMPLE, model_dir=model_dir, run_dir=tmp / name,
+                        input={"path": str(OPENAI_EXAMPLE), "format": "openai-batch"}, prompt={},
+                        model={"max_model_len": 2048, "vllm_args": {
+                            "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20,
+                            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}},
+                        run={"directory": str(tmp / name), "workers": 1, "unit_tokens": 600, **run})
+
+
+def openai_output(run_dir: Path) -> list[dict[str, Any]]:
+    """The Batch API output lines, less what differs between two runs of the same requests (ids, times)."""
+    lines = [json.loads(line) for line in (run_dir / "openai-batch-output.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("id")
+        if line["response"]:
+            line["response"].pop("request_id")
+            line["response"]["body"].pop("id")
+            line["response"]["body"].pop("created")
+    return lines
+
+
 def run_cli(args: list[str], env: dict[str, str], *, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "shardinfer.cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)

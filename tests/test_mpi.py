@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import demo_docs, read_results, run_cli, write_config, write_jsonl
+from conftest import demo_docs, openai_batch_config, openai_output, read_results, run_cli, write_config, write_jsonl
 
 pytestmark = pytest.mark.engine
 
@@ -60,3 +60,15 @@ def test_a_failing_rank_aborts_all_ranks_and_resume_finishes(mpi_job, engine_env
                    engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _outputs(run_dir) == local
+
+
+def test_an_openai_batch_file_gives_the_same_output_file_under_mpi(tmp_path, tiny_model, engine_env):
+    local = openai_batch_config(tmp_path, tiny_model, "local")
+    proc = run_cli(["run", str(local)], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mpi = openai_batch_config(tmp_path, tiny_model, "mpi")
+    proc = run_cli(["run", str(mpi), "--launcher", "mpi", "run.workers=2"], engine_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = openai_output(tmp_path / "local")
+    assert len(expected) == 12 and [o["error"]["code"] for o in expected if o["error"]] == ["invalid_url", "model_not_found"]
+    assert openai_output(tmp_path / "mpi") == expected

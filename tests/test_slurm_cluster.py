@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import demo_docs, read_results, run_cli, write_config, write_jsonl
+from conftest import demo_docs, openai_batch_config, openai_output, read_results, run_cli, write_config, write_jsonl
 
 CLUSTER = Path(__file__).parent / "cluster"
 pytestmark = [pytest.mark.engine, pytest.mark.cluster]
@@ -124,6 +124,17 @@ def test_impossible_requests_fail_at_once_with_the_fix(cluster_env, job, overrid
     assert "Nothing was submitted" in proc.stderr and "Fix:" in proc.stderr
     assert not (_job_ids(cluster_env) - before), "a job was submitted"
     assert not run_dir.exists()
+
+
+def test_an_openai_batch_file_on_two_nodes_gives_the_local_output_file(cluster_env, job, tiny_model):
+    _, tmp, _ = job
+    local = openai_batch_config(tmp, tiny_model, "openai-local")
+    proc = run_cli(["run", str(local)], cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = openai_batch_config(tmp, tiny_model, "openai-sbatch")
+    proc = run_cli(["submit", str(config), "slurm.nodes=2", "--wait"], cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert openai_output(tmp / "openai-sbatch") == openai_output(tmp / "openai-local")
 
 
 def test_submit_dry_run_catches_a_bad_engine_argument_without_a_job(cluster_env, job):
