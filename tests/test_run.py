@@ -341,11 +341,15 @@ def test_kill_9_of_the_whole_run_then_resume_finishes_identically(long_job, engi
 
 
 def _the_run_is_seen_live(run_dir, env):
-    """While the run runs: Prometheus files that count what the ledger holds, and status --json."""
-    prom = {p.name: p.read_text() for p in (run_dir / "prometheus").glob("*.prom")}
+    """While the run runs: Prometheus files that count what the ledger holds (rewritten every
+    0.5 s here), and status --json."""
+    deadline, rows = time.time() + 30, 0.0
+    while time.time() < deadline and not rows:
+        time.sleep(0.2)
+        prom = {p.name: p.read_text() for p in (run_dir / "prometheus").glob("*.prom")}
+        rows = sum(float(line.rsplit(" ", 1)[1]) for text in prom.values() for line in text.splitlines()
+                   if line.startswith("shardinfer_rows_total{"))
     assert {"worker-00000.prom", "worker-00001.prom"} <= set(prom)
-    rows = sum(float(line.rsplit(" ", 1)[1]) for text in prom.values() for line in text.splitlines()
-               if line.startswith("shardinfer_rows_total{"))
     assert rows > 0
     finished = [line for text in prom.values() for line in text.splitlines()
                 if line.startswith("shardinfer_worker_finished{")]
