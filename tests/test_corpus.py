@@ -1,6 +1,7 @@
 import csv
 import gzip
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,7 +21,9 @@ def cfg(path, **kw):
 def read(path, c, extra=()):
     """A whole file through the readers: (table, stats)."""
     stats = corpus.ReadStats()
-    source = corpus.InputFile(path, path.name, corpus.file_format(path, c.format), path.suffix == ".gz")
+    path = Path(path)
+    source = corpus.InputFile(str(path), path.name, corpus.file_format(path, c.format),
+                              ".gz" if path.suffix == ".gz" else None)
     return corpus.read_table(source, c, list(extra), stats), stats
 
 
@@ -44,7 +47,7 @@ def test_every_format_reads_the_same_rows(tmp_path):
     write_all_formats(tmp_path)
     c = cfg(tmp_path, id_column="key", passthrough=["lang"])
     files = corpus.resolve_files(c)
-    assert [f.name for f in files] == ["a.parquet", "b.jsonl", "c.jsonl.gz", "d.csv"]
+    assert [Path(f).name for f in files] == ["a.parquet", "b.jsonl", "c.jsonl.gz", "d.csv"]
     for f in files:
         table, _ = read(f, c, ["lang"])
         assert col(table, "_text") == [r["doc"] for r in RECORDS], f

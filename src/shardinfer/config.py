@@ -51,10 +51,15 @@ def _engine_choices() -> list[str]:
 @dataclass(kw_only=True)
 class InputConfig:
     path: str = _f(help="corpus: a file, a directory (all matching files, sorted) or a glob")
-    format: Literal["auto", "parquet", "jsonl", "csv", "openai-batch"] = _f(
-        "auto", help="file format; auto picks by suffix (.parquet, .jsonl/.json/.jsonl.gz, .csv); openai-batch: "
-                     "an OpenAI Batch API / vllm run-batch JSONL file of requests, run as it is"
+    format: Literal["auto", "parquet", "jsonl", "csv", "arrow", "openai-batch", "hf-dataset"] = _f(
+        "auto", help="file format; auto picks by suffix (.parquet, .jsonl/.json, .csv, .arrow; compressed .gz .zst "
+                     ".bz2 .xz) and reads a datasets save_to_disk directory; openai-batch: an OpenAI Batch API / "
+                     "vllm run-batch JSONL file of requests, run as it is; hf-dataset: input.path names a Hugging "
+                     "Face dataset already in the local cache"
     )
+    split: str | None = _f(None, help="split of a datasets directory (save_to_disk of a DatasetDict) or of an "
+                                      "hf-dataset; needed when there are several")
+    config: str | None = _f(None, help="configuration (subset) of an hf-dataset")
     text_column: str = _f("text", help="column holding the document text")
     messages_column: str | None = _f(
         None, help="column holding a chat as a list of {role, content} (or its JSON text); used instead of "
@@ -148,7 +153,11 @@ class SamplingConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    directory: str | None = _f(None, help="run directory; default runs/<config name> (runs/<name>-<config hash> if that holds another config)")
+    directory: str | None = _f(None, help="run directory, on a POSIX filesystem (local or shared: the ledger needs "
+                                          "atomic create and rename); default runs/<config name> (runs/<name>-<config "
+                                          "hash> if that holds another config)")
+    output: str | None = _f(None, help="where the reduce also writes the merged results (and the OpenAI batch output "
+                                       "file): a directory or a URL such as s3://bucket/results/run-1")
     workers: int | None = _f(
         None, help="local worker processes; default one per model replica on visible GPUs, else 1"
     )
@@ -287,6 +296,10 @@ def _check_values(config: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if config.slurm.gpus_per_node < 0:
         raise ConfigError(f"slurm.gpus_per_node: must be >= 0, got {config.slurm.gpus_per_node}")
+    if config.run.directory and "://" in config.run.directory and not config.run.directory.startswith("file://"):
+        raise ConfigError(f"run.directory: {config.run.directory} is not a POSIX filesystem path. The run directory "
+                          f"(ledger, parts) needs atomic create and rename: keep it on a local or shared filesystem "
+                          f"and set run.output to {config.run.directory} to have the results written there.")
     if config.run.expected_tokens_per_s is not None and config.run.expected_tokens_per_s <= 0:
         raise ConfigError(f"run.expected_tokens_per_s: must be above 0, got {config.run.expected_tokens_per_s}")
     if config.run.gpu_hour_price is not None and config.run.gpu_hour_price < 0:

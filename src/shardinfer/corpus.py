@@ -18,16 +18,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
-import gzip
 import io
 import json
 import logging
-import os
+import posixpath
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Any, cast
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,8 +34,9 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
+from shardinfer import storage
 from shardinfer.config import InputConfig
-from shardinfer.errors import ConfigError
+from shardinfer.errors import ConfigError, missing_dependency
 from shardinfer.results import CHARS, ID, LINE, OFFSET, PROBLEM, TEXT
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ BATCH_ROWS = 65536
 BLOCK_BYTES = 16 << 20  # JSONL/CSV bytes parsed at once (whole lines)
 
 _SUFFIXES = {
-    ".parquet": "parquet", ".pq": "parquet",
+    ".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow",
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
     ".csv": "csv",
 }
@@ -55,19 +55,30 @@ _WHITESPACE = np.array([9, 10, 13, 32], dtype=np.uint8)
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input file: where it is, its short name in row ids, and how to read it."""
+    """One input file: where it is (a local path or a URL), its short name in row ids, and how to
+    read it."""
 
-    path: Path
+    path: str
     source: str
-    format: str  # parquet | jsonl | csv
-    gzip: bool = False
+    format: str  # parquet | jsonl | csv | openai-batch
+    compression: str | None = None  # .gz | .zst | .bz2 | .xz
+
+    @property
+    def gzip(self) -> bool:
+        return self.compression == ".gz"
+
+    @property
+    def local(self) -> bool:
+        return not storage.is_remote(self.path)
 
 
 @dataclass
 class ReadStats:
-    """What a read saw besides the rows: rows whose invalid UTF-8 was replaced by U+FFFD."""
+    """What a read saw besides the rows: rows whose invalid UTF-8 was replaced by U+FFFD, and the
+    (uncompressed) bytes a whole-file scan went through."""
 
     replaced_utf8: int = 0
+    bytes_read: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,15 +111,17 @@ def columns_for(cfg: InputConfig, used: list[tuple[str, str]], *, with_extra: bo
     return Columns(cfg.text_column, cfg.id_column, extra)
 
 
-def resolve_files(cfg: InputConfig) -> list[Path]:
-    """Input files in a deterministic order: a file, every corpus file of a directory, or a glob."""
-    path = Path(cfg.path)
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = [p for p in sorted(path.rglob("*")) if p.is_file() and _suffix_format(p)]
+def resolve_files(cfg: InputConfig) -> list[str]:
+    """Input files in a deterministic order: a file, every corpus file of a directory, or a glob;
+    local paths or URLs (``s3://bucket/docs/*.parquet``)."""
+    if cfg.format == "hf-dataset":
+        files = hf_dataset_files(cfg)
+    elif storage.is_remote(cfg.path):
+        files = storage.expand(cfg.path, keep=_suffix_format)
+    elif (saved := saved_dataset_files(Path(cfg.path), cfg.split)) is not None:
+        files = saved
     else:
-        files = [Path(p) for p in sorted(glob.glob(cfg.path, recursive=True)) if Path(p).is_file()]
+        files = [str(p) for p in _local_files(cfg.path)]
     if not files:
         raise ConfigError(
             f"input.path: {cfg.path!r} matches no input file. Give a file, a directory holding "
@@ -119,13 +132,60 @@ def resolve_files(cfg: InputConfig) -> list[Path]:
     return files
 
 
+def saved_dataset_files(path: Path, split: str | None) -> list[str] | None:
+    """The Arrow files of a directory written by ``datasets``' ``save_to_disk`` (a Dataset, or a
+    DatasetDict whose split is ``split``), in order; None when ``path`` is not one."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in splits:
+            raise ConfigError(f"input.split: {path} holds the splits {', '.join(splits)}; "
+                              f"{'choose one' if split is None else repr(split) + ' is not one of them'} "
+                              f"(input.split=...)")
+        path = path / str(split)
+    state = path / "state.json"
+    if not state.is_file():
+        return None
+    return [str(path / entry["filename"]) for entry in json.loads(state.read_text()).get("_data_files", [])]
+
+
+def hf_dataset_files(cfg: InputConfig) -> list[str]:
+    """The cached Arrow files of a Hugging Face dataset (``input.path``: its name), found by the
+    datasets library in its cache; nothing is downloaded when HF_DATASETS_OFFLINE is set."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise missing_dependency("datasets", "datasets", "input.format: hf-dataset") from exc
+    try:
+        loaded = datasets.load_dataset(cfg.path, cfg.config, split=cfg.split)
+    except Exception as exc:
+        raise ConfigError(f"input.path: the dataset {cfg.path!r} (config {cfg.config!r}, split {cfg.split!r}) "
+                          f"cannot be loaded: {exc}. Download it first (datasets.load_dataset) or point "
+                          f"input.path at a save_to_disk directory.") from exc
+    if isinstance(loaded, dict):
+        raise ConfigError(f"input.split: the dataset {cfg.path!r} has the splits {', '.join(loaded)}; choose one")
+    return [entry["filename"] for entry in loaded.cache_files]
+
+
+def _local_files(pattern: str) -> list[Path]:
+    path = Path(pattern)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return [p for p in sorted(path.rglob("*")) if p.is_file() and _suffix_format(p)]
+    return [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
+
+
 def input_files(cfg: InputConfig) -> list[InputFile]:
     files = resolve_files(cfg)
-    return [InputFile(path, name, file_format(path, cfg.format), path.suffix.lower() == ".gz")
+    return [InputFile(path, name, file_format(path, cfg.format), storage.compression(path))
             for path, name in zip(files, source_names(files))]
 
 
-def file_format(path: Path, explicit: str = "auto") -> str:
+def file_format(path: str | Path, explicit: str = "auto") -> str:
+    if explicit == "hf-dataset":
+        return "arrow"
     if explicit != "auto":
         return explicit
     fmt = _suffix_format(path)
@@ -137,20 +197,21 @@ def file_format(path: Path, explicit: str = "auto") -> str:
     return fmt
 
 
-def _suffix_format(path: Path) -> str | None:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
+def _suffix_format(path: str | Path) -> str | None:
+    suffixes = [s.lower() for s in PurePosixPath(str(path).split("://")[-1]).suffixes]
+    if suffixes and suffixes[-1] in storage.COMPRESSIONS:
         suffixes = suffixes[:-1]
     return _SUFFIXES.get(suffixes[-1]) if suffixes else None
 
 
-def source_names(files: list[Path]) -> list[str]:
+def source_names(files: list[str]) -> list[str]:
     """Short, stable names of the files (relative to their common directory), used in row ids."""
-    absolute = [f.resolve() for f in files]
-    if len(absolute) == 1:
-        return [absolute[0].name]
-    root = Path(os.path.commonpath([str(p.parent) for p in absolute]))
-    return [str(p.relative_to(root)) for p in absolute]
+    absolute = [f if storage.is_remote(f) else str(Path(f).resolve()) for f in files]
+    names = [f.split("://", 1)[-1] for f in absolute]
+    if len(names) == 1:
+        return [PurePosixPath(names[0]).name]
+    root = posixpath.commonpath([posixpath.dirname(n) for n in names])
+    return [posixpath.relpath(n, root) for n in names]
 
 
 def extra_columns(cfg: InputConfig, used: list[tuple[str, str]]) -> list[str]:
@@ -159,7 +220,7 @@ def extra_columns(cfg: InputConfig, used: list[tuple[str, str]]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_columns(files: list[Path], cfg: InputConfig, used: list[tuple[str, str]]) -> None:
+def check_columns(files: list[str], cfg: InputConfig, used: list[tuple[str, str]]) -> None:
     """Fail before the run when a configured column is in none of the first file's rows.
 
     The first file with any column is checked; a corpus of empty files has nothing to check.
@@ -191,10 +252,12 @@ def _configured_columns(cfg: InputConfig, used: list[tuple[str, str]]) -> list[t
     return pairs
 
 
-def _peek_columns(path: Path, fmt: str) -> set[str]:
+def _peek_columns(path: str, fmt: str) -> set[str]:
     if fmt == "parquet":
-        return set(pq.read_schema(path).names)
-    with _open_binary(path) as fh:
+        return set(_parquet(path).schema_arrow.names)
+    if fmt == "arrow":
+        return set(arrow_table(path).column_names)
+    with storage.open_decompressed(path) as fh:
         if fmt == "csv":
             return set(_csv_header(fh))
         keys: set[str] = set()
@@ -347,6 +410,8 @@ def scan(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats,
     """Every row of a file, in order, as tables of the one row shape (with positions)."""
     if f.format == "parquet":
         yield from _scan_parquet(f, cols)
+    elif f.format == "arrow":
+        yield from _scan_arrow(f, cols)
     elif f.format in ("jsonl", "openai-batch"):
         yield from _scan_jsonl(f, cols, invalid_utf8, stats, gz_index)
     else:
@@ -372,6 +437,8 @@ def read_range(f: InputFile, cols: Columns, invalid_utf8: str, first_row: int, r
     stats = ReadStats()
     if f.format == "parquet":
         table = _read_parquet_range(f, cols, first_row, rows, cursor)
+    elif f.format == "arrow":
+        table = _read_arrow_range(f, cols, first_row, rows)
     elif begin is None or end is None:  # a plan without positions: read up to the range
         table = _slice_scan(scan(f, cols, invalid_utf8, stats, gz_index), first_row, rows)
     else:
@@ -410,15 +477,18 @@ def _scan_parquet(f: InputFile, cols: Columns) -> Iterator[pa.Table]:
             first += table.num_rows
 
 
-def _parquet(path: Path) -> pq.ParquetFile:
+def _parquet(path: str) -> pq.ParquetFile:
     # Column chunks are streamed in 8 MiB reads, not loaded whole: memory stays that of a batch
-    # even when row groups hold a million rows.
+    # even when row groups hold a million rows. A remote file is read by ranges: only the footer
+    # and the row groups a unit needs are fetched.
+    if storage.is_remote(path):
+        return pq.ParquetFile(storage.open_bytes(path), buffer_size=8 << 20)
     return pq.ParquetFile(path, buffer_size=8 << 20)
 
 
-def parquet_row_groups(path: Path) -> list[int]:
+def parquet_row_groups(path: str) -> list[int]:
     """Rows per row group."""
-    md = pq.ParquetFile(path).metadata
+    md = _parquet(path).metadata
     return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
 
 
@@ -428,7 +498,7 @@ class ParquetCursor:
     the start of the row group again."""
 
     def __init__(self) -> None:
-        self.path: Path | None = None
+        self.path: str | None = None
         self.columns: list[str] = []
         self.file: pq.ParquetFile | None = None
         self.starts = np.zeros(1, np.int64)  # first row of every row group, then the row count
@@ -437,7 +507,7 @@ class ParquetCursor:
         self.rest: pa.RecordBatch | None = None
         self.batches: Iterator[pa.RecordBatch] | None = None
 
-    def open(self, path: Path) -> pq.ParquetFile:
+    def open(self, path: str) -> pq.ParquetFile:
         if self.path != path or self.file is None:
             self.file = _parquet(path)
             sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.metadata.num_row_groups)]
@@ -495,20 +565,57 @@ def _read_parquet_range(f: InputFile, cols: Columns, first_row: int, rows: int,
     return _normalize(table, f, cols, first_row)
 
 
+# ---- Arrow (Hugging Face datasets' files) -----------------------------------------------------
+
+
+_ARROW_OPEN: dict[str, pa.Table] = {}  # memory-mapped tables a worker has open (no copy in memory)
+
+
+def arrow_table(path: str) -> pa.Table:
+    """An Arrow IPC file (file or stream format, as the datasets library writes), memory-mapped:
+    reading a range costs no copy of the corpus. Remote Arrow files are read whole."""
+    table = _ARROW_OPEN.get(path)
+    if table is None:
+        source = pa.memory_map(path) if not storage.is_remote(path) else pa.BufferReader(
+            storage.open_bytes(path).read())
+        try:
+            table = pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid:
+            source.seek(0)
+            table = pa.ipc.open_stream(source).read_all()
+        if len(_ARROW_OPEN) >= 8:
+            _ARROW_OPEN.pop(next(iter(_ARROW_OPEN)))
+        _ARROW_OPEN[path] = table
+    return table
+
+
+def _scan_arrow(f: InputFile, cols: Columns) -> Iterator[pa.Table]:
+    table = arrow_table(f.path)
+    present = [c for c in cols.wanted if c in table.column_names]
+    for first in range(0, table.num_rows, BATCH_ROWS):
+        yield _normalize(table.select(present).slice(first, BATCH_ROWS), f, cols, first)
+
+
+def _read_arrow_range(f: InputFile, cols: Columns, first_row: int, rows: int) -> pa.Table:
+    table = arrow_table(f.path)
+    present = [c for c in cols.wanted if c in table.column_names]
+    return _normalize(table.select(present).slice(first_row, rows), f, cols, first_row)
+
+
 # ---- JSONL ------------------------------------------------------------------------------------
 
 
 def _scan_jsonl(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats, gz_index: Path | None) -> Iterator[pa.Table]:
     first_row, line = 0, 1
     parse = _BLOCK_PARSERS[f.format]
-    for offset, data in _blocks(f, gz_index):
+    for offset, data in _blocks(f, gz_index, stats):
         table = parse(data, offset, line, f, cols, invalid_utf8, stats, first_row, None)
         line += data.count(b"\n")
         first_row += table.num_rows
         yield table
 
 
-def _blocks(f: InputFile, gz_index: Path | None) -> Iterator[tuple[int, bytes]]:
+def _blocks(f: InputFile, gz_index: Path | None, stats: ReadStats | None = None) -> Iterator[tuple[int, bytes]]:
     """(offset, bytes) of whole lines, about BLOCK_BYTES at a time."""
     with open_at(f, 0, gz_index) as fh:
         offset, rest = 0, b""
@@ -518,6 +625,8 @@ def _blocks(f: InputFile, gz_index: Path | None) -> Iterator[tuple[int, bytes]]:
                 if rest:
                     yield offset, rest
                 return
+            if stats is not None:
+                stats.bytes_read += len(chunk)
             data = rest + chunk
             cut = data.rfind(b"\n") + 1
             if cut == 0:
@@ -690,6 +799,7 @@ def _scan_csv(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats, 
         while True:
             table = _csv_records(tracked, header, f, cols, invalid_utf8, stats, first_row, BATCH_ROWS)
             if table.num_rows == 0:
+                stats.bytes_read = tracked.offset
                 return
             first_row += table.num_rows
             yield table
@@ -815,30 +925,23 @@ def gzip_indexing() -> bool:
 
 
 def open_at(f: InputFile, offset: int, gz_index: Path | None) -> IO[bytes]:
-    """The file's (uncompressed) bytes from ``offset``. A gzipped file seeks through its saved index
-    (indexed_gzip); without one, it is decompressed from the start up to ``offset``."""
-    if not f.gzip:
-        fh = open(f.path, "rb")  # noqa: SIM115 - returned to the caller's with-block
-        fh.seek(offset)
-        return fh
-    if gz_index is not None and gz_index.is_file() and gzip_indexing():
+    """The file's (uncompressed) bytes from ``offset``. A local gzipped file seeks through its saved
+    index (indexed_gzip); other compressed files are decompressed from the start up to ``offset``."""
+    if f.compression is None:
+        return storage.open_bytes(f.path, offset)
+    if f.gzip and f.local and gz_index is not None and gz_index.is_file() and gzip_indexing():
         import indexed_gzip
 
         indexed: IO[bytes] = indexed_gzip.IndexedGzipFile(str(f.path), index_file=str(gz_index))
         indexed.seek(offset)
         return indexed
-    stream = gzip.open(f.path, "rb")  # noqa: SIM115 - returned to the caller's with-block
-    stream.seek(offset)
-    return cast(IO[bytes], stream)
-
-
-def _open_binary(path: Path) -> IO[bytes]:
-    return cast(IO[bytes], gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb"))
+    return storage.skip_to(storage.open_decompressed(f.path), offset)
 
 
 def index_gzip(f: InputFile, out: Path) -> Path | None:
-    """Build and save the seek index of a gzipped file once (plan time); None without indexed_gzip."""
-    if not f.gzip or not gzip_indexing():
+    """Build and save the seek index of a local gzipped file once (plan time); None without
+    indexed_gzip."""
+    if not f.gzip or not f.local or not gzip_indexing():
         return None
     import indexed_gzip
 

@@ -28,7 +28,7 @@ def fingerprint(cfg: Config, files: list[dict[str, Any]]) -> dict[str, Any]:
         **({"adapters": {name: model_identity(path) for name, path in sorted(cfg.model.lora.items())}}
            if cfg.model.lora else {}),
         "engine": {"name": cfg.model.engine, "version": get_engine(cfg.model.engine).version()},
-        "input": [{k: f[k] for k in ("path", "bytes", "mtime", "rows")} for f in files],
+        "input": [{k: f.get(k) for k in ("path", "bytes", "mtime", "version", "rows")} for f in files],
     }
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardinfer import corpus
+from shardinfer import corpus, storage
 from shardinfer.config import Config
 from shardinfer.errors import ConfigError
 from shardinfer.model_info import resolve_max_model_len, token_counter
@@ -200,10 +200,10 @@ def _scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) -
     out.chars = np.concatenate(chars) if chars else np.zeros(0, np.int32)
     if f.format == "parquet":
         out.row_groups = corpus.parquet_row_groups(f.path)
-    else:
+    elif f.format != "arrow":
         out.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
         out.lines = np.concatenate(lines) if lines else np.zeros(0, np.int64)
-        out.size = _byte_size(f, gz_index)
+        out.size = stats.bytes_read  # the whole (uncompressed) file went through the scan
     if cols.id:
         out.id_hashes = (np.concatenate([h for h, _ in hashes] or [np.zeros(0, np.uint64)]),
                          np.concatenate([h for _, h in hashes] or [np.zeros(0, np.uint64)]))
@@ -227,13 +227,6 @@ def _add_sample(out: FileScan, batch: pa.Table, ok: pa.ChunkedArray) -> None:
         return
     texts = batch.column(corpus.TEXT).filter(ok).slice(0, room).to_pylist()
     out.sample.extend(texts)
-
-
-def _byte_size(f: corpus.InputFile, gz_index: Path | None) -> int:
-    if not f.gzip:
-        return f.path.stat().st_size
-    with corpus.open_at(f, 0, gz_index) as fh:
-        return int(fh.seek(0, os.SEEK_END))
 
 
 def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Plan:
@@ -296,6 +289,8 @@ def _first_sample(scans: list[FileScan]) -> list[str]:
 
 def _segment(scans: list[FileScan], f: int, lo: int, hi: int) -> Segment:
     s = scans[f]
+    if s.offsets is None and s.row_groups is None:  # Arrow files: rows are read by index
+        return Segment(f, lo, hi)
     if s.row_groups is not None:
         starts = np.concatenate([[0], np.cumsum(s.row_groups)])
         group = int(np.searchsorted(starts, lo, side="right") - 1)
@@ -385,9 +380,9 @@ def token_histogram(tokens: Sequence[int] | np.ndarray) -> list[tuple[str, int]]
 
 
 def _file_info(f: corpus.InputFile, s: FileScan, gz_index: Path | None) -> dict[str, Any]:
-    stat = f.path.stat()
-    info = {"path": str(f.path.resolve()), "source": f.source, "format": f.format, "gzip": f.gzip,
-            "rows": s.rows, "bytes": stat.st_size, "mtime": stat.st_mtime}
+    path = f.path if not f.local else str(Path(f.path).resolve())
+    info = {"path": path, "source": f.source, "format": f.format, "gzip": f.gzip, "compression": f.compression,
+            "rows": s.rows, **storage.stat(f.path)}
     if s.row_groups is not None:
         info["row_groups"] = len(s.row_groups)
     if gz_index is not None:

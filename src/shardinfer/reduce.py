@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shardinfer import storage
 from shardinfer.config import Config
 from shardinfer.errors import RunError
 from shardinfer.ledger import Ledger
@@ -55,8 +56,29 @@ def reduce_run(run_dir: RunDir) -> dict[str, Any]:
                              run_id(run_dir))
         log.info("wrote %d lines to %s", lines, run_dir.openai_output)
     report = build_report(cfg, plan, run_dir, totals)
+    if cfg.run.output:
+        report["output"] = publish(run_dir, cfg.run.output, writes_openai_output(cfg))
     write_report(run_dir, report)
     return report
+
+
+def publish(run_dir: RunDir, output: str, openai: bool) -> list[str]:
+    """Copy the merged results (and the OpenAI output file) to ``run.output``: a directory or an
+    object store URL. Each file is written under a temporary name first where the store renames
+    cheaply (local); objects appear whole when their upload completes."""
+    files = sorted(run_dir.results.glob("part-*.parquet")) + ([run_dir.openai_output] if openai else [])
+    fs, root = storage.filesystem(output)
+    written = []
+    with storage.errors(output, "run.output"):
+        fs.makedirs(f"{root}/results", exist_ok=True)
+        for old in fs.glob(f"{root}/results/part-*.parquet"):  # an earlier reduce's files
+            fs.rm_file(old)
+        for path in files:
+            target = f"{root}/results/{path.name}" if path.suffix == ".parquet" else f"{root}/{path.name}"
+            fs.put_file(str(path), target)
+            written.append(storage.url(fs, target))
+    log.info("results copied to %s (%d files)", output, len(written))
+    return written
 
 
 def writes_openai_output(cfg: Config) -> bool:

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shardinfer import __version__
+from shardinfer import __version__, storage
 from shardinfer.config import Config, config_from_dict, config_to_dict, results_settings
-from shardinfer.errors import RunError
+from shardinfer.errors import ConfigError, RunError
 from shardinfer.fingerprint import differences, fingerprint
 from shardinfer.ledger import Ledger
 from shardinfer.plan import Plan, make_plan
@@ -156,9 +156,11 @@ def check_fingerprint(run_dir: RunDir, cfg: Config, plan: Plan) -> None:
 def _current_files(plan: Plan) -> list[dict[str, Any]]:
     files = []
     for f in plan.files:
-        path = Path(f["path"])
-        stat = path.stat() if path.is_file() else None
-        files.append({**f, "bytes": stat.st_size if stat else None, "mtime": stat.st_mtime if stat else None})
+        try:
+            now = storage.stat(f["path"])
+        except (OSError, ConfigError):
+            now = {"bytes": None, "mtime": None, "version": None}
+        files.append({**f, **now})
     return files
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardinfer import corpus
+from shardinfer import corpus, storage
 from shardinfer.config import Config
-from shardinfer.errors import RunError
+from shardinfer.errors import ConfigError, RunError
 from shardinfer.plan import Plan, Unit
 from shardinfer.prompts import request_columns
 from shardinfer.results import ROW
@@ -67,9 +67,10 @@ def keep_rows(table: pa.Table, rows: pa.Array) -> pa.Table:
 
 
 def _input_file(info: dict[str, Any], cfg: Config) -> corpus.InputFile:
-    path = Path(info["path"])
+    path = str(info["path"])
     fmt = info.get("format") or corpus.file_format(path, cfg.input.format)
-    return corpus.InputFile(path, info["source"], fmt, bool(info.get("gzip", path.suffix.lower() == ".gz")))
+    compression = info["compression"] if "compression" in info else (".gz" if info.get("gzip") else None)
+    return corpus.InputFile(path, info["source"], fmt, compression)
 
 
 def _empty(cols: corpus.Columns) -> pa.Table:
@@ -78,10 +79,18 @@ def _empty(cols: corpus.Columns) -> pa.Table:
                      ROW: pa.array([], pa.int64())})
 
 
-def check_unchanged(path: Path, info: dict[str, Any]) -> None:
-    if not path.is_file():
-        raise RunError(f"input file {path} is gone since the run was planned")
-    stat = path.stat()
-    if stat.st_size != info["bytes"] or abs(stat.st_mtime - info["mtime"]) > 1e-3:
-        raise RunError(f"input file {path} changed since the run was planned (size or mtime). "
-                       f"Start a new run (another run.directory) to process the new data.")
+def check_unchanged(path: str, info: dict[str, Any]) -> None:
+    """The file is as it was planned: same size and modification time (local), same size and
+    version (ETag, generation) in an object store."""
+    try:
+        now = storage.stat(path)
+    except (FileNotFoundError, ConfigError):
+        raise RunError(f"input file {path} is gone since the run was planned") from None
+    changed = now["bytes"] != info["bytes"]
+    if now.get("version") is not None or info.get("version") is not None:
+        changed = changed or now.get("version") != info.get("version")
+    else:
+        changed = changed or abs(now["mtime"] - info["mtime"]) > 1e-3
+    if changed:
+        raise RunError(f"input file {path} changed since the run was planned (size, modification time or "
+                       f"version). Start a new run (another run.directory) to process the new data.")
