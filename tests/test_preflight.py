@@ -2,6 +2,7 @@
 engine arguments, context length, unreadable files, overrides; the estimate; the live view's parts."""
 
 import json
+import re
 import time
 
 import pyarrow as pa
@@ -107,6 +108,9 @@ def test_plan_gives_token_totals_and_an_estimate_labelled_as_one(tmp_path, tiny_
     assert "run.expected_tokens_per_s" in line
     assert f"{tokens / 1000 / 3600:.2f} device-hours" in line
     assert f"cost at run.gpu_hour_price: {tokens / 1000 / 3600 * 3.6:,.2f}" in proc.stdout
+    totals = re.search(r"tokens \(estimated\): ([\d,]+) prompt \+ up to ([\d,]+) output", proc.stdout)
+    prompt, output = (int(v.replace(",", "")) for v in totals.groups())
+    assert output == 20 * 16 and prompt + output == tokens
     assert "[ok  ] model.vllm_args" in proc.stdout
     assert "# example request (text)" in proc.stdout
 

@@ -138,6 +138,20 @@ def test_rerun_of_a_finished_run_redoes_nothing(bad_run, engine_env):
     assert sorted(p.name for p in (run_dir / "metrics").iterdir()) == before
 
 
+def test_status_of_a_finished_run_as_json_and_watched(bad_run, engine_env):
+    _, run_dir, ids, _, _ = bad_run
+    status = json.loads(run_cli(["status", str(run_dir), "--json"], engine_env).stdout)
+    assert status["finished"] and status["done"] == status["units"] and status["counts"]["rows"] == len(ids)
+    assert [w["state"] for w in status["workers"]] == ["finished", "finished"] and not status["stalled"]
+    watched = run_cli(["status", str(run_dir), "--watch", "0.1"], engine_env, timeout=60)
+    assert watched.returncode == 0 and "finished: results and report written" in watched.stdout
+    report = json.loads((run_dir / "report.json").read_text())
+    assert {w["device"] for w in report["workers"]} == {"cpu"} and all("slow" in w for w in report["workers"])
+    assert len(report["timeline"]["per_worker"]) == 2
+    prom = (run_dir / "prometheus" / "run.prom").read_text()
+    assert f'shardinfer_units{{run="bad",state="done"}} {status["units"]}' in prom
+
+
 def test_rerun_with_another_config_is_refused(bad_run, engine_env):
     _, run_dir, _, _, config = bad_run
     proc = run_cli(["run", str(config), "sampling.max_tokens=8"], engine_env)

@@ -134,6 +134,44 @@ def test_store_errors_name_the_path_and_the_fix(s3, monkeypatch):
         config_from_dict({"input": {"path": "x"}, "model": {"path": "m"}, "run": {"directory": "s3://b/run"}})
 
 
+def test_missing_credentials_are_named_with_the_fix(s3, monkeypatch, tmp_path):
+    import s3fs
+
+    fs, _ = s3
+    _upload(fs, _docs_table(2), "private/a.parquet")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    cfg = config_from_dict({"input": {"path": f"s3://{BUCKET}/private/a.parquet"}, "model": {"path": "m"}})
+    with pytest.raises(ConfigError, match=r"no credentials for s3://corpus/private/a.parquet .*AWS_ACCESS_KEY_ID"):
+        corpus.input_files(cfg.input)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_corpus_on_a_web_server_reads_like_the_local_file(tmp_path, tiny_model):
+    import functools
+    import http.server
+    import threading
+
+    records = [{"id": d["id"], "text": d["text"][:300]} for d in demo_docs(20)]
+    write_jsonl(tmp_path / "docs.jsonl", records)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = config_from_dict({"input": {"path": f"http://127.0.0.1:{server.server_port}/docs.jsonl", "id_column": "id"},
+                                "model": {"path": str(tiny_model), "max_model_len": 4096}, "run": {"max_unit_rows": 6}})
+        plan = make_plan(cfg, 2)
+        reader = UnitReader(plan, cfg)
+        ids = [i for u in plan.units for i in reader.read(u).column(corpus.ID).to_pylist()]
+        assert ids == [r["id"] for r in records] and len(plan.units) >= 4
+    finally:
+        server.shutdown()
+
+
 def test_compressed_jsonl_of_every_kind_reads_like_the_plain_file(tmp_path, tiny_model):
     import zstandard
 

@@ -418,6 +418,8 @@ def describe(plan: Plan, cfg: Config) -> str:
     lines.append(f"token estimate: {plan.estimate}, {plan.chars_per_token} characters/token")
     lines.append(f"prompt limit: {plan.prompt_limit} tokens (max_model_len {plan.max_model_len} - "
                  f"max_tokens {cfg.sampling.max_tokens})")
+    lines.append(f"tokens (estimated): {plan.prompt_tokens:,} prompt + up to {plan.output_tokens:,} output "
+                 f"(max_tokens x n for every row that runs)")
     lines += _unit_lines(plan)
     lines.append("estimated prompt tokens per row:")
     width = max((c for _, c in plan.histogram), default=1)

@@ -91,7 +91,14 @@ def open_bytes(path: str, offset: int = 0) -> IO[bytes]:
     fs, inner = filesystem(path)
     with errors(path):
         remote = fs.open(inner, "rb", block_size=_BLOCK)
-    remote.seek(offset)
+        try:
+            remote.seek(offset)
+            if offset and protocol(path) in ("http", "https"):
+                remote.read(1)  # a web server may not take range requests: find out now
+                remote.seek(offset)
+        except (ValueError, io.UnsupportedOperation):  # it does not: read from the start
+            remote.close()
+            return skip_to(cast(IO[bytes], fs.open(inner, "rb", block_size=0)), offset)
     return cast(IO[bytes], remote)
 
 
@@ -119,7 +126,7 @@ def skip_to(stream: IO[bytes], offset: int) -> IO[bytes]:
     """A decompressed stream moved forward to ``offset`` (by seeking where it can, else by reading)."""
     try:
         stream.seek(offset)
-    except (io.UnsupportedOperation, OSError):
+    except (io.UnsupportedOperation, OSError, ValueError):
         left = offset
         while left > 0:
             chunk = stream.read(min(left, 8 << 20))

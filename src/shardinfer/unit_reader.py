@@ -89,8 +89,9 @@ def check_unchanged(path: str, info: dict[str, Any]) -> None:
     changed = now["bytes"] != info["bytes"]
     if now.get("version") is not None or info.get("version") is not None:
         changed = changed or now.get("version") != info.get("version")
-    else:
+    elif now.get("mtime") is not None and info.get("mtime") is not None:
         changed = changed or abs(now["mtime"] - info["mtime"]) > 1e-3
+    # else: a server that gives neither a version nor a time: the size is all there is to compare
     if changed:
         raise RunError(f"input file {path} changed since the run was planned (size, modification time or "
                        f"version). Start a new run (another run.directory) to process the new data.")
