@@ -172,6 +172,48 @@ def test_a_corpus_on_a_web_server_reads_like_the_local_file(tmp_path, tiny_model
         server.shutdown()
 
 
+def test_denied_access_is_named_with_the_fix(monkeypatch):
+    """A second S3 server that checks IAM: a user without any policy may read nothing."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+    import s3fs
+
+    port = _free_port()
+    # the first 4 requests (user, key, bucket, object) go through unchecked; IAM applies after them
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        admin = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1",
+                 "endpoint_url": f"http://127.0.0.1:{port}"}
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="reader")
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        s3 = boto3.client("s3", **admin)
+        s3.create_bucket(Bucket="locked")
+        s3.put_object(Bucket="locked", Key="a.jsonl", Body=b'{"text": "x"}\n')
+        for name, value in {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                            "AWS_ENDPOINT_URL": admin["endpoint_url"], "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        cfg = config_from_dict({"input": {"path": "s3://locked/a.jsonl"}, "model": {"path": "m"}})
+        with pytest.raises(ConfigError, match=r"access to s3://locked/a.jsonl is denied .*Check the credentials"):
+            corpus.input_files(cfg.input)
+    finally:
+        server.terminate()
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
 def test_compressed_jsonl_of_every_kind_reads_like_the_plain_file(tmp_path, tiny_model):
     import zstandard
 
@@ -226,12 +268,14 @@ def test_a_dataset_loaded_by_the_datasets_library_is_read_from_its_cache(tmp_pat
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # read at import time
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # also read at import time
     data = tmp_path / "my-dataset" / "data"
     data.mkdir(parents=True)
     table = _docs_table(9)
     pq.write_table(table, data / "train-00000-of-00001.parquet")
     cfg = config_from_dict({"input": {"path": str(tmp_path / "my-dataset"), "format": "hf-dataset", "split": "train",
-                                      "id_column": "id"},
+                                      "config": "default", "id_column": "id"},
                             "model": {"path": str(tiny_model), "max_model_len": 4096}})
     files = corpus.input_files(cfg.input)
     assert files and all(f.format == "arrow" and str(tmp_path / "cache") in f.path for f in files)
