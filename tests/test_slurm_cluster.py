@@ -132,7 +132,9 @@ def test_an_openai_batch_file_on_two_nodes_gives_the_local_output_file(cluster_e
     proc = run_cli(["run", str(local)], cluster_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = openai_batch_config(tmp, tiny_model, "openai-sbatch")
-    proc = run_cli(["submit", str(config), "slurm.nodes=2", "--wait"], cluster_env)
+    proc = run_cli(["submit", str(config), "slurm.nodes=2", "slurm.cpus_per_task=1", "slurm.time_min=10",
+                    "slurm.reduce_time_min=10", "slurm.reduce_cpus=1", "run.env.OMP_NUM_THREADS=1", "--wait"],
+                   cluster_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert openai_output(tmp / "openai-sbatch") == openai_output(tmp / "openai-local")
 
