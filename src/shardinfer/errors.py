@@ -17,6 +17,11 @@ class RunError(ShardinferError):
     """A run could not finish: workers died or results are incomplete."""
 
 
+class Refused(Exception):
+    """An engine refused one request as invalid (a schema it cannot compile, an option out of its
+    range): that row fails alone, with ``invalid_request``; the engine itself is fine."""
+
+
 class MissingDependency(ShardinferError, ImportError):
     """An optional package (engine, MPI, submitit) is not installed."""
 

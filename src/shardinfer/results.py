@@ -28,6 +28,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shardinfer.errors import Refused
+
 ROW = "_row"  # the global input row index, in parts (the reducer orders and checks by it)
 # The row shape the corpus readers give the worker (see shardinfer.corpus).
 TEXT, ID, PROBLEM, CHARS, OFFSET, LINE = "_text", "_id", "_problem", "_chars", "_offset", "_line"
@@ -179,8 +181,8 @@ def _record(problem: str | None, prompt: Any, completion: Any, extras: ResultExt
     if prompt.problem is not None:
         return {**_failed(prompt.problem), **request}
     if isinstance(completion, Exception):
-        refused = type(completion).__name__ == "Refused"  # the engine found the request invalid
-        error = f"invalid_request: {completion}" if refused else f"engine_error: {type(completion).__name__}: {completion}"
+        error = (f"invalid_request: {completion}" if isinstance(completion, Refused)
+                 else f"engine_error: {type(completion).__name__}: {completion}")
         return {**_failed(error),
                 "prompt_tokens": len(prompt.token_ids), **request}
     record = {

@@ -15,6 +15,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from shardinfer.errors import Refused
+
+__all__ = ["BatchQueue", "Completion", "Engine", "Finished", "Refused", "TokenLogprob"]
+
 if TYPE_CHECKING:
     from shardinfer.prompts import Prompt
 
@@ -45,11 +49,6 @@ class Completion:
     @property
     def output_tokens(self) -> int:
         return sum(len(s.token_ids) for s in self.samples)
-
-
-class Refused(Exception):
-    """The engine refused one request as invalid (a schema it cannot compile, an option out of its
-    range): that row fails alone, with ``invalid_request``; the engine itself is fine."""
 
 
 Finished = tuple[Any, int, "Completion | Exception"]
