@@ -29,15 +29,23 @@ def resolve_max_model_len(cfg: ModelConfig) -> int:
     """model.max_model_len, else the context length in the model's config.json."""
     if cfg.max_model_len:
         return cfg.max_model_len
-    config = model_config_json(cfg.path)
-    for section in (config, config.get("text_config") or {}):
-        for key in _LENGTH_KEYS:
-            if isinstance(section.get(key), int):
-                return section[key]
+    native = native_context_length(cfg.path)
+    if native is not None:
+        return native
     raise ConfigError(
         f"model.max_model_len: not set, and no context length found in {cfg.path}/config.json. "
         f"Set model.max_model_len, e.g. model.max_model_len=8192."
     )
+
+
+def native_context_length(path: str) -> int | None:
+    """The context length the model's config.json gives (the text model's, for multimodal ones)."""
+    config = model_config_json(path)
+    for section in (config, config.get("text_config") or {}):
+        for key in _LENGTH_KEYS:
+            if isinstance(section.get(key), int):
+                return int(section[key])
+    return None
 
 
 def tokenizer_path(cfg: ModelConfig) -> str:

@@ -15,11 +15,10 @@ from pathlib import Path
 from shardinfer.config import Config
 from shardinfer.engines.registry import get_engine
 from shardinfer.errors import ConfigError, ShardinferError
-from shardinfer.model_info import looks_local, model_config_json, resolve_max_model_len, tokenizer_path
+from shardinfer.model_info import looks_local, native_context_length, resolve_max_model_len, tokenizer_path
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".gguf")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-_LENGTH_KEYS = ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions", "max_seq_len")
 
 
 @dataclass
@@ -153,7 +152,7 @@ def _context(cfg: Config) -> Check:
         length = resolve_max_model_len(cfg.model)
     except ConfigError as exc:
         return Check("model.max_model_len", "fail", str(exc))
-    native = _native_length(cfg.model.path)
+    native = native_context_length(cfg.model.path)
     if native and length > native and not os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
         return Check("model.max_model_len", "fail", f"{length} is above the model's context length {native}; lower it "
                                                     f"(or scale RoPE in the model's config)")
@@ -162,11 +161,3 @@ def _context(cfg: Config) -> Check:
                                                     f"{length} tokens for the prompt")
     return Check("model.max_model_len", "ok", f"{length} tokens" + (f" (the model's: {native})" if native else ""))
 
-
-def _native_length(path: str) -> int | None:
-    config = model_config_json(path)
-    for section in (config, config.get("text_config") or {}):
-        for key in _LENGTH_KEYS:
-            if isinstance(section.get(key), int):
-                return int(section[key])
-    return None
