@@ -84,15 +84,13 @@ def has_committed(run_dir: RunDir) -> bool:
     return bool(Ledger(run_dir).done_set())
 
 
-# What a run directory holds besides the logs and the cluster jobs' output, which are kept.
-_RUN_STATE = ("run.json", "plan.json", "fingerprint.json", "jobs.json", "claims", "parts", "done", "coord", "metrics",
-              "index", "results", "report.json", "report.md")
-
-
 def clear_uncommitted(run_dir: RunDir) -> None:
-    """Remove the state of a run that committed nothing (the caller checked), so it can be planned again."""
-    for name in _RUN_STATE:
-        path = run_dir.path / name
+    """Remove the state of a run that committed nothing (the caller checked), so it can be planned
+    again: everything but the logs and the cluster jobs' output, which say what went wrong."""
+    kept = {run_dir.logs, run_dir.slurm}
+    for path in run_dir.path.iterdir():
+        if path in kept:
+            continue
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
