@@ -12,7 +12,7 @@ from shardinfer.launch.registry import get_launcher
 from shardinfer.launch.start import launch_records
 from shardinfer.ledger import Ledger
 from shardinfer.live import WorkerLive, worker_live
-from shardinfer.metrics import load_metrics
+from shardinfer.metrics import WorkerMetrics, load_metrics
 from shardinfer.plan import Plan
 from shardinfer.results import RowCounts
 from shardinfer.rundir import RunDir
@@ -43,11 +43,13 @@ class RunStatus:
 
 def run_status(run_dir: RunDir) -> RunStatus:
     cfg, plan = load_run(run_dir)
-    done = Ledger(run_dir).done_units()
-    running = len(set(Ledger(run_dir).claims()) - set(done))
+    ledger = Ledger(run_dir)
+    done = ledger.done_units()
+    running = len(set(ledger.claims()) - set(done))
     counts = sum((RowCounts.from_record(r) for r in done.values()), RowCounts())
-    rate, eta = _speed(run_dir, plan, done)
-    workers = _workers(run_dir, cfg.run.metrics_interval_s)
+    metrics = load_metrics(run_dir)  # read once: the pace and the workers both come from it
+    rate, eta = _speed(metrics, plan, done)
+    workers = _workers(metrics, cfg.run.metrics_interval_s)
     return RunStatus(
         run_dir=str(run_dir.path), units=len(plan.units), done=len(done), running=running,
         pending=len(plan.units) - len(done) - running, rows=plan.total_rows, counts=counts,
@@ -57,9 +59,8 @@ def run_status(run_dir: RunDir) -> RunStatus:
     )
 
 
-def _workers(run_dir: RunDir, interval_s: float) -> list[WorkerLive]:
+def _workers(metrics: list[WorkerMetrics], interval_s: float) -> list[WorkerLive]:
     """The workers of the latest launch (and SLURM restart), as they are now."""
-    metrics = load_metrics(run_dir)
     if not metrics:
         return []
     latest = max(m.key for m in metrics)
@@ -67,9 +68,8 @@ def _workers(run_dir: RunDir, interval_s: float) -> list[WorkerLive]:
     return [worker_live(m, now, interval_s) for m in sorted(metrics, key=lambda m: m.rank) if m.key == latest]
 
 
-def _speed(run_dir: RunDir, plan: Plan, done: dict[int, Any]) -> tuple[float, float | None]:
+def _speed(metrics: list[WorkerMetrics], plan: Plan, done: dict[int, Any]) -> tuple[float, float | None]:
     """Tokens per second of the latest launch, and the time left at that pace (by estimated cost)."""
-    metrics = load_metrics(run_dir)
     if not metrics:
         return 0.0, None
     launch = max(m.launch for m in metrics)
