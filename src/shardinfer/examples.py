@@ -18,7 +18,6 @@ from shardinfer.model_info import load_tokenizer
 from shardinfer.plan import Plan
 from shardinfer.prompts import Prompt, request_columns
 from shardinfer.results import ID, PROBLEM, TEXT
-from shardinfer.row_options import base_options
 from shardinfer.row_requests import RequestBuilder, input_mode
 from shardinfer.unit_reader import UnitReader
 
@@ -88,7 +87,7 @@ def _example(kind: str, row_id: str, prompt: Prompt, builder: RequestBuilder, to
     options = prompt.options or builder.base
     changed = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
                if getattr(options, f.name) != getattr(builder.base, f.name)}
-    base = base_options(builder.cfg.sampling)
+    base = builder.base
     lines.append(f"options: {_options_text(changed) if changed else 'as sampling'}"
                  + (f"; structured output: {base.structured.kind}" if base.structured and not changed else ""))
     if prompt.model:

@@ -23,7 +23,7 @@ from typing import Any
 
 from shardinfer.config import Config
 from shardinfer.openai_batch import BatchRequest, check_messages, parse_request
-from shardinfer.prompts import SYSTEM, Prompt, PromptBuilder
+from shardinfer.prompts import SYSTEM, Prompt, PromptBuilder, template_fields
 from shardinfer.results import ResultExtras
 from shardinfer.row_options import OptionError, RowOptions, base_options
 
@@ -78,6 +78,7 @@ class RequestBuilder:
         self.max_model_len = max_model_len
         self.capabilities = capabilities
         self.served = served_names(cfg)
+        self.template_keys = set(template_fields(cfg.prompt.user))  # parsed once, not per batch
 
     def build(self, texts: list[str], columns: list[dict[str, Any]]) -> list[Prompt]:
         """Prompts for a batch of valid rows (``texts`` are their ``_text`` values, ``columns`` the
@@ -98,7 +99,7 @@ class RequestBuilder:
     def _text_rows(self, texts: list[str], columns: list[dict[str, Any]]) -> list[Prompt]:
         options: list[RowOptions | OptionError] = [self._row_options(c) for c in columns]
         ok = [i for i, o in enumerate(options) if isinstance(o, RowOptions)]
-        template_columns = [{k: v for k, v in columns[i].items() if k in self._template_keys} for i in ok]
+        template_columns = [{k: v for k, v in columns[i].items() if k in self.template_keys} for i in ok]
         for cols, i in zip(template_columns, ok):
             if self.cfg.input.system_column:
                 cols[SYSTEM] = columns[i].get(self.cfg.input.system_column)
@@ -114,12 +115,6 @@ class RequestBuilder:
             prompt.options = None if o == self.base else o
             prompts.append(self._supported(prompt))
         return prompts
-
-    @property
-    def _template_keys(self) -> set[str]:
-        from shardinfer.prompts import template_fields
-
-        return set(template_fields(self.cfg.prompt.user))
 
     def _row_options(self, columns: dict[str, Any]) -> RowOptions | OptionError:
         """The config's options with the row's own (per-row columns, adapter column) applied."""
