@@ -62,26 +62,32 @@ def worker_live(m: WorkerMetrics, now: float, interval_s: float) -> WorkerLive:
 
 # ---- Prometheus text format -----------------------------------------------------------------
 
+def worker_values(m: WorkerMetrics, now: float) -> dict[str, float]:
+    """What a worker reports to monitoring (Prometheus files, trackers)."""
+    return {"units": m.units, "rows": m.rows, "prompt_tokens": m.prompt_tokens, "output_tokens": m.output_tokens,
+            "tokens_per_s": round(recent_rate(m.timeline, now), 3), "last_update": round(now, 3),
+            "finished": int(bool(m.finished_at))}
+
+
+# (Prometheus name, type, help, key of worker_values)
 _WORKER_METRICS = (
-    ("shardinfer_units_total", "counter", "units the worker committed in this launch", lambda m, now: m.units),
-    ("shardinfer_rows_total", "counter", "rows the worker committed in this launch", lambda m, now: m.rows),
-    ("shardinfer_prompt_tokens_total", "counter", "prompt tokens of the committed rows", lambda m, now: m.prompt_tokens),
-    ("shardinfer_output_tokens_total", "counter", "output tokens of the committed rows", lambda m, now: m.output_tokens),
-    ("shardinfer_tokens_per_second", "gauge", f"tokens/s finished over the last {RECENT_S:.0f} s",
-     lambda m, now: round(recent_rate(m.timeline, now), 3)),
-    ("shardinfer_last_update_timestamp_seconds", "gauge", "when the worker last wrote its metrics",
-     lambda m, now: round(now, 3)),
-    ("shardinfer_worker_finished", "gauge", "1 once the worker has finished (or drained)",
-     lambda m, now: int(bool(m.finished_at))),
+    ("shardinfer_units_total", "counter", "units the worker committed in this launch", "units"),
+    ("shardinfer_rows_total", "counter", "rows the worker committed in this launch", "rows"),
+    ("shardinfer_prompt_tokens_total", "counter", "prompt tokens of the committed rows", "prompt_tokens"),
+    ("shardinfer_output_tokens_total", "counter", "output tokens of the committed rows", "output_tokens"),
+    ("shardinfer_tokens_per_second", "gauge", f"tokens/s finished over the last {RECENT_S:.0f} s", "tokens_per_s"),
+    ("shardinfer_last_update_timestamp_seconds", "gauge", "when the worker last wrote its metrics", "last_update"),
+    ("shardinfer_worker_finished", "gauge", "1 once the worker has finished (or drained)", "finished"),
 )
 
 
 def write_worker_prom(run_dir: RunDir, m: WorkerMetrics, run_name: str, now: float) -> None:
     labels = {"run": run_name, "rank": str(m.rank), "launch": str(m.launch), "host": m.host,
               "device": m.device or "", "gpus": m.gpus or ""}
+    values = worker_values(m, now)
     lines = []
-    for name, kind, text, value in _WORKER_METRICS:
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name}{_labels(labels)} {value(m, now)}"]
+    for name, kind, text, key in _WORKER_METRICS:
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name}{_labels(labels)} {values[key]}"]
     _write(run_dir.prometheus / f"worker-{m.rank:05d}.prom", lines)
 
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from shardinfer.config import Config
 from shardinfer.errors import missing_dependency
-from shardinfer.live import recent_rate
+from shardinfer.live import worker_values
 from shardinfer.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -40,9 +40,7 @@ def check_trackers(cfg: Config) -> None:
             raise missing_dependency(module, extra, f"run.report_to lists {name}")
 
 
-def values_of(m: WorkerMetrics, now: float) -> dict[str, float]:
-    return {"units": m.units, "rows": m.rows, "prompt_tokens": m.prompt_tokens, "output_tokens": m.output_tokens,
-            "tokens_per_s": round(recent_rate(m.timeline, now), 3)}
+_TRACKED = ("units", "rows", "prompt_tokens", "output_tokens", "tokens_per_s")
 
 
 class Monitor:
@@ -58,7 +56,7 @@ class Monitor:
                 log.warning("run.report_to %s: could not start (%r); not reporting there", name, exc)
 
     def push(self, m: WorkerMetrics) -> None:
-        values = values_of(m, time.time())
+        values = {k: v for k, v in worker_values(m, time.time()).items() if k in _TRACKED}
         for sink in list(self.sinks):
             try:
                 sink.log(values, self.step)
