@@ -6,9 +6,7 @@ are identical whichever engine runs.
 
 from __future__ import annotations
 
-import contextlib
 import string
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,22 +92,12 @@ class PromptBuilder:
             if ids is not None and len(ids) <= self._limit(budget):
                 prompts.append(Prompt(ids))
             else:
-                with self._budget(budget):
-                    prompts.append(self._too_long(text, cols, len(ids) if ids else None))
+                prompts.append(self._too_long(text, cols, len(ids) if ids else None, budget))
         return prompts
 
     def _limit(self, max_tokens: int) -> int:
+        """Prompt tokens that leave room for ``max_tokens`` of output."""
         return self.max_model_len - max_tokens
-
-    @contextlib.contextmanager
-    def _budget(self, max_tokens: int) -> Iterator[None]:
-        """Work out one row's truncation under its own max_tokens."""
-        saved = self.limit, self.max_tokens
-        self.limit, self.max_tokens = self._limit(max_tokens), max_tokens
-        try:
-            yield
-        finally:
-            self.limit, self.max_tokens = saved
 
     def _try_render(self, text: str, columns: dict[str, Any]) -> str | Exception:
         try:
@@ -139,31 +127,33 @@ class PromptBuilder:
         add_special = self.cfg.mode == "raw"
         return self.tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
 
-    def _too_long(self, text: str, columns: dict[str, Any], n_tokens: int | None) -> Prompt:
+    def _too_long(self, text: str, columns: dict[str, Any], n_tokens: int | None, max_tokens: int) -> Prompt:
         if self.cfg.too_long == "fail":
-            return Prompt(None, problem=self._too_long_message(n_tokens))
-        return self._truncate(text, columns, n_tokens)
+            return Prompt(None, problem=self._too_long_message(n_tokens, max_tokens))
+        return self._truncate(text, columns, n_tokens, max_tokens)
 
-    def _too_long_message(self, n_tokens: int | None) -> str:
-        size = f"{n_tokens} tokens" if n_tokens else f"more than {self.limit} tokens"
+    def _too_long_message(self, n_tokens: int | None, max_tokens: int) -> str:
+        limit = self._limit(max_tokens)
+        size = f"{n_tokens} tokens" if n_tokens else f"more than {limit} tokens"
         return (
-            f"too_long: prompt has {size}, the limit is {self.limit} "
-            f"(max_model_len {self.max_model_len} - max_tokens {self.max_tokens}); "
+            f"too_long: prompt has {size}, the limit is {limit} "
+            f"(max_model_len {self.max_model_len} - max_tokens {max_tokens}); "
             f"set prompt.too_long=truncate or raise model.max_model_len"
         )
 
-    def _truncate(self, text: str, columns: dict[str, Any], n_tokens: int | None) -> Prompt:
+    def _truncate(self, text: str, columns: dict[str, Any], n_tokens: int | None, max_tokens: int) -> Prompt:
         """Keep the head and the tail of the text, joined by a marker, so the prompt fits."""
+        limit = self._limit(max_tokens)
         overhead = len(self._encode([self.render(TRUNCATION_MARKER, columns)])[0])
-        keep = self.limit - overhead
+        keep = limit - overhead
         for _ in range(8):
             if keep <= 0:
                 break
             ids = self._encode([self.render(self._head_and_tail(text, keep), columns)])[0]
-            if len(ids) <= self.limit:
+            if len(ids) <= limit:
                 return Prompt(ids, truncated=True)
-            keep -= len(ids) - self.limit + 2
-        return Prompt(None, problem=self._too_long_message(n_tokens)
+            keep -= len(ids) - limit + 2
+        return Prompt(None, problem=self._too_long_message(n_tokens, max_tokens)
                       + " (the template without the text already fills the limit)")
 
     def _head_and_tail(self, text: str, keep: int) -> str:
