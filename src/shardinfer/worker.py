@@ -231,7 +231,9 @@ class Worker:
         """One engine poll: place the finished rows, commit the units that are complete."""
         self._drop_lost(heartbeat)
         if time.monotonic() - self._metrics_saved >= self.cfg.run.metrics_interval_s:
-            self._save_metrics()  # also while a long unit runs: status and monitoring see a live worker
+            # the one timer: every engine poll looks at it, so a worker in a long unit stays visible
+            # and counts of committed units reach the files within an interval
+            self._save_metrics()
         start = time.time()
         finished = self.engine.poll()
         now = time.time()
@@ -295,8 +297,6 @@ class Worker:
         m.rows += counts.rows
         m.prompt_tokens += counts.prompt_tokens
         m.output_tokens += counts.output_tokens
-        if time.monotonic() - self._metrics_saved >= self.cfg.run.metrics_interval_s:
-            self._save_metrics()
         progress.update(rows=counts.rows, tokens_in=counts.prompt_tokens, tokens_out=counts.output_tokens)
 
     def _save_metrics(self) -> None:
