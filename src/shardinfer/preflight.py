@@ -7,13 +7,12 @@ weights loaded): what would otherwise fail on a GPU node after the queue wait.
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from shardinfer.config import Config
-from shardinfer.engines.registry import get_engine
+from shardinfer.engines.registry import get_engine, unknown_arguments
 from shardinfer.errors import ConfigError, ShardinferError
 from shardinfer.model_info import looks_local, native_context_length, resolve_max_model_len, tokenizer_path
 
@@ -129,11 +128,9 @@ def _engine_args(cfg: Config) -> Check:
     valid = spec.argument_names() if spec.argument_names else None
     if valid is None:
         return Check(key, "ok", f"{len(given)} argument(s), not checked ({spec.name} takes any)")
-    unknown = [k for k in given if k not in valid]
+    unknown = unknown_arguments(given, valid)
     if unknown:
-        hints = [f"{k} (did you mean {', '.join(difflib.get_close_matches(k, sorted(valid), n=2)) or '?'})"
-                 for k in unknown]
-        return Check(key, "fail", f"not arguments of {spec.version() or spec.name}: {'; '.join(hints)}")
+        return Check(key, "fail", f"not arguments of {spec.version() or spec.name}: {'; '.join(unknown)}")
     return Check(key, "ok", f"{len(given)} argument(s) known to {spec.version() or spec.name}")
 
 

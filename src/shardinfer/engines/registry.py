@@ -9,6 +9,7 @@ and the benchmark read the spec; nothing else compares engine names. Engines fro
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable
@@ -91,6 +92,13 @@ class EngineSpec:
             except importlib.metadata.PackageNotFoundError:
                 continue
         return None
+
+
+def unknown_arguments(given: dict[str, Any], valid: set[str]) -> list[str]:
+    """The given engine arguments that are not valid, each with the closest valid names:
+    ``tensor_paralel_size (did you mean tensor_parallel_size, data_parallel_size)``."""
+    return [f"{key} (did you mean {', '.join(difflib.get_close_matches(key, sorted(valid), n=2)) or '?'})"
+            for key in given if key not in valid]
 
 
 _REGISTRY: Registry[EngineSpec] = Registry("engine", _BUILTIN, lambda module: [module.SPEC], lambda spec: spec.name)

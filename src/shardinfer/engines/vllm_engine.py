@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
-import difflib
 import importlib.util
 import json
 import logging
@@ -25,7 +24,7 @@ from typing import Any
 
 from shardinfer.config import Config, ModelConfig, SamplingConfig
 from shardinfer.engines.base import Completion, Finished, Refused, TokenLogprob
-from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec
+from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec, unknown_arguments
 from shardinfer.engines.retry import generate_with_retries
 from shardinfer.engines.vllm_stats import SchedulerStats, settings
 from shardinfer.errors import ConfigError, missing_dependency
@@ -324,13 +323,10 @@ def sampling_kwargs(o: RowOptions) -> dict[str, Any]:
 def check_engine_args(engine_args: dict[str, Any], engine_args_cls: type | set[str]) -> None:
     """Unknown vLLM engine arguments fail before loading, with the closest valid names."""
     valid = engine_args_cls if isinstance(engine_args_cls, set) else {f.name for f in dataclasses.fields(engine_args_cls)}
-    for key in engine_args:
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=3)
-            raise ConfigError(
-                f"model.vllm_args.{key}: not an argument of this vLLM version"
-                + (f". Did you mean {', '.join(close)}?" if close else ". See vllm.EngineArgs for the list.")
-            )
+    unknown = unknown_arguments(engine_args, valid)
+    if unknown:
+        raise ConfigError(f"model.vllm_args: not arguments of this vLLM version: {'; '.join(unknown)}. "
+                          f"See vllm.EngineArgs for the list.")
 
 
 def argument_names() -> set[str] | None:
