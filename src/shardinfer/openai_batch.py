@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from shardinfer.row_options import OptionError, RowOptions, structured_of
 
@@ -187,19 +186,29 @@ def _completion_prompt(prompt: Any) -> str:
 # ---- the output file --------------------------------------------------------------------------
 
 
-def write_output(results: list[Path], out: Path, run_id: str) -> int:
-    """The Batch API output file of merged results (in input order); returns the lines written."""
-    created = int(time.time())
-    tmp = out.with_name(out.name + ".tmp")
-    lines = 0
-    with tmp.open("w", encoding="utf-8") as fh:
-        for path in results:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
-                for row in pa.Table.from_batches([batch]).to_pylist():
-                    fh.write(json.dumps(output_line(row, f"{run_id}-{lines}", created), ensure_ascii=False) + "\n")
-                    lines += 1
-    tmp.replace(out)
-    return lines
+class OutputFile:
+    """The Batch API output file, written as the reduce merges the results (in input order): it is
+    fed the same tables as the Parquet results, under a temporary name until ``close``."""
+
+    def __init__(self, out: Path, run_id: str):
+        self.out, self.run_id = out, run_id
+        self.tmp = out.with_name(out.name + ".tmp")
+        self.fh = self.tmp.open("w", encoding="utf-8")
+        self.created = int(time.time())
+        self.lines = 0
+
+    def add(self, table: pa.Table) -> None:
+        for batch in table.to_batches(max_chunksize=8192):
+            for row in batch.to_pylist():
+                line = output_line(row, f"{self.run_id}-{self.lines}", self.created)
+                self.fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                self.lines += 1
+
+    def close(self) -> int:
+        """Put the file in place; returns the lines written."""
+        self.fh.close()
+        self.tmp.replace(self.out)
+        return self.lines
 
 
 def output_line(row: dict[str, Any], key: str, created: int) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from shardinfer import storage
 from shardinfer.config import Config
 from shardinfer.errors import RunError
 from shardinfer.ledger import Ledger
-from shardinfer.openai_batch import write_output
+from shardinfer.openai_batch import OutputFile
 from shardinfer.plan import Plan, Unit
 from shardinfer.report import build_report, write_report
 from shardinfer.results import ROW, Totals, empty_result_schema, schema_from_record
@@ -49,12 +49,9 @@ def reduce_run(run_dir: RunDir) -> dict[str, Any]:
             f"see {run_dir.logs} for the workers' errors. Run the same command again to finish them."
         )
     schema = _result_schema(run_dir, plan, done, cfg.input.passthrough)
-    totals = _write_results(run_dir, plan, schema, cfg.run.results_row_group_rows)
+    openai = OutputFile(run_dir.openai_output, run_id(run_dir)) if writes_openai_output(cfg) else None
+    totals = _write_results(run_dir, plan, schema, cfg.run.results_row_group_rows, openai)
     _check_counts(totals, plan.total_rows)
-    if writes_openai_output(cfg):
-        lines = write_output(sorted(run_dir.results.glob("part-*.parquet")), run_dir.openai_output,
-                             run_id(run_dir))
-        log.info("wrote %d lines to %s", lines, run_dir.openai_output)
     report = build_report(cfg, plan, run_dir, totals)
     if cfg.run.output:
         report["output"] = publish(run_dir, cfg.run.output, writes_openai_output(cfg))
@@ -168,7 +165,10 @@ class _Writer:
         self.buffered = rest.num_rows
 
 
-def _write_results(run_dir: RunDir, plan: Plan, schema: pa.Schema, group_rows: int) -> Totals:
+def _write_results(run_dir: RunDir, plan: Plan, schema: pa.Schema, group_rows: int,
+                   openai: OutputFile | None = None) -> Totals:
+    """Merged results from the parts read once each; the OpenAI output file, when asked, from the
+    same tables."""
     tmp = run_dir.path / ".results.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -177,8 +177,13 @@ def _write_results(run_dir: RunDir, plan: Plan, schema: pa.Schema, group_rows: i
     for unit in plan.units:
         table = _checked_part(run_dir, unit)
         totals.add(table)
-        writer.add(_conform(table.drop_columns([ROW]), schema))
+        merged = _conform(table.drop_columns([ROW]), schema)
+        writer.add(merged)
+        if openai is not None:
+            openai.add(merged)
     writer.close()
+    if openai is not None:
+        log.info("wrote %d lines to %s", openai.close(), openai.out)
     shutil.rmtree(run_dir.results, ignore_errors=True)
     tmp.rename(run_dir.results)
     return totals
