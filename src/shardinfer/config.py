@@ -326,7 +326,7 @@ def _check_values(config: Config) -> None:
 
 def _check_requests(config: Config) -> None:
     """Request options, the input modes that go together, and what the engine can do."""
-    from shardinfer.engines.registry import get_engine
+    from shardinfer.engines.registry import engines, get_engine
     from shardinfer.row_options import OptionError, check_config
 
     try:
@@ -359,15 +359,9 @@ def _check_requests(config: Config) -> None:
     }
     for what, (capability, wanted) in needs.items():
         if wanted and not getattr(spec.capabilities, capability):
-            able = [name for name, s in _engine_specs().items() if getattr(s.capabilities, capability)]
+            able = [name for name, s in engines().items() if getattr(s.capabilities, capability)]
             raise ConfigError(f"model.engine: {spec.name} does not support {what}. Use model.engine="
                               f"{' or '.join(able) or '(no registered engine)'}, or drop the setting.")
-
-
-def _engine_specs() -> dict[str, Any]:
-    from shardinfer.engines.registry import engines
-
-    return engines()
 
 
 def apply_override(raw: dict[str, Any], item: str, text_keys: frozenset[str] = frozenset()) -> None:
