@@ -122,8 +122,12 @@ def measure_read(args: argparse.Namespace) -> None:
     saved = Path(args.plan or (Path(args.path).with_suffix(".plan.json")))
     if not saved.is_file():
         saved.write_text(json.dumps(make_plan(_config(args.path), 1000).to_json()))  # type: ignore[arg-type]
-    units = len(json.loads(saved.read_text())["units"])
-    for which in (0, units // 2, units - 1):
+    from shardinfer.plan import Plan
+
+    plan = Plan.from_json(json.loads(saved.read_text()))
+    units = len(plan.units)
+    deepest = max(range(units), key=lambda u: plan.units[u].segments[0].group_offset or 0)
+    for which in sorted({0, units // 2, deepest, units - 1}):
         subprocess.run([sys.executable, __file__, "read-one", args.path, str(saved), str(which)], check=True)
 
 

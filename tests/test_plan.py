@@ -198,3 +198,59 @@ def test_workers_read_only_their_units_from_every_format(tmp_path, monkeypatch, 
     assert ahead.equals(read.select(ahead.column_names))
     assert read.column("_problem").to_pylist()[100].startswith("empty_text")
     assert sum(p is not None for p in read.column("_problem").to_pylist()) == 1
+
+
+def test_a_unit_deep_in_a_big_row_group_is_read_by_skipping_pages_with_the_files_own_types(tmp_path, monkeypatch):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shardinfer import parquet_slice
+    from shardinfer.unit_reader import UnitReader
+
+    n = 30_000
+    table = pa.table({"id": [f"r{i}" for i in range(n)], "text": [f"doc {i} " + "w " * (i % 13) for i in range(n)],
+                      "tags": [[i % 3, i % 5] for i in range(n)],
+                      "at": pa.array([datetime.datetime(2026, 1, 1) + datetime.timedelta(seconds=i) for i in range(n)]),
+                      "note": [None if i % 4 else f"n{i}" for i in range(n)]})
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=n)  # one row group
+    cfg = config_from_dict({"input": {"path": str(tmp_path / "big.parquet"), "id_column": "id",
+                                      "passthrough": ["tags", "at", "note"]},
+                            "model": {"path": str(tmp_path / "m"), "max_model_len": 600},
+                            "sampling": {"max_tokens": 20}, "run": {"unit_tokens": 4000}})
+    plan = make_plan(cfg, 2)
+    deep = [u for u in plan.units if u.first_row > parquet_slice.DEEP_ROWS]
+    assert len(deep) > 3
+    sliced = []
+    real_read_slice = parquet_slice.read_slice
+    monkeypatch.setattr(parquet_slice, "read_slice", lambda *a: sliced.append(a[2]) or real_read_slice(*a))
+    fast = [UnitReader(plan, cfg).read(u) for u in deep]  # each in a new reader: no cursor to go on from
+    assert sliced == [u.first_row for u in deep]
+    monkeypatch.setattr(parquet_slice, "DEEP_ROWS", 10**9)  # the same units decoded from the row group's start
+    decoded = [UnitReader(plan, cfg).read(u) for u in deep]
+    for got, want in zip(fast, decoded):
+        assert got.schema == want.schema and got.equals(want)
+    assert fast[-1].column("_id").to_pylist()[-1] == f"r{n - 1}"
+
+
+def test_a_parquet_file_polars_cannot_read_falls_back_to_decoding(tmp_path, monkeypatch):
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shardinfer import parquet_slice
+
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(100)]}), tmp_path / "a.parquet")
+
+    def refuse(*_a, **_k):
+        raise pl.exceptions.ComputeError("cannot read")
+
+    monkeypatch.setattr(pl, "scan_parquet", refuse)
+    schema = pa.schema([("text", pa.string())])
+    assert parquet_slice.read_slice(str(tmp_path / "a.parquet"), schema, 50, 10) is None
+    monkeypatch.undo()
+    assert parquet_slice.read_slice(str(tmp_path / "a.parquet"), schema, 50, 10) is None  # not tried again
+    parquet_slice._UNAVAILABLE.clear()
+    assert parquet_slice.read_slice(str(tmp_path / "a.parquet"), schema, 50, 10).column("text").to_pylist() == \
+        [f"t{i}" for i in range(50, 60)]

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from shardinfer import storage
+from shardinfer import parquet_slice, storage
 from shardinfer.config import InputConfig
 from shardinfer.errors import ConfigError, missing_dependency
 from shardinfer.results import CHARS, ID, LINE, OFFSET, PROBLEM, TEXT
@@ -515,6 +515,14 @@ class ParquetCursor:
             self.path, self.group = path, -1
         return self.file
 
+    def rows_to_decode(self, columns: list[str], first_row: int) -> int:
+        """Rows decoded and thrown away before ``first_row``: from where this cursor stands when it
+        walks that row group with these columns, else from the start of the row group."""
+        group = int(np.searchsorted(self.starts, first_row, side="right") - 1)
+        if columns == self.columns and group == self.group and self.position <= first_row:
+            return first_row - self.position
+        return first_row - int(self.starts[group])
+
     def read(self, columns: list[str], first_row: int, rows: int, batch_rows: int) -> list[pa.RecordBatch]:
         if columns != self.columns:
             self.columns, self.group = columns, -1
@@ -560,8 +568,13 @@ def _read_parquet_range(f: InputFile, cols: Columns, first_row: int, rows: int,
     cursor = cursor or ParquetCursor()
     schema = cursor.open(f.path).schema_arrow
     present = [c for c in cols.wanted if c in schema.names]
-    batches = cursor.read(present, first_row, rows, min(BATCH_ROWS, max(rows, 1024)))
-    table = pa.Table.from_batches(batches, schema=pa.schema([schema.field(c) for c in present]))
+    wanted = pa.schema([schema.field(c) for c in present])
+    table = None
+    if cursor.rows_to_decode(present, first_row) > parquet_slice.DEEP_ROWS and not storage.is_remote(f.path):
+        table = parquet_slice.read_slice(f.path, wanted, first_row, rows)
+    if table is None:
+        table = pa.Table.from_batches(cursor.read(present, first_row, rows, min(BATCH_ROWS, max(rows, 1024))),
+                                      schema=wanted)
     return _normalize(table, f, cols, first_row)
 
 

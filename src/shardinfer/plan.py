@@ -37,7 +37,7 @@ _SAMPLE_ROWS = 1000
 _SAMPLE_CHARS = 2_000_000
 _FALLBACK_CHARS_PER_TOKEN = 4.0
 _SCAN_THREADS = 4
-# A unit that starts this many rows into its Parquet row group costs its worker a decode of them.
+# A unit this many rows into a remote Parquet row group costs its worker a fetch and decode of them.
 _ROW_GROUP_WARN_ROWS = 131_072
 _EXAMPLES = 20  # ids shown of rows over the length limit
 
@@ -400,12 +400,14 @@ def _notes(files: list[corpus.InputFile], scans: list[FileScan], indexes: list[P
                      f"cannot be read from the middle: each worker decompresses from the start to reach its "
                      f"unit. Install indexed_gzip (pip install 'shardinfer[gzip]') to index them once when the "
                      f"run is planned, or split them into files of a few hundred MB.")
-    deep = max((seg.group_offset or 0 for u in units for seg in u.segments), default=0)
+    # local files skip the pages before a unit (shardinfer.parquet_slice); remote ones decode them
+    deep = max((seg.group_offset or 0 for u in units for seg in u.segments
+                if storage.is_remote(files[seg.file].path)), default=0)
     if deep > _ROW_GROUP_WARN_ROWS:
         biggest = max(max(s.row_groups or [0]) for s in scans)
-        notes.append(f"Parquet row groups of up to {biggest} rows: a unit starting deep in one makes its "
-                     f"worker decode up to {deep} rows before it (Parquet cannot seek inside a row group). "
-                     f"Files written with row groups of at most {_ROW_GROUP_WARN_ROWS} rows are read faster "
+        notes.append(f"Parquet row groups of up to {biggest} rows in an object store: a unit starting deep in "
+                     f"one makes its worker fetch and decode up to {deep} rows before it. Files written with "
+                     f"row groups of at most {_ROW_GROUP_WARN_ROWS} rows are read faster "
                      f"(pyarrow.parquet.write_table(..., row_group_size={_ROW_GROUP_WARN_ROWS}).")
     return notes
 
