@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import pyarrow as pa
 
@@ -21,18 +22,27 @@ DEEP_ROWS = 8192  # a unit starting further than this into its row group is read
 _UNAVAILABLE: set[str] = set()  # files polars could not read: not tried again
 
 
+def load() -> Any:
+    """polars, imported once per process (a worker does it when it opens its corpus, not in its
+    first read); None when it is not installed."""
+    os.environ.setdefault("POLARS_MAX_THREADS", "2")  # a worker reads one small slice at a time
+    try:
+        import polars as pl
+    except ImportError:
+        log.info("polars is not installed: Parquet units deep in a row group are decoded from its start "
+                 "(pip install polars)")
+        return None
+    return pl
+
+
 def read_slice(path: str, schema: pa.Schema, first_row: int, rows: int) -> pa.Table | None:
     """Rows ``[first_row, first_row + rows)`` of the file (counted from its first row), with the
     columns and types of ``schema``; None when polars is missing or cannot read this file."""
     if path in _UNAVAILABLE:
         return None
-    os.environ.setdefault("POLARS_MAX_THREADS", "2")  # a worker reads one small slice at a time
-    try:
-        import polars as pl
-    except ImportError:
+    pl = load()
+    if pl is None:
         _UNAVAILABLE.add(path)
-        log.info("polars is not installed: Parquet units deep in a row group are decoded from its start "
-                 "(pip install polars)")
         return None
     try:
         frame = pl.scan_parquet(path).select(schema.names).slice(first_row, rows).collect()

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardinfer import corpus, storage
+from shardinfer import corpus, parquet_slice, storage
 from shardinfer.config import Config
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.plan import Plan, Unit
@@ -35,6 +35,14 @@ class UnitReader:
             self.offsets.append(self.offsets[-1] + info["rows"])
         self._checked: set[int] = set()
         self._cursors: dict[int, corpus.ParquetCursor] = {}  # per Parquet file: where the last read ended
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Import now what the first read would import: pyarrow's lazy pandas shim (pandas, where
+        installed: ~0.3 s) and polars for units deep in a local Parquet row group."""
+        corpus.text_problems(pa.array(["x"]), "text")
+        if any(f.format == "parquet" and not storage.is_remote(f.path) for f in self.files):
+            parquet_slice.load()
 
     def read(self, unit: Unit) -> pa.Table:
         tables = [self._segment(seg.file, seg.start, seg.rows, seg.begin, seg.stop, seg.line)
