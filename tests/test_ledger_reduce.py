@@ -350,7 +350,7 @@ def _commit_claimed(ledger, run_dir, unit):
 
 def test_an_idle_worker_that_is_not_the_watcher_looks_at_one_file(planned):
     from shardinfer.rundir import FS
-    from shardinfer.scheduler import IdleWait
+    from shardinfer.scheduler import IDLE_LOOK_S, IdleWait
 
     run_dir, plan = planned
     watcher = Ledger(run_dir, worker="watcher", lease_timeout_s=60)
@@ -359,9 +359,73 @@ def test_an_idle_worker_that_is_not_the_watcher_looks_at_one_file(planned):
     assert busy.claim(0)
     idle = Ledger(run_dir, worker="idle", lease_timeout_s=60)
     wait = IdleWait(idle, len(plan.units), 100, 60)
-    before = FS.total
-    deadline = time.monotonic() + 6
+    wait.first_wait_s = wait._delay = 0.2  # the backoff of a 100-worker run, 25 times faster
+    wait.max_wait_s = IDLE_LOOK_S / 25
+    before, listings = FS.total, FS.counts.get("listdir", 0)
+    deadline = time.monotonic() + 3
     assert wait.wait(lambda: time.monotonic() > deadline) == []
     ops = FS.total - before
-    # a listing and a watcher try at the start, then one stat per wake (0.5, 1, 1, 1 ... s at 100 workers)
-    assert ops <= 2 + 2 + 8, ops
+    # a watcher try at the start (by chance), then one stat per wake (0.2, 0.4, 0.6 ... s); at most one
+    # listing, by chance (1 in 100 / LISTERS), of what was given back before this worker looked
+    listed = FS.counts.get("listdir", 0) - listings
+    assert listed <= 1 and 4 <= ops - listed <= 1 + 7, (ops, listed)
+    listings += listed
+    for unit in plan.units:
+        if unit.unit:
+            _commit(run_dir, unit)
+    _commit_claimed(busy, run_dir, plan.units[0])
+    watcher.mark_complete()
+    before = FS.total
+    assert wait.wait(lambda: False) is None  # the end of the run, seen in one stat
+    assert FS.total - before == 1 and FS.counts.get("listdir", 0) == listings
+
+
+def test_idle_workers_of_a_large_run_look_about_once_in_20_seconds(planned):
+    """The per-idle-worker figure the scale targets ask for: at most one operation per 10 s."""
+    from shardinfer.scheduler import IDLE_LOOK_S, QUIET_WORLD, SMALL_WORLD, WATCHER_TRY_S, IdleWait
+
+    run_dir, plan = planned
+
+    def idle_wait(world: int) -> IdleWait:
+        return IdleWait(Ledger(run_dir, lease_timeout_s=300), len(plan.units), world, 300)
+
+    large, medium, small = idle_wait(1000), idle_wait(QUIET_WORLD // 2), idle_wait(SMALL_WORLD)
+    assert large.max_wait_s == idle_wait(QUIET_WORLD).max_wait_s == IDLE_LOOK_S >= 10
+    assert large.first_wait_s >= 5 and large.watcher_try_s >= WATCHER_TRY_S and not large.look_at_start
+    assert medium.max_wait_s == IDLE_LOOK_S / 2  # all idle workers together: the same looks per second
+    assert small.max_wait_s == 1.0 and small.look_at_start  # a few workers on one machine end promptly
+
+
+def test_a_watcher_sweeps_the_claims_within_its_budget_and_still_finds_a_stale_one(planned):
+    from shardinfer.rundir import FS
+    from shardinfer.scheduler import WATCH_OPS_PER_S, IdleWait
+
+    run_dir, plan = planned
+    units = len(plan.units)
+    holders = [Ledger(run_dir, worker=f"busy{u}", lease_timeout_s=2) for u in range(units)]
+    for unit, holder in enumerate(holders):
+        assert holder.claim(unit)
+    watcher = Ledger(run_dir, worker="watcher", lease_timeout_s=2)
+    assert watcher.watch()
+    renew_ops = 0
+
+    def renew_all_but_unit_1() -> bool:  # unit 1's holder died: its claim goes stale after 2 s
+        nonlocal renew_ops
+        before = FS.total
+        for unit, holder in enumerate(holders):
+            if unit != 1:
+                holder.heartbeat(unit)
+        renew_ops += FS.total - before
+        return time.monotonic() > start + 8
+
+    before, start = FS.total, time.monotonic()
+    found = IdleWait(watcher, units, 100, 2)._watch(renew_all_but_unit_1)
+    elapsed = time.monotonic() - start
+    assert found == [(1, 1)] and 2 < elapsed < 6, (found, elapsed)
+    watcher_ops = FS.total - before - renew_ops
+    # a first look at everything; then the done units at its pace, two listings per sweep (every
+    # 0.5 s here) and each claim once its lease can have run out (renewed every 0.5 s: 1.5 s later).
+    # Looking at every claim at every step (as it once did) is about twice this.
+    budget = 4 + 2 * units + elapsed * (WATCH_OPS_PER_S + 2 / 0.5 + units / 1.5)
+    assert watcher_ops <= budget, (watcher_ops, budget, elapsed)
+    assert (run_dir.released / "unit-000001.a1").exists()

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_TIMEOUT_S = 300.0
 COMPLETE = "complete"  # the marker in coord/released/ that says every unit is done
+COMPLETE_MTIME = 1_000_000_000.0  # and coord/released/'s modification time then: one stat tells
 
 
 class Ledger:
@@ -179,19 +180,19 @@ class Ledger:
         return sorted(released)
 
     def expire_claims_of(self, worker: str) -> list[int]:
-        """A worker is known dead (its launcher saw it exit): make its leases stale now, so the
-        watcher gives its units back with their next attempt at once instead of a lease timeout
-        later, and wake the idle workers."""
+        """A worker is known dead (its launcher saw it exit): give its units back now, with their
+        next attempt, instead of a lease timeout later; the idle workers see them at their next look."""
         done = self.done_set()
-        expired = []
+        given_back = []
         for unit, path in self.claims().items():
             data = FS.read(path) if unit not in done else None
-            if data is not None and json.loads(data).get("worker") == worker:
-                FS.touch(path, mtime=0.0)
-                expired.append(unit)
-        if expired:
-            FS.touch(self.run_dir.released)
-        return sorted(expired)
+            if data is None or json.loads(data).get("worker") != worker:
+                continue
+            aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
+            if FS.rename(path, aside):  # a watcher may have taken it over already
+                given_back.append((unit, _attempt_of(data)))
+        self.announce(given_back)
+        return sorted(u for u, _ in given_back)
 
     def verify_committed(self, expected_rows: dict[int, int]) -> list[int]:
         """Undo commits whose part is missing, unreadable or of the wrong size, so they are redone."""
@@ -254,8 +255,10 @@ class Ledger:
         return FS.mtime(self.run_dir.released)
 
     def mark_complete(self) -> None:
+        """The marker, then a modification time no change gives: idle workers see it in their stat."""
         self.run_dir.released.mkdir(parents=True, exist_ok=True)
         FS.create(self.run_dir.released / COMPLETE, b"")
+        FS.touch(self.run_dir.released, mtime=COMPLETE_MTIME)
 
     def _clear_released(self) -> None:
         for name in FS.listdir(self.run_dir.released):
@@ -282,22 +285,34 @@ class Ledger:
     def stop_watching(self) -> None:
         FS.unlink(self.run_dir.watcher)
 
-    def inspect_claims(self, units: list[int], most: int) -> tuple[list[tuple[int, int]], list[int]]:
-        """Of units not done (one stat each): up to ``most`` claims gone stale, moved aside here, with
-        the attempt each was at; and the units nobody has claimed."""
+    def claimed_among(self, units: set[int]) -> set[int]:
+        """Units of ``units`` that have a claim: one listing per claims shard holding any of them."""
+        shards = {self.run_dir.shard_of(self.run_dir.claims, u) for u in units}
+        return {u for shard in shards for name in FS.listdir(shard)
+                if name.endswith(".json") and (u := unit_of(name)) is not None and u in units}
+
+    def take_stale(self, units: list[int], due: dict[int, float], most: int) -> list[tuple[int, int]]:
+        """Of claimed units not done, the claims gone stale, moved aside here (up to ``most``), with
+        the attempt each was at. ``due`` (kept by the caller, updated here) says when a claim can go
+        stale at the earliest: a claim is looked at (one stat) only once that time has come, so each
+        is looked at about once per lease, however often this is called."""
         stale: list[tuple[int, int]] = []
-        unclaimed: list[int] = []
         now = time.time()
         for unit in units:
+            if due.get(unit, 0.0) > now:
+                continue
             path = self.run_dir.claim(unit)
             mtime = FS.mtime(path)
-            if mtime is None:
-                unclaimed.append(unit)
-            elif now - mtime > self.lease_timeout_s and len(stale) < most:
+            if mtime is None:  # done and given back meanwhile
+                due.pop(unit, None)
+            elif now - mtime <= self.lease_timeout_s:
+                due[unit] = mtime + self.lease_timeout_s
+            elif len(stale) < most:
                 aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
                 if FS.rename(path, aside):
                     stale.append((unit, _attempt_of(FS.read(aside))))
-        return stale, unclaimed
+                due.pop(unit, None)
+        return stale
 
 
 def _attempt_of(data: bytes | None) -> int:

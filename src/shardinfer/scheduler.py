@@ -9,10 +9,13 @@ every unit of the run:
   so owner and thief rarely meet); a few fruitless slices and the worker stops stealing.
 - **Then wait, quietly.** One idle worker at a time is the *watcher* (a lease in ``coord/``): it
   tracks the units not done, gives back claims gone stale and units nobody claimed (markers in
-  ``coord/released/``), and marks the run complete. Every other idle worker sleeps with exponential
-  backoff and jitter and looks at one thing: the modification time of ``coord/released/`` (one
-  stat), listing it only when it changed. So an idle worker costs about one operation per 10 s at
-  1,000 workers, and the run still finishes when workers die.
+  ``coord/released/``), and marks the run complete, all within a budget of metadata operations per
+  second. Every other idle worker sleeps with exponential backoff and jitter and looks at one thing:
+  the modification time of ``coord/released/`` (one stat; a time no change gives once the run is
+  complete), listing it only when it changed, and then only about ``LISTERS`` of them at once. In
+  a run of ``QUIET_WORLD`` workers or more an idle worker looks about once every 20 s, in smaller
+  ones more often (every second for a few workers on one machine, so such a run ends promptly),
+  and the run still finishes when workers die.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from shardinfer.ledger import Ledger
+from shardinfer.ledger import COMPLETE_MTIME, Ledger
 from shardinfer.rundir import FS
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,13 @@ ANNOUNCE_MAX = 64  # units the watcher gives back at once (the last of those nob
 TAKE_RELEASED = 3  # given-back units a woken idle worker tries
 MIN_WAIT_S = 0.5
 JITTER = (1.0, 1.25)
+SMALL_WORLD = 8  # up to this many workers, an idle worker looks at once and then every second
+IDLE_LOOK_S = 20.0  # the longest sleep of an idle worker between two looks, from QUIET_WORLD workers on
+QUIET_WORLD = 100  # in smaller runs it is shorter in proportion: all idle workers together look ~5 times a second
+WATCHER_TRY_S = 60.0  # at least this long between two tries of an idle worker to become the watcher
+WATCH_OPS_PER_S = 2.0  # the watcher's pace when following the done units
+LISTERS = 16  # idle workers expected to list coord/released/ when it changed (the others later)
+_LIST_AGAIN = -1.0  # what was seen of coord/released/ when the next look must list it
 
 
 class Candidates:
@@ -90,21 +100,28 @@ class IdleWait:
         self.ledger = ledger
         self.units = units
         self.lease_timeout_s = lease_timeout_s
-        # 1,000 idle workers look at the run about 100 times a second in all; 2 look every second.
-        self.max_wait_s = min(10.0, max(1.0, world / 100))
-        self.watcher_check_s = max(lease_timeout_s / 4, MIN_WAIT_S)  # the watcher's own pace
-        self.watcher_try_s = max(lease_timeout_s / 2, MIN_WAIT_S)  # how often the others look at it
+        small = world <= SMALL_WORLD
+        self.max_wait_s = 1.0 if small else max(1.0, IDLE_LOOK_S * min(1.0, world / QUIET_WORLD))
+        self.first_wait_s = max(MIN_WAIT_S, self.max_wait_s / 2)
+        self.look_at_start = small  # a large run's idle worker sleeps before its first look
+        # of the idle workers that see units given back, about LISTERS list them at once (at most
+        # TAKE_RELEASED units each), the others at a later look
+        self.list_odds = min(1.0, LISTERS / max(world, 1))
+        self.watcher_check_s = max(lease_timeout_s / 4, MIN_WAIT_S)  # the watcher's slowest pace
+        self.watcher_try_s = max(lease_timeout_s / 2, MIN_WAIT_S if small else WATCHER_TRY_S)
         self.watch_s = 0.0  # time spent as the watcher, and its metadata operations
         self.watch_ops = 0
-        self._seen: float | None = -1.0  # modification time of coord/released/ when last listed
+        self._seen: float | None = None  # modification time of coord/released/ when last listed
         self._tried: set[tuple[int, int]] = set()
-        self._next_watch_try = 0.0
-        self._delay = MIN_WAIT_S  # the backoff goes on until this worker gets work again
-        self._look_first = True  # false after handing out units that others may have taken
+        # the first idle workers of a large run try to become the watcher now with list_odds, all of
+        # them after WATCHER_TRY_S: a watcher is there well before the end, for one stat from a few
+        self._next_watch_try = 0.0 if small or random.random() < self.list_odds else time.monotonic() + self.watcher_try_s
+        self._delay = self.first_wait_s  # the backoff goes on until this worker gets work again
+        self._look_first = self.look_at_start  # false after handing out units that others may have taken
 
     def worked(self) -> None:
         """This worker claimed a unit: its next idle spell starts afresh."""
-        self._delay, self._look_first = MIN_WAIT_S, True
+        self._delay, self._look_first = self.first_wait_s, self.look_at_start
 
     def wait(self, stop: Callable[[], bool]) -> list[tuple[int, int]] | None:
         """Released units to claim, or None when the run is complete; [] when ``stop`` says so."""
@@ -126,12 +143,15 @@ class IdleWait:
         return []
 
     def _look(self) -> list[tuple[int, int]] | None:
-        """One stat; a listing only when something was given back or taken since the last one.
-        A few untried given-back units, picked at random; None once the run is complete."""
+        """One stat; a listing only when something was given back or taken since the last one (and
+        then by about LISTERS of the idle workers). A few untried given-back units, picked at
+        random; None once the run is complete (the stat says so)."""
         changed = self.ledger.released_changed_at()
-        if changed == self._seen:
+        if changed == COMPLETE_MTIME:
+            return None
+        if changed == self._seen or random.random() >= self.list_odds:
             return []
-        self._next_watch_try = 0.0  # a watcher that gave units back has stopped watching: look now
+        self._next_watch_try = 0.0  # a watcher that gave units back has stopped watching
         released = self.ledger.released_units()
         if released is None:
             return None
@@ -139,44 +159,71 @@ class IdleWait:
         picked = random.sample(fresh, min(TAKE_RELEASED, len(fresh)))
         self._tried.update(picked)
         # list again next time when more were left (or the clock cannot tell two changes apart)
-        self._seen = changed if len(fresh) <= len(picked) else None
+        self._seen = changed if len(fresh) <= len(picked) else _LIST_AGAIN
         return picked
 
     def _timed_watch(self, stop: Callable[[], bool]) -> list[tuple[int, int]] | None:
         start, ops = time.monotonic(), FS.total
         try:
-            return self._watch(stop)
+            with FS.scope("watch"):
+                return self._watch(stop)
         finally:
             self.watch_s += time.monotonic() - start
             self.watch_ops += FS.total - ops
 
     def _watch(self, stop: Callable[[], bool]) -> list[tuple[int, int]] | None:
         """The watcher: follow the units not done; give back claims gone stale at once, and units
-        nobody claimed at two of its looks in a row (their owner is gone or far behind); end the run."""
+        nobody claimed at two of its sweeps in a row (their owner is gone or far behind); end the run.
+
+        Its pace keeps its metadata operations few: the done units are followed at ``WATCH_OPS_PER_S``
+        (a listing per shard holding units not done); every ``lease_timeout_s / 4`` a sweep lists the
+        claims shards (units nobody claimed) and looks at each claim only when its lease can have run
+        out (about one stat per claim and lease)."""
         log.info("watching the run: no unit left to claim here")
         pending = set(range(self.units)) - self.ledger.done_set()
         unclaimed_before: set[int] = set()
+        # claimed unit -> when its lease can run out at the earliest; not known yet: the first looks are
+        # spread over half a lease instead of one stat per unit not done at once
+        now = time.time()
+        due = {u: now + random.uniform(0, self.lease_timeout_s / 2) for u in pending}
+        next_sweep = touched = time.monotonic()
         try:
             while not stop():
+                ops = FS.total
                 pending -= self._done_among(pending)
-                self.ledger.tidy_released(pending)
                 if not pending:
                     self.ledger.mark_complete()
                     log.info("every unit is done")
                     return None
-                stale, unclaimed = self.ledger.inspect_claims(sorted(pending), ANNOUNCE_MAX)
-                overdue = sorted(unclaimed_before & set(unclaimed), reverse=True)  # the ends of slices first
-                unclaimed_before = set(unclaimed)
-                free = stale + [(u, 0) for u in overdue[:ANNOUNCE_MAX - len(stale)]]
-                if free:
-                    log.warning("giving back %d unit(s) nobody holds: %s", len(free), [u for u, _ in free][:10])
-                    self.ledger.announce(free)
-                    return free
-                self.ledger.keep_watching()
-                time.sleep(min(max(len(pending) * 0.01, MIN_WAIT_S), self.watcher_check_s))
+                if time.monotonic() >= next_sweep:
+                    free, unclaimed_before = self._sweep(pending, unclaimed_before, due)
+                    if free:
+                        return free
+                    next_sweep = time.monotonic() + self.watcher_check_s
+                    ops = FS.total
+                if time.monotonic() - touched >= self.watcher_check_s:
+                    self.ledger.keep_watching()
+                    touched = time.monotonic()
+                step = (FS.total - ops) / WATCH_OPS_PER_S
+                time.sleep(min(max(step, MIN_WAIT_S), self.watcher_check_s))
             return []
         finally:
             self.ledger.stop_watching()
+
+    def _sweep(self, pending: set[int], unclaimed_before: set[int],
+               due: dict[int, float]) -> tuple[list[tuple[int, int]], set[int]]:
+        """Claims gone stale, and units unclaimed at the last sweep too: given back (announced), with
+        the units unclaimed now."""
+        self.ledger.tidy_released(pending)
+        claimed = self.ledger.claimed_among(pending)
+        stale = self.ledger.take_stale(sorted(claimed), due, ANNOUNCE_MAX)
+        unclaimed = pending - claimed
+        overdue = sorted(unclaimed_before & unclaimed, reverse=True)  # the ends of slices first
+        free = stale + [(u, 0) for u in overdue[:ANNOUNCE_MAX - len(stale)]]
+        if free:
+            log.warning("giving back %d unit(s) nobody holds: %s", len(free), [u for u, _ in free][:10])
+            self.ledger.announce(free)
+        return free, unclaimed
 
     def _done_among(self, pending: set[int]) -> set[int]:
         """Done units among ``pending``: one listing of each shard that holds any of them."""

@@ -145,7 +145,8 @@ class Worker:
     def _idle(self, idle: IdleWait) -> list[tuple[int, int]] | None:
         start, ops = time.monotonic(), FS.total
         try:
-            return idle.wait(lambda: self.draining is not None)
+            with FS.scope("idle"):  # counted apart, by kind (the watcher's as watch:<kind>)
+                return idle.wait(lambda: self.draining is not None)
         finally:
             self.metrics.idle_s += time.monotonic() - start
             self.metrics.idle_fs_ops += FS.total - ops

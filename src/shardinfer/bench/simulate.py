@@ -68,6 +68,7 @@ def run_simulation(opts: SimOptions) -> dict[str, Any]:
     planned = time.time()
     sim_engine.TOKENS_PER_S = opts.tokens_per_s
     FS.latency_s = opts.fs_latency_ms / 1000
+    _import_before_fork()
     pids = [_fork_worker(run_dir, rank, opts.workers, launch) for rank in range(opts.workers)]
     killed = _kill_some(run_dir, pids, opts, len(plan.units)) if opts.kill else []
     _wait(pids)
@@ -115,6 +116,15 @@ def _config(opts: SimOptions, corpus: Path) -> dict[str, Any]:
         "run": {"directory": str(opts.out / "run"), "workers": opts.workers, "unit_tokens": unit_tokens,
                 "lease_timeout_s": opts.lease_timeout_s, "metrics_interval_s": 30.0, "log_interval_s": 3600.0},
     }
+
+
+def _import_before_fork() -> None:
+    """What every worker imports, imported once here: forked workers start with it instead of each
+    importing it again (pyarrow's pandas shim alone takes ~0.3 s of CPU a process)."""
+    import shardinfer.worker  # noqa: F401
+    from shardinfer.corpus import text_problems
+
+    text_problems(pa.array(["x"]), "text")
 
 
 def _fork_worker(run_dir: Any, rank: int, world: int, launch: int) -> int:
@@ -166,9 +176,12 @@ def _analyse(opts: SimOptions, run_dir: Any, plan: Any, report: dict[str, Any], 
     from shardinfer.ledger import Ledger
     from shardinfer.metrics import load_metrics
 
-    metrics = [m for m in load_metrics(run_dir)]
+    # killed workers never wrote their last counts: per-unit figures are those of the survivors,
+    # over the units they committed
+    metrics = [m for m in load_metrics(run_dir) if m.rank not in killed]
     done = Ledger(run_dir).done_units()
-    units = len(plan.units)
+    survivors = {f":rank{m.rank}" for m in metrics}
+    units = sum(1 for r in done.values() if str(r.get("worker", "")).endswith(tuple(survivors)))
     busy = sum(m.busy_s - m.idle_s for m in metrics)
     work_ops = sum(_ledger_ops(m.fs_ops) - m.idle_fs_ops for m in metrics)
     metrics_ops = sum(n for m in metrics for k, n in m.fs_ops.items() if k.startswith("metrics:"))
@@ -189,16 +202,20 @@ def _analyse(opts: SimOptions, run_dir: Any, plan: Any, report: dict[str, Any], 
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "options": {**asdict(opts), "out": str(opts.out)},
         "command": "shardinfer " + " ".join(sys.argv[1:]),
-        "units": units, "rows": plan.total_rows, "workers": opts.workers, "killed": killed,
+        "units": len(plan.units), "units_counted": units, "rows": plan.total_rows, "workers": opts.workers,
+        "killed": killed,
         "times_s": {k: round(v, 3) for k, v in times.items() if k != "workers_done_at"},
         "ledger_fraction_of_worker_time": round(ledger_s / busy, 5) if busy else None,
         "ledger_s_per_unit": round(per_unit_ledger_s, 5),
         "ops_per_unit": round(ops_per_unit, 2), "metrics_ops_per_unit": round(metrics_ops / units, 2),
         "fsyncs_per_unit": round(fsyncs_per_unit, 2),
         "ops_by_kind": dict(sorted(by_kind.items())),
+        "idle_ops_by_kind": {k[5:]: n for k, n in sorted(by_kind.items()) if k.startswith("idle:")},
+        "watch_ops_by_kind": {k[6:]: n for k, n in sorted(by_kind.items()) if k.startswith("watch:")},
         "idle_ops_per_worker_s": round(idle_ops / idle_s, 4) if idle_s else None,
         "idle_worker_s": round(idle_s, 1),
         "watcher_ops_per_s": round(watch_ops / watch_s, 2) if watch_s else None,
+        "all_idle_ops_per_worker_s": round((idle_ops + watch_ops) / (idle_s + watch_s), 4) if idle_s else None,
         "protocol_ops_per_unit": 6,
         "last_commit_to_reduce_s": round(times["workers_done_at"] - last_commit, 3),
         "exactly_once": {"rows_in": plan.total_rows, "result_rows": results.num_rows,
@@ -210,10 +227,17 @@ def _analyse(opts: SimOptions, run_dir: Any, plan: Any, report: dict[str, Any], 
             "ledger_fraction_by_worker_tokens_per_s": {
                 str(rate): round(projected_s / (rows_per_unit * PROJECTED_ROW_TOKENS / rate), 6)
                 for rate in PROJECTED_RATES},
-            "idle_ops_per_worker_s": round(1 / min(10.0, max(1.0, PROJECTED_WORKERS / 100)), 3),
-            "idle_ops_per_s_all_workers": round(PROJECTED_WORKERS / min(10.0, max(1.0, PROJECTED_WORKERS / 100)), 1),
+            "idle_ops_per_worker_s": round(1 / _steady_idle_wait_s(), 3),
+            "idle_ops_per_s_all_workers": round(PROJECTED_WORKERS / _steady_idle_wait_s(), 1),
         },
     }
+
+
+def _steady_idle_wait_s() -> float:
+    """An idle worker's mean sleep between two looks once its backoff is at its longest (large runs)."""
+    from shardinfer.scheduler import IDLE_LOOK_S, JITTER
+
+    return IDLE_LOOK_S * sum(JITTER) / 2
 
 
 def _ledger_ops(ops: dict[str, int]) -> int:
@@ -226,7 +250,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join([
         "# shardinfer scale simulation", "",
         f"`{r['command']}`  ", f"{r['date']}: {r['workers']} worker processes, {r['units']} units, {r['rows']} rows; "
-        f"{o['fs_latency_ms']} ms added to every metadata operation; {len(r['killed'])} worker(s) killed.", "",
+        f"{o['fs_latency_ms']} ms added to every metadata operation; {len(r['killed'])} worker(s) killed "
+        f"(per-unit figures: the other workers, over the {r['units_counted']} units they committed).", "",
         "| measure | value |", "|---|---:|",
         f"| plan / workers / reduce (s) | {r['times_s']['plan_s']:.1f} / {r['times_s']['workers_s']:.1f} / "
         f"{r['times_s']['reduce_s']:.1f} |",
@@ -237,9 +262,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"| fsyncs per unit | {r['fsyncs_per_unit']} |",
         f"| operations per idle-worker-second (not the watcher) | {r['idle_ops_per_worker_s']} |",
         f"| operations per second of the watcher | {r['watcher_ops_per_s']} |",
+        f"| operations per idle-worker-second, the watcher included | {r['all_idle_ops_per_worker_s']} |",
         f"| last commit to reduce (s) | {r['last_commit_to_reduce_s']} |",
         f"| results: rows, distinct ids (input rows) | {e['result_rows']}, {e['distinct_ids']} ({e['rows_in']}) |", "",
         f"Operations by kind: {r['ops_by_kind']}", "",
+        f"Of which idle workers' (not the watcher): {r['idle_ops_by_kind']}; the watcher's: {r['watch_ops_by_kind']}", "",
         f"Projection to {p['workers']} workers x {p['rows']:,} rows ({p['rows_per_unit']:.0f} rows per unit, "
         f"{PROJECTED_ROW_TOKENS} tokens per row): the operations per unit measured here at {p['op_s'] * 1000:g} ms each "
         f"plus the fsyncs at {p['fsync_s'] * 1000:g} ms = {p['ledger_s_per_unit']:.3f} s of ledger time per unit, against "
