@@ -113,9 +113,10 @@ class IdleWait:
         self.watch_ops = 0
         self._seen: float | None = None  # modification time of coord/released/ when last listed
         self._tried: set[tuple[int, int]] = set()
-        # the first idle workers of a large run try to become the watcher now with list_odds, all of
-        # them after WATCHER_TRY_S: a watcher is there well before the end, for one stat from a few
-        self._next_watch_try = 0.0 if small or random.random() < self.list_odds else time.monotonic() + self.watcher_try_s
+        # in a large run a newly idle worker tries to become the watcher at once only by chance (about
+        # LISTERS of them do), every one after WATCHER_TRY_S: a watcher is there long before the end
+        try_now = small or random.random() < self.list_odds
+        self._next_watch_try = 0.0 if try_now else time.monotonic() + self.watcher_try_s
         self._delay = self.first_wait_s  # the backoff goes on until this worker gets work again
         self._look_first = self.look_at_start  # false after handing out units that others may have taken
 
