@@ -429,3 +429,18 @@ def test_a_watcher_sweeps_the_claims_within_its_budget_and_still_finds_a_stale_o
     budget = 4 + 2 * units + elapsed * (WATCH_OPS_PER_S + 2 / 0.5 + units / 1.5)
     assert watcher_ops <= budget, (watcher_ops, budget, elapsed)
     assert (run_dir.released / "unit-000001.a1").exists()
+
+
+def test_the_watcher_gives_back_units_nobody_claimed_at_two_of_its_steps_even_with_a_long_lease(planned):
+    """A dead or slow owner's unclaimed units go to idle workers within seconds, not a lease later."""
+    from shardinfer.scheduler import IdleWait
+
+    run_dir, plan = planned
+    for unit in plan.units[2:]:
+        _commit(run_dir, unit)
+    watcher = Ledger(run_dir, worker="watcher", lease_timeout_s=300)
+    assert watcher.watch()
+    start = time.monotonic()
+    free = IdleWait(watcher, len(plan.units), 100, 300)._watch(lambda: time.monotonic() > start + 20)
+    assert sorted(free) == [(0, 0), (1, 0)] and time.monotonic() - start < 5
+    assert sorted(watcher.released_units()) == [(0, 0), (1, 0)]

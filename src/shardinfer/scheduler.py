@@ -174,12 +174,12 @@ class IdleWait:
 
     def _watch(self, stop: Callable[[], bool]) -> list[tuple[int, int]] | None:
         """The watcher: follow the units not done; give back claims gone stale at once, and units
-        nobody claimed at two of its sweeps in a row (their owner is gone or far behind); end the run.
+        nobody claimed at two of its steps in a row (their owner is gone or far behind); end the run.
 
-        Its pace keeps its metadata operations few: the done units are followed at ``WATCH_OPS_PER_S``
-        (a listing per shard holding units not done); every ``lease_timeout_s / 4`` a sweep lists the
-        claims shards (units nobody claimed) and looks at each claim only when its lease can have run
-        out (about one stat per claim and lease)."""
+        Its pace keeps its metadata operations few: a step lists the done and the claims shards that
+        hold units not done, and the next step waits until the operations so far make
+        ``WATCH_OPS_PER_S``; a claim is looked at (a stat) only when its lease can have run out, about
+        once per claim and lease."""
         log.info("watching the run: no unit left to claim here")
         pending = set(range(self.units)) - self.ledger.done_set()
         unclaimed_before: set[int] = set()
@@ -187,7 +187,7 @@ class IdleWait:
         # spread over half a lease instead of one stat per unit not done at once
         now = time.time()
         due = {u: now + random.uniform(0, self.lease_timeout_s / 2) for u in pending}
-        next_sweep = touched = time.monotonic()
+        tidied = touched = time.monotonic()
         try:
             while not stop():
                 ops = FS.total
@@ -196,12 +196,12 @@ class IdleWait:
                     self.ledger.mark_complete()
                     log.info("every unit is done")
                     return None
-                if time.monotonic() >= next_sweep:
-                    free, unclaimed_before = self._sweep(pending, unclaimed_before, due)
-                    if free:
-                        return free
-                    next_sweep = time.monotonic() + self.watcher_check_s
-                    ops = FS.total
+                if time.monotonic() - tidied >= self.watcher_check_s:
+                    self.ledger.tidy_released(pending)
+                    tidied = time.monotonic()
+                free, unclaimed_before = self._free(pending, unclaimed_before, due)
+                if free:
+                    return free
                 if time.monotonic() - touched >= self.watcher_check_s:
                     self.ledger.keep_watching()
                     touched = time.monotonic()
@@ -211,11 +211,10 @@ class IdleWait:
         finally:
             self.ledger.stop_watching()
 
-    def _sweep(self, pending: set[int], unclaimed_before: set[int],
-               due: dict[int, float]) -> tuple[list[tuple[int, int]], set[int]]:
-        """Claims gone stale, and units unclaimed at the last sweep too: given back (announced), with
+    def _free(self, pending: set[int], unclaimed_before: set[int],
+              due: dict[int, float]) -> tuple[list[tuple[int, int]], set[int]]:
+        """Claims gone stale, and units unclaimed at the last step too: given back (announced), with
         the units unclaimed now."""
-        self.ledger.tidy_released(pending)
         claimed = self.ledger.claimed_among(pending)
         stale = self.ledger.take_stale(sorted(claimed), due, ANNOUNCE_MAX)
         unclaimed = pending - claimed
