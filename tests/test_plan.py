@@ -254,3 +254,17 @@ def test_a_parquet_file_polars_cannot_read_falls_back_to_decoding(tmp_path, monk
     parquet_slice._UNAVAILABLE.clear()
     assert parquet_slice.read_slice(str(tmp_path / "a.parquet"), schema, 50, 10).column("text").to_pylist() == \
         [f"t{i}" for i in range(50, 60)]
+
+
+def test_a_deep_slice_is_read_from_a_path_with_glob_characters_and_a_hive_style_folder(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shardinfer import parquet_slice
+
+    (tmp_path / "year=2024").mkdir()
+    path = tmp_path / "year=2024" / "part[1].parquet"
+    pq.write_table(pa.table({"text": [f"t{i}" for i in range(20_000)]}), path)
+    table = parquet_slice.read_slice(str(path), pa.schema([("text", pa.string())]), 15_000, 3)
+    assert table is not None and table.column_names == ["text"]
+    assert table.column("text").to_pylist() == ["t15000", "t15001", "t15002"]

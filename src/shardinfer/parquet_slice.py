@@ -45,7 +45,8 @@ def read_slice(path: str, schema: pa.Schema, first_row: int, rows: int) -> pa.Ta
         _UNAVAILABLE.add(path)
         return None
     try:
-        frame = pl.scan_parquet(path).select(schema.names).slice(first_row, rows).collect()
+        frame = (pl.scan_parquet(path, glob=False, hive_partitioning=False)
+                 .select(schema.names).slice(first_row, rows).collect())
         return frame.to_arrow().cast(schema)
     except Exception as exc:  # noqa: BLE001 - any failure of the fast path falls back to pyarrow
         _UNAVAILABLE.add(path)
