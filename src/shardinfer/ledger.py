@@ -258,7 +258,10 @@ class Ledger:
         """The marker, then a modification time no change gives: idle workers see it in their stat."""
         self.run_dir.released.mkdir(parents=True, exist_ok=True)
         FS.create(self.run_dir.released / COMPLETE, b"")
-        FS.touch(self.run_dir.released, mtime=COMPLETE_MTIME)
+        try:
+            FS.touch(self.run_dir.released, mtime=COMPLETE_MTIME)
+        except OSError as exc:  # a filesystem that refuses it: idle workers list the marker instead
+            log.info("could not set %s's modification time (%s); idle workers will list it", self.run_dir.released, exc)
 
     def _clear_released(self) -> None:
         for name in FS.listdir(self.run_dir.released):
