@@ -444,3 +444,20 @@ def test_the_watcher_gives_back_units_nobody_claimed_at_two_of_its_steps_even_wi
     free = IdleWait(watcher, len(plan.units), 100, 300)._watch(lambda: time.monotonic() > start + 20)
     assert sorted(free) == [(0, 0), (1, 0)] and time.monotonic() - start < 5
     assert sorted(watcher.released_units()) == [(0, 0), (1, 0)]
+
+
+def test_the_watcher_takes_units_a_launcher_gave_back_with_their_next_attempt(planned):
+    from shardinfer.scheduler import IdleWait
+
+    run_dir, plan = planned
+    dead = Ledger(run_dir, worker="dead", lease_timeout_s=300)
+    assert dead.claim(0)
+    for unit in plan.units[1:]:
+        _commit(run_dir, unit)
+    watcher = Ledger(run_dir, worker="watcher", lease_timeout_s=300)
+    assert watcher.watch()
+    assert watcher.expire_claims_of("dead") == [0]  # the local launcher saw it die
+    start = time.monotonic()
+    given_back = IdleWait(watcher, len(plan.units), 2, 300)._watch(lambda: time.monotonic() > start + 10)
+    assert given_back == [(0, 1)] and time.monotonic() - start < 3
+    assert watcher.claim_released(0, 1) and watcher.attempts[0] == 2

@@ -143,14 +143,14 @@ class IdleWait:
             self._delay = min(self._delay * 2, self.max_wait_s)
         return []
 
-    def _look(self) -> list[tuple[int, int]] | None:
+    def _look(self, list_odds: float | None = None) -> list[tuple[int, int]] | None:
         """One stat; a listing only when something was given back or taken since the last one (and
         then by about LISTERS of the idle workers). A few untried given-back units, picked at
         random; None once the run is complete (the stat says so)."""
         changed = self.ledger.released_changed_at()
         if changed == COMPLETE_MTIME:
             return None
-        if changed == self._seen or random.random() >= self.list_odds:
+        if changed == self._seen or random.random() >= (self.list_odds if list_odds is None else list_odds):
             return []
         self._next_watch_try = 0.0  # a watcher that gave units back has stopped watching
         released = self.ledger.released_units()
@@ -199,6 +199,9 @@ class IdleWait:
                 if time.monotonic() - tidied >= self.watcher_check_s:
                     self.ledger.tidy_released(pending)
                     tidied = time.monotonic()
+                given_back = self._look(list_odds=1.0)  # by a launcher whose worker died, or a draining one
+                if given_back:
+                    return given_back
                 free, unclaimed_before = self._free(pending, unclaimed_before, due)
                 if free:
                     return free
