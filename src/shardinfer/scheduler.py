@@ -143,14 +143,14 @@ class IdleWait:
             self._delay = min(self._delay * 2, self.max_wait_s)
         return []
 
-    def _look(self, list_odds: float | None = None) -> list[tuple[int, int]] | None:
+    def _look(self) -> list[tuple[int, int]] | None:
         """One stat; a listing only when something was given back or taken since the last one (and
         then by about LISTERS of the idle workers). A few untried given-back units, picked at
         random; None once the run is complete (the stat says so)."""
         changed = self.ledger.released_changed_at()
         if changed == COMPLETE_MTIME:
             return None
-        if changed == self._seen or random.random() >= (self.list_odds if list_odds is None else list_odds):
+        if changed == self._seen or random.random() >= self.list_odds:
             return []
         self._next_watch_try = 0.0  # a watcher that gave units back has stopped watching
         released = self.ledger.released_units()
@@ -199,9 +199,6 @@ class IdleWait:
                 if time.monotonic() - tidied >= self.watcher_check_s:
                     self.ledger.tidy_released(pending)
                     tidied = time.monotonic()
-                given_back = self._look(list_odds=1.0)  # by a launcher whose worker died, or a draining one
-                if given_back:
-                    return given_back
                 free, unclaimed_before = self._free(pending, unclaimed_before, due)
                 if free:
                     return free
@@ -216,17 +213,20 @@ class IdleWait:
 
     def _free(self, pending: set[int], unclaimed_before: set[int],
               due: dict[int, float]) -> tuple[list[tuple[int, int]], set[int]]:
-        """Claims gone stale, and units unclaimed at the last step too: given back (announced), with
-        the units unclaimed now."""
+        """Units for idle workers, with the attempt each was at, and the units unclaimed now: claims
+        gone stale and units unclaimed at the last step too are given back (announced); those among
+        them that were given back already (by a launcher whose worker died, a draining worker) are
+        taken as they are, with their attempt."""
         claimed = self.ledger.claimed_among(pending)
         stale = self.ledger.take_stale(sorted(claimed), due, ANNOUNCE_MAX)
         unclaimed = pending - claimed
         overdue = sorted(unclaimed_before & unclaimed, reverse=True)  # the ends of slices first
-        free = stale + [(u, 0) for u in overdue[:ANNOUNCE_MAX - len(stale)]]
+        marked = dict(self.ledger.released_units() or []) if overdue else {}  # a listing, only then
+        free = stale + [(u, 0) for u in overdue if u not in marked][:ANNOUNCE_MAX - len(stale)]
         if free:
             log.warning("giving back %d unit(s) nobody holds: %s", len(free), [u for u, _ in free][:10])
             self.ledger.announce(free)
-        return free, unclaimed
+        return free + [(u, marked[u]) for u in overdue if u in marked], unclaimed
 
     def _done_among(self, pending: set[int]) -> set[int]:
         """Done units among ``pending``: one listing of each shard that holds any of them."""
