@@ -113,8 +113,9 @@ class IdleWait:
         self.watch_ops = 0
         self._seen: float | None = None  # modification time of coord/released/ when last listed
         self._tried: set[tuple[int, int]] = set()
-        # in a large run a newly idle worker tries to become the watcher at once only by chance (about
-        # LISTERS of them do), every one after WATCHER_TRY_S: a watcher is there long before the end
+        # in a large run, a worker idle within WATCHER_TRY_S of its start tries to become the watcher
+        # at once only by chance (about LISTERS of them do); every idle worker tries every
+        # WATCHER_TRY_S: a watcher is there long before the end, for a stat from a few workers
         try_now = small or random.random() < self.list_odds
         self._next_watch_try = 0.0 if try_now else time.monotonic() + self.watcher_try_s
         self._delay = self.first_wait_s  # the backoff goes on until this worker gets work again
