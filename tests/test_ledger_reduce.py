@@ -323,10 +323,7 @@ def test_an_idle_worker_becomes_the_watcher_gives_back_a_stale_unit_and_ends_the
     from shardinfer.scheduler import IdleWait
 
     run_dir, plan = planned
-    dead = Ledger(run_dir, worker="dead", lease_timeout_s=0.3)
-    assert dead.claim(0)
-    for unit in plan.units[1:]:
-        _commit(run_dir, unit)
+    dead = _all_done_but_unit_0_held_by_a_dead_worker(run_dir, plan, lease_timeout_s=0.3)
     idle = Ledger(run_dir, worker="idle", lease_timeout_s=0.3)
     time.sleep(0.4)  # the dead worker's lease goes stale
     released = IdleWait(idle, len(plan.units), 2, 0.3).wait(lambda: False)
@@ -339,6 +336,15 @@ def test_an_idle_worker_becomes_the_watcher_gives_back_a_stale_unit_and_ends_the
     assert IdleWait(idle, len(plan.units), 2, 0.3).wait(lambda: False) is None  # every unit is done
     assert (run_dir.released / "complete").exists()
     assert IdleWait(other, len(plan.units), 2, 0.3).wait(lambda: False) is None
+
+
+def _all_done_but_unit_0_held_by_a_dead_worker(run_dir, plan, lease_timeout_s):
+    """Every unit committed but unit 0, claimed by a worker called "dead"; its ledger."""
+    dead = Ledger(run_dir, worker="dead", lease_timeout_s=lease_timeout_s)
+    assert dead.claim(0)
+    for unit in plan.units[1:]:
+        _commit(run_dir, unit)
+    return dead
 
 
 def _commit_claimed(ledger, run_dir, unit):
@@ -450,10 +456,7 @@ def test_the_watcher_takes_units_a_launcher_gave_back_with_their_next_attempt(pl
     from shardinfer.scheduler import IdleWait
 
     run_dir, plan = planned
-    dead = Ledger(run_dir, worker="dead", lease_timeout_s=300)
-    assert dead.claim(0)
-    for unit in plan.units[1:]:
-        _commit(run_dir, unit)
+    _all_done_but_unit_0_held_by_a_dead_worker(run_dir, plan, lease_timeout_s=300)
     watcher = Ledger(run_dir, worker="watcher", lease_timeout_s=300)
     assert watcher.watch()
     assert watcher.expire_claims_of("dead") == [0]  # the local launcher saw it die
