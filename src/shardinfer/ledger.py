@@ -81,10 +81,7 @@ class Ledger:
             return 0
         if time.time() - mtime <= self.lease_timeout_s or self.is_done(unit):
             return None
-        aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
-        if not FS.rename(path, aside):  # exactly one of several racing workers succeeds
-            return None
-        return _attempt_of(FS.read(aside))
+        return _move_aside(path)
 
     def is_done(self, unit: int) -> bool:
         return FS.mtime(self.run_dir.done_record(unit)) is not None
@@ -145,10 +142,17 @@ class Ledger:
 
     def done_set(self) -> set[int]:
         """Units with a done record (one listing per shard, no record opened)."""
-        return {u for d in self.run_dir.shard_dirs(self.run_dir.done) for u in self.done_set_of(d)}
+        return {u for d in self.run_dir.shard_dirs(self.run_dir.done) for u in self.units_in(d)}
 
-    def done_set_of(self, directory: Path) -> set[int]:
+    def units_in(self, directory: Path) -> set[int]:
+        """Units with a record (``unit-N.json``) in one directory: one listing."""
         return {u for name in FS.listdir(directory) if name.endswith(".json") and (u := unit_of(name)) is not None}
+
+    def recorded_among(self, root: Path, units: set[int]) -> set[int]:
+        """Units of ``units`` with a record under ``root`` (``done/``, ``claims/``): one listing per
+        shard holding any of them."""
+        shards = {self.run_dir.shard_of(root, u) for u in units}
+        return {u for shard in shards for u in self.units_in(shard) if u in units}
 
     def done_units(self) -> dict[int, dict[str, Any]]:
         """Every done record (opens them all: for the reduce, status and the start of a launch)."""
@@ -188,9 +192,9 @@ class Ledger:
             data = FS.read(path) if unit not in done else None
             if data is None or json.loads(data).get("worker") != worker:
                 continue
-            aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
-            if FS.rename(path, aside):  # a watcher may have taken it over already
-                given_back.append((unit, _attempt_of(data)))
+            attempt = _move_aside(path)  # None: a watcher took it over already
+            if attempt is not None:
+                given_back.append((unit, attempt))
         self.announce(given_back)
         return sorted(u for u, _ in given_back)
 
@@ -288,12 +292,6 @@ class Ledger:
     def stop_watching(self) -> None:
         FS.unlink(self.run_dir.watcher)
 
-    def claimed_among(self, units: set[int]) -> set[int]:
-        """Units of ``units`` that have a claim: one listing per claims shard holding any of them."""
-        shards = {self.run_dir.shard_of(self.run_dir.claims, u) for u in units}
-        return {u for shard in shards for name in FS.listdir(shard)
-                if name.endswith(".json") and (u := unit_of(name)) is not None and u in units}
-
     def take_stale(self, units: list[int], due: dict[int, float], most: int) -> list[tuple[int, int]]:
         """Of claimed units not done, the claims gone stale, moved aside here (up to ``most``), with
         the attempt each was at. ``due`` (kept by the caller, updated here) says when a claim can go
@@ -311,11 +309,20 @@ class Ledger:
             elif now - mtime <= self.lease_timeout_s:
                 due[unit] = mtime + self.lease_timeout_s
             elif len(stale) < most:
-                aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
-                if FS.rename(path, aside):
-                    stale.append((unit, _attempt_of(FS.read(aside))))
+                attempt = _move_aside(path)
+                if attempt is not None:
+                    stale.append((unit, attempt))
                 due.pop(unit, None)
         return stale
+
+
+def _move_aside(claim: Path) -> int | None:
+    """Move a claim out of the way (exactly one of several racing workers succeeds): the attempt it
+    was at, or None when another worker moved it first."""
+    aside = claim.with_name(f"{claim.name}.stale-{uuid.uuid4().hex[:8]}")
+    if not FS.rename(claim, aside):
+        return None
+    return _attempt_of(FS.read(aside))
 
 
 def _attempt_of(data: bytes | None) -> int:

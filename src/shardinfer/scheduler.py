@@ -192,7 +192,7 @@ class IdleWait:
         try:
             while not stop():
                 ops = FS.total
-                pending -= self._done_among(pending)
+                pending -= self.ledger.recorded_among(self.ledger.run_dir.done, pending)
                 if not pending:
                     self.ledger.mark_complete()
                     log.info("every unit is done")
@@ -218,7 +218,7 @@ class IdleWait:
         gone stale and units unclaimed at the last step too are given back (announced); those among
         them that were given back already (by a launcher whose worker died, a draining worker) are
         taken as they are, with their attempt."""
-        claimed = self.ledger.claimed_among(pending)
+        claimed = self.ledger.recorded_among(self.ledger.run_dir.claims, pending)
         stale = self.ledger.take_stale(sorted(claimed), due, ANNOUNCE_MAX)
         unclaimed = pending - claimed
         overdue = sorted(unclaimed_before & unclaimed, reverse=True)  # the ends of slices first
@@ -228,12 +228,3 @@ class IdleWait:
             log.warning("giving back %d unit(s) nobody holds: %s", len(free), [u for u, _ in free][:10])
             self.ledger.announce(free)
         return free + [(u, marked[u]) for u in overdue if u in marked], unclaimed
-
-    def _done_among(self, pending: set[int]) -> set[int]:
-        """Done units among ``pending``: one listing of each shard that holds any of them."""
-        run_dir = self.ledger.run_dir
-        shards = {run_dir.shard_of(run_dir.done, u) for u in pending}
-        done: set[int] = set()
-        for shard in shards:
-            done |= {u for u in self.ledger.done_set_of(shard) if u in pending}
-        return done
