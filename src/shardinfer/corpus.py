@@ -276,6 +276,12 @@ def _peek_columns(path: str, fmt: str) -> set[str]:
 # ---- the one row shape ------------------------------------------------------------------------
 
 
+def import_lazy_modules() -> None:
+    """What the first unit read would import: pyarrow imports pandas (where installed, ~0.3 s) on
+    its first array of NumPy data. Workers do it when they open their corpus."""
+    text_problems(pa.array(["x"]), "text")
+
+
 def text_problems(text: pa.Array, column: str) -> tuple[pa.Array, pa.Array, pa.Array]:
     """The text as strings (values of other types become null), why each row cannot be used (null
     where it can) and its length in characters. Rows with a problem keep their text: readers never
@@ -518,7 +524,7 @@ class ParquetCursor:
     def rows_to_decode(self, columns: list[str], first_row: int) -> int:
         """Rows decoded and thrown away before ``first_row``: from where this cursor stands when it
         walks that row group with these columns, else from the start of the row group."""
-        group = int(np.searchsorted(self.starts, first_row, side="right") - 1)
+        group = self._group_of(first_row)
         if columns == self.columns and group == self.group and self.position <= first_row:
             return first_row - self.position
         return first_row - int(self.starts[group])
@@ -526,7 +532,7 @@ class ParquetCursor:
     def read(self, columns: list[str], first_row: int, rows: int, batch_rows: int) -> list[pa.RecordBatch]:
         if columns != self.columns:
             self.columns, self.group = columns, -1
-        group = int(np.searchsorted(self.starts, first_row, side="right") - 1)
+        group = self._group_of(first_row)
         if not (group == self.group and self.position <= first_row):
             self._seek(group, batch_rows)
         kept: list[pa.RecordBatch] = []
@@ -543,6 +549,9 @@ class ParquetCursor:
                 break
             self.position += batch.num_rows
         return kept
+
+    def _group_of(self, row: int) -> int:
+        return int(np.searchsorted(self.starts, row, side="right") - 1)
 
     def _seek(self, group: int, batch_rows: int) -> None:
         assert self.file is not None

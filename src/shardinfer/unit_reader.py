@@ -40,7 +40,7 @@ class UnitReader:
     def _warm_up(self) -> None:
         """Import now what the first read would import: pyarrow's lazy pandas shim (pandas, where
         installed: ~0.3 s) and, when units start deep in a local Parquet row group, polars."""
-        corpus.text_problems(pa.array(["x"]), "text")
+        corpus.import_lazy_modules()
         local = [f.format == "parquet" and not storage.is_remote(f.path) for f in self.files]
         if any(local[seg.file] and (seg.group_offset or 0) > parquet_slice.DEEP_ROWS
                for unit in self.plan.units for seg in unit.segments):

@@ -122,9 +122,9 @@ def _import_before_fork() -> None:
     """What every worker imports, imported once here: forked workers start with it instead of each
     importing it again (pyarrow's pandas shim alone takes ~0.3 s of CPU a process)."""
     import shardinfer.worker  # noqa: F401
-    from shardinfer.corpus import text_problems
+    from shardinfer.corpus import import_lazy_modules
 
-    text_problems(pa.array(["x"]), "text")
+    import_lazy_modules()
 
 
 def _fork_worker(run_dir: Any, rank: int, world: int, launch: int) -> int:
