@@ -53,6 +53,8 @@ class WorkerMetrics:
     watch_s: float = 0.0  # of the idle time, as the run's watcher
     watch_fs_ops: int = 0
     engine_report: dict[str, Any] = field(default_factory=dict)  # the engine's settings and scheduler stats
+    units_held_max: int = 0  # most units claimed and not yet committed at once
+    peak_rss_mb: float = 0.0  # the worker process's peak resident memory
 
     @property
     def end(self) -> float:

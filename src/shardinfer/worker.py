@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -27,6 +28,7 @@ from shardinfer.engines.base import Refused
 from shardinfer.env import RankEnv, check_allocation, detect
 from shardinfer.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError, RunError, ShardinferError
 from shardinfer.gpus import device_name, visible_gpus
+from shardinfer.launch.lock import die_with_parent, orphaned, stop_orphan
 from shardinfer.ledger import Heartbeat, Ledger
 from shardinfer.live import write_run_prom, write_worker_prom
 from shardinfer.logs import setup_logging
@@ -93,14 +95,19 @@ class Worker:
         self.idle = IdleWait(self.ledger, len(self.plan.units), self.world, self.cfg.run.lease_timeout_s)
 
     def drain(self, signum: int, _frame: Any = None) -> None:
-        """On SIGUSR2/SIGTERM: finish and commit the current unit, claim no more, exit."""
+        """On SIGUSR2/SIGTERM/SIGINT: finish and commit the current unit, claim no more, exit. A local
+        worker whose launcher died stops at once instead."""
+        if orphaned():
+            stop_orphan()
+        if self.draining:
+            return
         self.draining = signal.Signals(signum).name
         log.warning("signal %s: finishing the current unit, then stopping", self.draining)
 
     def run(self) -> WorkerMetrics:
         os.environ.update(self.cfg.run.env)  # before the engine is imported
         self._load()
-        for signum in (signal.SIGUSR2, signal.SIGTERM):
+        for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.drain)
         reader = UnitReader(self.plan, self.cfg, self.run_dir.index)
         progress = Progress(rank=self.rank, total_rows=self.plan.total_rows,
@@ -128,7 +135,7 @@ class Worker:
         candidates = Candidates(self._todo(), self.rank, self.world)
         while True:
             if not self.draining:
-                self._fill(candidates, reader, heartbeat)
+                self._fill(candidates, reader, heartbeat, progress)
             else:
                 self._give_back_unstarted(heartbeat)
             if self.in_flight:
@@ -168,20 +175,26 @@ class Worker:
         log.info("model loaded in %.1f s", self.metrics.model_load_s)
         self._save_metrics()
 
-    def _fill(self, candidates: Candidates, reader: UnitReader, heartbeat: Heartbeat) -> None:
-        """Claim and submit units while the engine wants more."""
+    def _fill(self, candidates: Candidates, reader: UnitReader, heartbeat: Heartbeat, progress: Progress) -> None:
+        """Claim and submit units while the engine wants more. A unit none of whose rows reach the
+        engine (all failed before it) is committed at once: only units whose rows are with the
+        engine are held, so a corpus of bad rows never lets a worker claim more than it works on."""
         while not self.draining and self.engine.wants_more():
             unit = self._claim_next(candidates)
             if unit is None:
                 return
             heartbeat.hold(unit.unit)
+            self.metrics.units_held_max = max(self.metrics.units_held_max, len(self.in_flight) + 1)
             flight = self._prepare(unit, reader)
+            if not flight.waiting:
+                self._commit(flight, progress)
+                heartbeat.drop(unit.unit)
+                continue
             self.in_flight[unit.unit] = flight
-            if flight.waiting:
-                now = time.time()
-                self.metrics.first_generate_at = self.metrics.first_generate_at or now
-                self.engine.submit(unit.unit, [flight.prompt(i) for i in flight.sent])
-                self.metrics.generation_s += time.time() - now
+            now = time.time()
+            self.metrics.first_generate_at = self.metrics.first_generate_at or now
+            self.engine.submit(unit.unit, [flight.prompt(i) for i in flight.sent])
+            self.metrics.generation_s += time.time() - now
 
     def _claim_next(self, candidates: Candidates) -> Unit | None:
         while (candidate := candidates.next()) is not None:
@@ -282,12 +295,14 @@ class Worker:
         return problems
 
     def _prompts(self, rows: pa.Table, problems: list[str | None]) -> list[Prompt | None]:
+        prompts: list[Prompt | None] = [None] * len(problems)
         valid = [i for i, p in enumerate(problems) if p is None]
+        if not valid:  # a unit of bad rows only: nothing to build
+            return prompts
         texts = rows.column(TEXT).take(valid).to_pylist()
         fields = [f for f in dict.fromkeys(self.request_columns) if f in rows.column_names]
         columns = rows.select(fields).take(valid).to_pylist() if fields else [{} for _ in valid]
-        built = self.builder.build(texts, columns) if valid else []
-        prompts: list[Prompt | None] = [None] * len(problems)
+        built = self.builder.build(texts, columns)
         for i, prompt in zip(valid, built):
             prompts[i] = prompt
         return prompts
@@ -305,6 +320,7 @@ class Worker:
         m.timeline = self.timeline.to_json()
         m.fs_ops, m.fs_seconds, m.fsyncs = dict(FS.counts), round(FS.seconds, 6), FS.fsyncs
         m.engine_report = self.engine.report()
+        m.peak_rss_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         m.save(self.run_dir)
         self._metrics_saved = time.monotonic()
         write_worker_prom(self.run_dir, m, self.cfg.name, time.time())
@@ -345,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-replica", type=int, default=0,
                         help="pin this worker to its local rank's slice of the node's GPUs")
     args = parser.parse_args(argv)
+    die_with_parent()
     run_dir = RunDir(args.run_dir)
     rank_env = detect(rank=args.rank, world=args.world)
     setup_logging(rank=rank_env.rank, world=rank_env.world, log_file=run_dir.worker_log(rank_env.rank))
@@ -356,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except ShardinferError as exc:
         log.error("%s", exc)
+        return EXIT_FAILED
+    except KeyboardInterrupt:  # before the signal handlers were set (model load)
+        log.warning("interrupted")
         return EXIT_FAILED
     except Exception:
         log.exception("worker failed")
