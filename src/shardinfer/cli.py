@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -307,10 +309,20 @@ def _config_command(sub: Any, name: str, fn: Any, text: str) -> argparse.Argumen
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, docker, systemd): handled like Ctrl-C, the workers drain."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     from shardinfer.logs import setup_logging
 
     setup_logging()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args = _parse(list(sys.argv[1:] if argv is None else argv))
         return int(args.fn(args))
@@ -320,9 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     except ShardinferError as exc:
         print(f"shardinfer: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("shardinfer: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        stopped = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"shardinfer: {stopped}; committed units are kept: `shardinfer resume RUN_DIR` continues a run",
+              file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardinfer.results import schema_record
-from shardinfer.rundir import FS, RunDir, read_json, unit_of, write_json_atomic
+from shardinfer.rundir import FS, RunDir, unit_of, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +154,18 @@ class Ledger:
         shards = {self.run_dir.shard_of(root, u) for u in units}
         return {u for shard in shards for u in self.units_in(shard) if u in units}
 
-    def done_units(self) -> dict[int, dict[str, Any]]:
-        """Every done record (opens them all: for the reduce, status and the start of a launch)."""
+    def done_units(self, *, repair: bool = True) -> dict[int, dict[str, Any]]:
+        """Every done record (opens them all: for the reduce, status and the start of a launch). A
+        damaged record (garbled, empty, not this unit's) does not count: with ``repair`` it is set
+        aside, kept for a look, so its unit is redone."""
         records = {}
         for d in self.run_dir.shard_dirs(self.run_dir.done):
             for path in d.glob("unit-*.json"):
-                record = read_json(path)
-                records[int(record["unit"])] = record
+                record, damage = _read_done_record(path)
+                if record is not None:
+                    records[int(record["unit"])] = record
+                elif repair and damage:
+                    _set_aside_damaged(path, damage)
         return records
 
     def claims(self) -> dict[int, Path]:
@@ -190,7 +195,7 @@ class Ledger:
         given_back = []
         for unit, path in self.claims().items():
             data = FS.read(path) if unit not in done else None
-            if data is None or json.loads(data).get("worker") != worker:
+            if data is None or _claim_field(data, "worker") != worker:
                 continue
             attempt = _move_aside(path)  # None: a watcher took it over already
             if attempt is not None:
@@ -327,9 +332,41 @@ def _move_aside(claim: Path) -> int | None:
 
 def _attempt_of(data: bytes | None) -> int:
     try:
-        return int(json.loads(data or b"{}").get("attempt", 1))
-    except ValueError:
+        return int(_claim_field(data or b"{}", "attempt") or 1)
+    except (TypeError, ValueError):
         return 1
+
+
+def _claim_field(data: bytes, key: str) -> Any:
+    """One field of a claim file; None when the file is garbled."""
+    try:
+        claim = json.loads(data)
+    except ValueError:
+        return None
+    return claim.get(key) if isinstance(claim, dict) else None
+
+
+def _read_done_record(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A done record, or None and what is wrong with it (None too when it vanished meanwhile)."""
+    data = FS.read(path)
+    if data is None:
+        return None, None
+    try:
+        record = json.loads(data)
+    except ValueError as exc:
+        return None, f"not JSON ({exc})"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    if record.get("unit") != unit_of(path.name) or not isinstance(record.get("rows"), int):
+        return None, "its unit or row count is missing or wrong"
+    return record, None
+
+
+def _set_aside_damaged(path: Path, damage: str) -> None:
+    aside = path.with_name(f"{path.name}.damaged-{uuid.uuid4().hex[:8]}")
+    if FS.rename(path, aside):
+        log.warning("done record %s is damaged (%s): unit %s will be redone; the record is kept as %s",
+                    path, damage, unit_of(path.name), aside.name)
 
 
 def _part_ok(path: Path, recorded: int | None, expected: int | None) -> bool:

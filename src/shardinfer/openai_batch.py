@@ -13,6 +13,7 @@ or ``"response": null`` and ``"error": {"code", "message"}`` for a request that 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -192,7 +193,7 @@ class OutputFile:
 
     def __init__(self, out: Path, run_id: str):
         self.out, self.run_id = out, run_id
-        self.tmp = out.with_name(out.name + ".tmp")
+        self.tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         self.fh = self.tmp.open("w", encoding="utf-8")
         self.created = int(time.time())
         self.lines = 0

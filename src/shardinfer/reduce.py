@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from shardinfer.ledger import Ledger
 from shardinfer.openai_batch import OutputFile
 from shardinfer.plan import Plan, Unit
 from shardinfer.report import build_report, write_report
+from shardinfer.result_set import new_version, publish_version, results_lock
 from shardinfer.results import ROW, Totals, empty_result_schema, schema_from_record
 from shardinfer.rundir import RunDir
 from shardinfer.runstate import load_run
@@ -39,7 +39,13 @@ ROW_GROUPS_PER_FILE = 8
 
 
 def reduce_run(run_dir: RunDir) -> dict[str, Any]:
-    """Write merged results and the report; return the report."""
+    """Write merged results and the report; return the report. Reduces of one run take turns, and
+    each publishes its result set whole (see :mod:`shardinfer.result_set`)."""
+    with results_lock(run_dir) as locked:
+        return _reduce(run_dir, tidy=locked)
+
+
+def _reduce(run_dir: RunDir, *, tidy: bool) -> dict[str, Any]:
     cfg, plan = load_run(run_dir)
     done = Ledger(run_dir).done_units()
     missing = [u.unit for u in plan.units if u.unit not in done]
@@ -50,7 +56,7 @@ def reduce_run(run_dir: RunDir) -> dict[str, Any]:
         )
     schema = _result_schema(run_dir, plan, done, cfg.input.passthrough)
     openai = OutputFile(run_dir.openai_output, run_id(run_dir)) if writes_openai_output(cfg) else None
-    totals = _write_results(run_dir, plan, schema, cfg.run.results_row_group_rows, openai)
+    totals = _write_results(run_dir, plan, schema, cfg.run.results_row_group_rows, openai, tidy=tidy)
     _check_counts(totals, plan.total_rows)
     report = build_report(cfg, plan, run_dir, totals)
     if cfg.run.output:
@@ -166,12 +172,10 @@ class _Writer:
 
 
 def _write_results(run_dir: RunDir, plan: Plan, schema: pa.Schema, group_rows: int,
-                   openai: OutputFile | None = None) -> Totals:
-    """Merged results from the parts read once each; the OpenAI output file, when asked, from the
-    same tables."""
-    tmp = run_dir.path / ".results.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+                   openai: OutputFile | None = None, *, tidy: bool = True) -> Totals:
+    """Merged results from the parts read once each, published whole; the OpenAI output file, when
+    asked, from the same tables."""
+    tmp = new_version(run_dir)
     totals = Totals()
     writer = _Writer(tmp, schema, group_rows)
     for unit in plan.units:
@@ -184,8 +188,7 @@ def _write_results(run_dir: RunDir, plan: Plan, schema: pa.Schema, group_rows: i
     writer.close()
     if openai is not None:
         log.info("wrote %d lines to %s", openai.close(), openai.out)
-    shutil.rmtree(run_dir.results, ignore_errors=True)
-    tmp.rename(run_dir.results)
+    publish_version(run_dir, tmp, tidy=tidy)
     return totals
 
 

@@ -27,6 +27,8 @@ from shardinfer.rundir import RunDir, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
+_LOCKS = (".launch.lock", ".results.lock")  # held by the processes using the directory: never removed
+
 
 def run_dir_for(cfg: Config) -> RunDir:
     """run.directory; by default runs/<name>, or runs/<name>-<hash> when that holds a run whose
@@ -64,7 +66,7 @@ def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
             log.info("continuing the run in %s", run_dir.path)
             return run_dir, plan
     log.info("planning %s", run_dir.path)
-    existed = run_dir.path.exists()
+    existed = run_dir.path.exists() and any(p.name not in _LOCKS for p in run_dir.path.iterdir())
     try:
         plan = make_plan(cfg, workers, index_dir=run_dir.index)
     except BaseException:
@@ -89,7 +91,7 @@ def clear_uncommitted(run_dir: RunDir) -> None:
     again: everything but the logs and the cluster jobs' output, which say what went wrong."""
     kept = {run_dir.logs, run_dir.slurm}
     for path in run_dir.path.iterdir():
-        if path in kept:
+        if path in kept or path.name in _LOCKS:
             continue
         if path.is_dir():
             shutil.rmtree(path)

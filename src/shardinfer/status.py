@@ -14,6 +14,7 @@ from shardinfer.ledger import Ledger
 from shardinfer.live import WorkerLive, worker_live
 from shardinfer.metrics import WorkerMetrics, load_metrics
 from shardinfer.plan import Plan
+from shardinfer.result_set import published_problem
 from shardinfer.results import RowCounts
 from shardinfer.rundir import RunDir
 from shardinfer.runstate import load_run
@@ -34,6 +35,7 @@ class RunStatus:
     finished: bool = False
     workers: list[WorkerLive] = field(default_factory=list)  # of the latest launch
     stalled: list[int] = field(default_factory=list)  # ranks of workers silent too long
+    results_problem: str | None = None  # every unit done, but results/ is not the complete set
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -44,18 +46,20 @@ class RunStatus:
 def run_status(run_dir: RunDir) -> RunStatus:
     cfg, plan = load_run(run_dir)
     ledger = Ledger(run_dir)
-    done = ledger.done_units()
+    done = ledger.done_units(repair=False)  # status only looks
     running = len(set(ledger.claims()) - set(done))
     counts = sum((RowCounts.from_record(r) for r in done.values()), RowCounts())
     metrics = load_metrics(run_dir)  # read once: the pace and the workers both come from it
     rate, eta = _speed(metrics, plan, done)
     workers = _workers(metrics, cfg.run.metrics_interval_s)
+    all_done = len(done) == len(plan.units)
+    problem = published_problem(run_dir, plan.total_rows) if all_done else None
     return RunStatus(
         run_dir=str(run_dir.path), units=len(plan.units), done=len(done), running=running,
         pending=len(plan.units) - len(done) - running, rows=plan.total_rows, counts=counts,
         tokens_per_s=rate, eta_s=eta, jobs=_jobs(run_dir),
-        finished=run_dir.report_json.is_file() and len(done) == len(plan.units),
-        workers=workers, stalled=[w.rank for w in workers if w.state == "stalled"],
+        finished=all_done and problem is None and run_dir.report_json.is_file(),
+        results_problem=problem, workers=workers, stalled=[w.rank for w in workers if w.state == "stalled"],
     )
 
 
@@ -115,6 +119,9 @@ def describe_status(s: RunStatus) -> str:
         lines += [f"  {w.rank:5d}  {w.host}  {w.device or '?'}  {w.units}  {w.rows}  {w.tokens_per_s_recent:,.0f}  "
                   f"{_duration(w.last_seen_s)} ago  {w.state.upper() if w.state == 'stalled' else w.state}"
                   for w in s.workers]
+    if s.results_problem:
+        lines.append(f"results: not published whole ({s.results_problem}); "
+                     f"`shardinfer reduce {s.run_dir}` writes them again")
     if s.stalled:
         lines.append(f"stalled: worker(s) {', '.join(map(str, s.stalled))} wrote no metrics for a long time "
                      f"(hung engine, lost node?); their units are taken over once their leases expire")

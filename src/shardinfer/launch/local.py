@@ -19,6 +19,7 @@ from shardinfer.engines.registry import get_engine
 from shardinfer.errors import EXIT_CONFIG, ConfigError, RunError
 from shardinfer.gpus import gpu_groups, visible_gpus
 from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
+from shardinfer.launch.lock import PARENT_ENV, inherited_fds
 from shardinfer.ledger import Ledger
 from shardinfer.plan import Plan
 from shardinfer.reduce import reduce_run
@@ -167,9 +168,12 @@ def _spawn(run_dir: RunDir, cfg: Config, rank: int, world: int, gpus: list[str],
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    env[PARENT_ENV] = str(os.getpid())  # the worker stops when this process dies
     cmd = _worker_command(run_dir, rank, world, launch)
     log.debug("starting worker %d: %s", rank, " ".join(cmd))
-    return subprocess.Popen(cmd, env=env)
+    # Its own session: a Ctrl-C at the terminal reaches this process only, which drains the workers;
+    # the launch lock is inherited, so the run directory stays locked while the worker lives.
+    return subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=inherited_fds(run_dir))
 
 
 def died_text(died: int, workers: int) -> str:

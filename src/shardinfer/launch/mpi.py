@@ -117,8 +117,9 @@ def _prepare(target: str, overrides: list[str], world: int, launch: int | None) 
     """Rank 0: plan or reopen the run and begin the launch when no launcher did; returns
     ("ok", run dir, launch) or ("error", message, 0)."""
     from shardinfer.config import load_config
+    from shardinfer.launch.lock import launch_lock
     from shardinfer.launch.start import open_launch, record_launch
-    from shardinfer.runstate import load_run
+    from shardinfer.runstate import load_run, run_dir_for
 
     try:
         if launch is not None:
@@ -128,9 +129,10 @@ def _prepare(target: str, overrides: list[str], world: int, launch: int | None) 
             cfg.run.directory = target
         else:
             cfg = load_config(target, overrides)
-        run_dir, _, launch = open_launch(cfg, world)
-        # The launch lasts as long as the process that started the ranks (mpirun, or srun's step).
-        record_launch(run_dir, LaunchRecord(launch=launch, launcher=MpirunLauncher.name, pid=os.getppid()))
+        with launch_lock(run_dir_for(cfg)):
+            run_dir, _, launch = open_launch(cfg, world)
+            # The launch lasts as long as the process that started the ranks (mpirun, or srun's step).
+            record_launch(run_dir, LaunchRecord(launch=launch, launcher=MpirunLauncher.name, pid=os.getppid()))
         return "ok", str(run_dir.path), launch
     except ShardinferError as exc:
         return "error", str(exc), 0

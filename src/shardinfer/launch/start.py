@@ -3,7 +3,8 @@ Python API all come here.
 
 1. the launcher checks what would fail at launch (nothing is planned or submitted if it fails);
 2. the run is planned, or reopened when its results settings, model and input are unchanged;
-3. no earlier launch of the run may still be running;
+3. no other process may be launching the run (the launch lock) and no earlier launch of it may
+   still be running;
 4. the launch begins: committed parts checked, stale claims released, failed rows set aside when
    asked, the launch numbered and its settings saved;
 5. the launcher starts the workers and the launch is recorded in ``jobs.json``.
@@ -18,6 +19,7 @@ from pathlib import Path
 from shardinfer.config import Config, load_config
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.launch.base import LaunchRecord, RunHandle
+from shardinfer.launch.lock import launch_lock
 from shardinfer.launch.registry import get_launcher
 from shardinfer.ledger import Ledger
 from shardinfer.plan import Plan
@@ -36,9 +38,10 @@ def launch(config: Config | str | Path, *, launcher: str = "local", overrides: l
     chosen = get_launcher(launcher, on_cluster=on_cluster)
     require(preflight(cfg))
     chosen.check(cfg)
-    run_dir, plan, number = open_launch(cfg, chosen.workers(cfg), retry_failed=retry_failed)
-    handle = chosen.start(cfg, run_dir, plan, number)
-    record_launch(run_dir, handle.record)
+    with launch_lock(run_dir_for(cfg)):  # local workers inherit it: held while they run
+        run_dir, plan, number = open_launch(cfg, chosen.workers(cfg), retry_failed=retry_failed)
+        handle = chosen.start(cfg, run_dir, plan, number)
+        record_launch(run_dir, handle.record)
     return handle
 
 
