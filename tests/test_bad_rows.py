@@ -79,3 +79,20 @@ def test_a_parquet_file_without_usable_text_still_finishes(tmp_path, tiny_model,
     proc = run_cli(["run", str(config)], plugin_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["status"] for r in read_results(tmp_path / "typed")] == ["failed"] * 3
+
+
+def test_run_files_are_never_group_or_world_writable_under_umask_000(tmp_path, tiny_model, plugin_env):
+    import stat
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(6)))
+    config = _config(tmp_path, tiny_model, corpus, "modes", run={"max_unit_rows": 2})
+    proc = subprocess.run([sys.executable, "-m", "shardinfer.cli", "run", str(config)], env=plugin_env,
+                          capture_output=True, text=True, preexec_fn=lambda: os.umask(0))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = [p for p in (tmp_path / "modes").rglob("*") if not p.is_symlink()]
+    assert any(p.name == "run.json" for p in paths) and any(p.suffix == ".parquet" for p in paths)
+    wide = [str(p) for p in paths if p.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)]
+    assert not wide

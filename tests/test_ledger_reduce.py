@@ -464,3 +464,24 @@ def test_the_watcher_takes_units_a_launcher_gave_back_with_their_next_attempt(pl
     given_back = IdleWait(watcher, len(plan.units), 2, 300)._watch(lambda: time.monotonic() > start + 10)
     assert given_back == [(0, 1)] and time.monotonic() - start < 3
     assert watcher.claim_released(0, 1) and watcher.attempts[0] == 2
+
+
+@pytest.mark.parametrize("damage", [b"", b"{}", b"{\"unit\": 1, \"rows\"", b"[1, 2]", b"{\"unit\": 99, \"rows\": 3}"])
+def test_a_damaged_done_record_is_set_aside_and_its_unit_redone(planned, damage, caplog):
+    from shardinfer.runstate import begin_launch
+    from shardinfer.status import run_status
+
+    run_dir, plan = planned
+    for unit in plan.units:
+        _commit(run_dir, unit)
+    run_dir.done_record(1).write_bytes(damage)
+    assert 1 not in Ledger(run_dir).done_units(repair=False)
+    assert run_status(run_dir).done == len(plan.units) - 1  # status looks, changes nothing
+    assert run_dir.done_record(1).read_bytes() == damage
+    with pytest.raises(RunError, match=r"1 of \d+ units are not done \(units 1\)"):
+        reduce_run(run_dir)
+    kept = list(run_dir.done_record(1).parent.glob("unit-000001.json.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == damage
+    assert "done record" in caplog.text and "is damaged" in caplog.text and "unit 1 will be redone" in caplog.text
+    begin_launch(run_dir, plan, config_from_dict(json.loads(run_dir.run_json.read_text())["config"]))
+    assert Ledger(run_dir).claim(plan.units[1].unit, take_over=False)  # free to claim again

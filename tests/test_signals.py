@@ -157,3 +157,47 @@ def test_results_are_published_whole_by_concurrent_and_killed_reduces(tmp_path, 
     next(version.glob("part-*.parquet")).unlink()  # a damaged result set is not called finished
     status = json.loads(run_cli(["status", str(run_dir), "--json"], sim_env).stdout)
     assert not status["finished"] and "missing or unreadable" in status["results_problem"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB filesystem of its own (tmpfs; needs root)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (64 << 10))
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_is_said_once_without_a_traceback_and_resume_goes_on(tmp_path, tiny_model, sim_env,
+                                                                         small_disk):
+    config = _config(tmp_path, tiny_model, "full", directory=str(small_disk / "run"))
+    run_dir = small_disk / "run"
+    launcher = _start(config, sim_env)
+    _wait_for_commits(run_dir, 2)
+    filler = _fill(small_disk)
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 1
+    assert f"disk full at {run_dir}" in err and "Traceback" not in err, err[-3000:]
+    for command in ("resume", "reduce"):
+        proc = run_cli([command, str(run_dir)], sim_env)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "disk full at" in proc.stderr or "units are not done" in proc.stderr, proc.stderr[-3000:]
+    assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]  # no temporary file left behind
+    filler.unlink()
+    proc = run_cli(["resume", str(run_dir)], sim_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _ids(run_dir) == [d["id"] for d in demo_docs(48)]

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shardinfer import __version__
-from shardinfer.errors import ConfigError, ShardinferError
-from shardinfer.rundir import RunDir
+from shardinfer.errors import ConfigError, ShardinferError, disk_full, is_disk_full
+from shardinfer.rundir import RunDir, restrict_umask
 
 if TYPE_CHECKING:
     from shardinfer.launch.base import RunHandle
@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     from shardinfer.logs import setup_logging
 
     setup_logging()
+    restrict_umask()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -331,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ShardinferError as exc:
         print(f"shardinfer: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"shardinfer: {disk_full(getattr(exc, 'filename', None) or Path.cwd())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         stopped = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"

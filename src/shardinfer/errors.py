@@ -1,5 +1,7 @@
 """The few exception types of shardinfer. Every message says what was set, what was found, and the fix."""
 
+import errno
+from pathlib import Path
 
 EXIT_CONFIG = 2  # every process exits with this on a ConfigError: a rerun cannot help until it is fixed
 EXIT_FAILED = 1  # the run could not finish: a rerun (resume) may
@@ -30,3 +32,20 @@ def missing_dependency(module: str, extra: str, hint: str = "") -> MissingDepend
     """An ImportError that names the extra to install."""
     return MissingDependency(f"{module} is not installed. Install it with: pip install 'shardinfer[{extra}]'"
                              + (f"  ({hint})" if hint else ""))
+
+
+class DiskFull(RunError):
+    """The filesystem of the run directory (or of the results) has no room left."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error is a full disk or an exceeded quota (pyarrow's errors carry only the text)."""
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or any(
+        text in str(exc) for text in ("No space left on device", "Disk quota exceeded"))
+
+
+def disk_full(where: str | Path) -> DiskFull:
+    return DiskFull(f"disk full at {where}: make room there (or set run.directory to a filesystem with room); "
+                    f"committed units are kept, and `shardinfer resume RUN_DIR` goes on from them")

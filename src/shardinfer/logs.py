@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+import time
 from pathlib import Path
+
+from shardinfer.errors import is_disk_full
 
 _FORMAT = "%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
 
@@ -21,9 +25,23 @@ def setup_logging(*, rank: int | None = None, world: int | None = None, log_file
     console.setLevel(os.environ.get("SHARDINFER_LOG_LEVEL", "INFO").upper())
     root.addHandler(console)
     if log_file is not None:
-        handler = logging.FileHandler(log_file)
+        handler = _FileHandler(log_file)
         handler.setFormatter(fmt)
         handler.setLevel(logging.DEBUG)
         root.addHandler(handler)
     for noisy in ("urllib3", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _FileHandler(logging.FileHandler):
+    """A log file that, when its disk is full, says so once on the console and stops writing,
+    instead of printing a traceback for every record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if exc is None or not is_disk_full(exc):
+            super().handleError(record)
+            return
+        logging.getLogger().removeHandler(self)
+        sys.stderr.write(f"{time.strftime('%H:%M:%S')} WARNING shardinfer.logs: disk full at {self.baseFilename}: "
+                         f"logging to the console only\n")

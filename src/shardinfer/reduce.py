@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import pyarrow.parquet as pq
 
 from shardinfer import storage
 from shardinfer.config import Config
-from shardinfer.errors import RunError
+from shardinfer.errors import RunError, disk_full, is_disk_full
 from shardinfer.ledger import Ledger
 from shardinfer.openai_batch import OutputFile
 from shardinfer.plan import Plan, Unit
@@ -176,6 +177,17 @@ def _write_results(run_dir: RunDir, plan: Plan, schema: pa.Schema, group_rows: i
     """Merged results from the parts read once each, published whole; the OpenAI output file, when
     asked, from the same tables."""
     tmp = new_version(run_dir)
+    try:
+        return _write_version(run_dir, tmp, plan, schema, group_rows, openai, tidy=tidy)
+    except OSError as exc:  # a full disk: the incomplete version goes, the published set stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise disk_full(tmp.parent) from exc
+        raise
+
+
+def _write_version(run_dir: RunDir, tmp: Path, plan: Plan, schema: pa.Schema, group_rows: int,
+                   openai: OutputFile | None, *, tidy: bool) -> Totals:
     totals = Totals()
     writer = _Writer(tmp, schema, group_rows)
     for unit in plan.units:

@@ -38,6 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from shardinfer.errors import disk_full, is_disk_full
+
 LAYOUT = 2  # sharded claims/, parts/, done/ and the coord/ directory
 SHARD_UNITS = 1000
 
@@ -86,24 +88,35 @@ class FileOps:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            except OSError as exc:
+                raise _disk_full_or(exc, path) from exc
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        except OSError as exc:  # a full disk: no half-written file stays behind
+            path.unlink(missing_ok=True)
+            raise _disk_full_or(exc, path) from exc
         return True
 
     def write_atomic(self, path: Path, write: Callable[[IO[bytes]], object], *, fsync: bool = True) -> None:
-        """Write under a temporary name (flushed to disk), then rename into place. The writing and
-        the fsync count in ``seconds``, not as metadata operations."""
+        """Write under a temporary name (flushed to disk), then rename into place; a write that fails
+        (a full disk) leaves no temporary file. The writing and the fsync count in ``seconds``, not
+        as metadata operations."""
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with self._op("create"):
-            fh = tmp.open("wb")
-        start = time.perf_counter()
-        with fh:
-            write(fh)
-            fh.flush()
-            if fsync:
-                os.fsync(fh.fileno())
-                self.fsyncs += 1
-        self.seconds += time.perf_counter() - start
+        try:
+            with self._op("create"):
+                fh = tmp.open("wb")
+            start = time.perf_counter()
+            with fh:
+                write(fh)
+                fh.flush()
+                if fsync:
+                    os.fsync(fh.fileno())
+                    self.fsyncs += 1
+            self.seconds += time.perf_counter() - start
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _disk_full_or(exc, path) from exc
         with self._op("rename"):
             os.replace(tmp, path)
 
@@ -151,6 +164,11 @@ class FileOps:
 
 
 FS = FileOps()  # this process's operations on run directories
+
+
+def _disk_full_or(exc: OSError, path: Path) -> Exception:
+    """A full disk as the error that says so (where, and what to do); other errors as they are."""
+    return disk_full(path.parent) if is_disk_full(exc) else exc
 
 
 class RunDir:
@@ -224,6 +242,12 @@ class RunDir:
     def worker_metrics(self, launch: int, rank: int, restart: int = 0) -> Path:
         again = f"-restart-{restart}" if restart else ""
         return self.metrics / f"launch-{launch:03d}{again}-worker-{rank:05d}.json"
+
+
+def restrict_umask() -> None:
+    """Files of a run are never group- or world-writable, whatever the umask (a stricter one stays):
+    every process that writes to a run directory calls this first."""
+    os.umask(os.umask(0) | 0o022)
 
 
 def unit_of(name: str) -> int | None:

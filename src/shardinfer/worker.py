@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from shardinfer.engines import Completion, create_engine, get_engine
 from shardinfer.engines.base import Refused
 from shardinfer.env import RankEnv, check_allocation, detect
-from shardinfer.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError, RunError, ShardinferError
+from shardinfer.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError, RunError, ShardinferError, disk_full, is_disk_full
 from shardinfer.gpus import device_name, visible_gpus
 from shardinfer.launch.lock import die_with_parent, orphaned, stop_orphan
 from shardinfer.ledger import Heartbeat, Ledger
@@ -40,7 +40,7 @@ from shardinfer.progress import Progress
 from shardinfer.prompts import Prompt, request_columns
 from shardinfer.results import ID, PROBLEM, ROW, TEXT, RowCounts, failed_rows, result_table
 from shardinfer.row_requests import RequestBuilder, result_extras
-from shardinfer.rundir import FS, RunDir
+from shardinfer.rundir import FS, RunDir, restrict_umask
 from shardinfer.runstate import load_run
 from shardinfer.scheduler import Candidates, IdleWait
 from shardinfer.timeline import Timeline
@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="pin this worker to its local rank's slice of the node's GPUs")
     args = parser.parse_args(argv)
     die_with_parent()
+    restrict_umask()
     run_dir = RunDir(args.run_dir)
     rank_env = detect(rank=args.rank, world=args.world)
     setup_logging(rank=rank_env.rank, world=rank_env.world, log_file=run_dir.worker_log(rank_env.rank))
@@ -376,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:  # before the signal handlers were set (model load)
         log.warning("interrupted")
+        return EXIT_FAILED
+    except OSError as exc:
+        if not is_disk_full(exc):
+            log.exception("worker failed")
+            raise
+        log.error("%s", disk_full(getattr(exc, "filename", None) or run_dir.path))
         return EXIT_FAILED
     except Exception:
         log.exception("worker failed")

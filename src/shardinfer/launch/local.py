@@ -117,16 +117,17 @@ class LocalHandle(RunHandle):
             if self.done():
                 _RUNNING_HERE.discard(self.record.submitted_at)
         failures = {rank: code for rank, code in enumerate(codes) if code != 0}
-        if failures:
-            log.warning("%s%s", died_text(len(failures), len(codes)), failure_text(self.run_dir, failures))
         try:
-            return reduce_run(self.run_dir)
+            report = reduce_run(self.run_dir)
         except RunError as exc:
             if failures and set(failures.values()) == {EXIT_CONFIG}:
                 raise ConfigError(f"{died_text(len(failures), len(codes))} on a config error; running again "
                                   f"will not help until it is fixed.{failure_text(self.run_dir, failures)} "
                                   f"{_committed_text(self.run_dir)}") from exc
             raise RunError(f"{exc}{failure_text(self.run_dir, failures)}") from exc
+        if failures:  # the others finished the units of those that died
+            log.warning("%s.%s", died_text(len(failures), len(codes)), failure_text(self.run_dir, failures))
+        return report
 
     def _wait_all(self, timeout_s: float | None) -> list[int]:
         """Wait for every worker; a worker that dies has its units given back at once, so the
@@ -191,11 +192,14 @@ def _committed_text(run_dir: RunDir) -> str:
 
 
 def failure_text(run_dir: RunDir, failures: dict[int, int]) -> str:
+    """How the failed workers ended, each way said once with the ranks that ended so."""
     if not failures:
         return ""
-    parts = [f"rank {rank} exited with {_exit_text(code)}{_last_error(run_dir.worker_log(rank))} "
-             f"(log: {run_dir.worker_log(rank)})" for rank, code in sorted(failures.items())]
-    return " Workers that failed: " + "; ".join(parts) + "."
+    ways: dict[str, list[int]] = {}
+    for rank, code in sorted(failures.items()):
+        ways.setdefault(f"exited with {_exit_text(code)}{_last_error(run_dir.worker_log(rank))}", []).append(rank)
+    parts = [f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} {way}" for way, ranks in ways.items()]
+    return f" Workers that failed: {'; '.join(parts)} (logs: {run_dir.logs})."
 
 
 def _exit_text(code: int) -> str:

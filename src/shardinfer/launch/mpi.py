@@ -29,7 +29,7 @@ from shardinfer.config import Config
 from shardinfer.errors import EXIT_CONFIG, ConfigError, RunError, ShardinferError, missing_dependency
 from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
 from shardinfer.plan import Plan
-from shardinfer.rundir import RunDir, read_json
+from shardinfer.rundir import RunDir, read_json, restrict_umask
 
 log = logging.getLogger("shardinfer.mpi")
 
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from shardinfer.env import from_mpi
     from shardinfer.logs import setup_logging
 
+    restrict_umask()
     comm = MPI.COMM_WORLD
     rank_env = from_mpi(comm)
     setup_logging(rank=rank_env.rank, world=rank_env.world)

@@ -26,7 +26,7 @@ from shardinfer.launch.slurm import (
     worker_request,
 )
 from shardinfer.plan import Plan
-from shardinfer.rundir import RunDir
+from shardinfer.rundir import RunDir, restrict_umask
 
 
 def run_worker_task(run_dir: str, launch: int, expect_world: int, gpus_per_replica: int, requeue: bool) -> int:
@@ -36,6 +36,7 @@ def run_worker_task(run_dir: str, launch: int, expect_world: int, gpus_per_repli
     from shardinfer.logs import setup_logging
     from shardinfer.worker import run_worker
 
+    restrict_umask()
     rank_env = detect()
     directory = RunDir(run_dir)
     setup_logging(rank=rank_env.rank, world=rank_env.world, log_file=directory.worker_log(rank_env.rank))
@@ -55,6 +56,7 @@ def reduce_task(run_dir: str) -> dict[str, Any]:
     from shardinfer.reduce import reduce_run
 
     setup_logging()
+    restrict_umask()
     return reduce_run(RunDir(run_dir))
 
 
