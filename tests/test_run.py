@@ -155,7 +155,7 @@ def test_status_of_a_finished_run_as_json_and_watched(bad_run, engine_env):
 def test_rerun_with_another_config_is_refused(bad_run, engine_env):
     _, run_dir, _, _, config = bad_run
     proc = run_cli(["run", str(config), "sampling.max_tokens=8"], engine_env)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "holds a run of a different config (sampling.max_tokens changed)" in proc.stderr
     assert "Set run.directory to a new directory" in proc.stderr
 
@@ -406,7 +406,7 @@ def test_resume_redoes_a_corrupt_part_and_refuses_a_changed_input(long_job, engi
     corpus = tmp / "docs.jsonl"
     os.utime(corpus, (time.time(), time.time() + 5))
     proc = run_cli(["resume", str(run_dir)], engine_env)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "was started with another model, engine, prompt, sampling or input" in proc.stderr
     assert "input.0.mtime" in proc.stderr and "run.directory=NEW_DIR" in proc.stderr
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from shardinfer.config import config_from_dict
-from shardinfer.errors import RunError
+from shardinfer.errors import ConfigError
 from shardinfer.runstate import prepare_run, run_dir_for
 
 
@@ -48,7 +48,7 @@ def test_an_explicit_run_directory_with_another_config_is_refused(in_tmp):
     run_dir, _ = prepare_run(config_from_dict({**_raw(in_tmp), "run": {"directory": "out"}}), 1)
     _mark_committed(run_dir)
     changed = {**_raw(in_tmp), "run": {"directory": "out"}, "prompt": {"system": "new"}}
-    with pytest.raises(RunError, match=r"out holds a run of a different config \(prompt.system changed\)"):
+    with pytest.raises(ConfigError, match=r"out holds a run of a different config \(prompt.system changed\)"):
         prepare_run(config_from_dict(changed), 1)
 
 
@@ -93,5 +93,5 @@ def test_a_run_begun_before_a_setting_existed_continues(in_tmp):
     del state["config"]["model"]["hf_batch_tokens"], state["config"]["sampling"]["ignore_eos"]
     run_dir.run_json.write_text(json.dumps(state))
     assert prepare_run(config_from_dict(explicit), 1)[0].path == run_dir.path
-    with pytest.raises(RunError, match=r"sampling.ignore_eos changed"):
+    with pytest.raises(ConfigError, match=r"sampling.ignore_eos changed"):
         prepare_run(config_from_dict({**explicit, "sampling": {"max_tokens": 8, "ignore_eos": True}}), 1)

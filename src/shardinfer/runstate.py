@@ -56,7 +56,7 @@ def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
         plan = load_plan(run_dir)
         try:
             check_fingerprint(run_dir, cfg, plan)
-        except RunError:
+        except ConfigError:
             if has_committed(run_dir):
                 raise
             log.warning("%s holds a run of another config in which no unit was committed: planning it anew",
@@ -133,10 +133,11 @@ def changed_settings(run_dir: RunDir, cfg: Config) -> list[str]:
 
 
 def check_fingerprint(run_dir: RunDir, cfg: Config, plan: Plan) -> None:
-    """Refuse to continue a run whose results settings, model, engine or input changed since it began."""
+    """Refuse to continue a run whose results settings, model, engine or input changed since it began
+    (a config error: running again cannot help until the config, the input or run.directory changes)."""
     changed = changed_settings(run_dir, cfg)
     if changed:
-        raise RunError(
+        raise ConfigError(
             f"{run_dir.path} holds a run of a different config ({', '.join(changed)} changed). Set "
             f"run.directory to a new directory for a new run, restore those settings, or remove "
             f"{run_dir.path}. (Settings under run.* and slurm.* may change between launches of a run.)"
@@ -146,7 +147,7 @@ def check_fingerprint(run_dir: RunDir, cfg: Config, plan: Plan) -> None:
     changes = differences(saved, now)
     if changes:
         shown = "\n  ".join(changes[:20]) + ("\n  ..." if len(changes) > 20 else "")
-        raise RunError(
+        raise ConfigError(
             f"{run_dir.path} was started with another model, engine, prompt, sampling or input; resuming "
             f"would mix two runs. What changed:\n  {shown}\nRestore them, or start a new run explicitly: "
             f"shardinfer run CONFIG run.directory=NEW_DIR"
