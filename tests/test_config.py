@@ -151,3 +151,127 @@ def test_pass_through_may_not_shadow_a_results_column():
         build(input__passthrough=["lang", "status"])
     with pytest.raises(ConfigError, match="the id column is the results' id"):
         build(input__passthrough=["id"], input__id_column="id")
+
+
+def _write(tmp_path, text: str | bytes):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+BASE_YAML = "input: {path: x.jsonl}\nmodel: {path: m}\n"
+
+
+def test_a_config_file_that_is_not_utf8_is_refused_with_the_line(tmp_path):
+    path = _write(tmp_path, BASE_YAML.encode() + b"prompt: {system: caf\xe9}\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text: byte 0xe9 on line 3.*Save the file as UTF-8"):
+        load_config(path)
+
+
+def test_an_override_that_is_not_utf8_is_refused(tmp_path):
+    path = _write(tmp_path, BASE_YAML)
+    bad = b"prompt.system=caf\xe9".decode("utf-8", "surrogateescape")  # how Python passes such an argument
+    for item in (bad, b"sampling.stop=[\xff]".decode("utf-8", "surrogateescape")):
+        with pytest.raises(ConfigError, match="not UTF-8 text.*pass overrides as UTF-8"):
+            load_config(path, [item])
+
+
+# a billion laughs: 10 values, each level 10 aliases to the one before, 10**10 values once expanded
+ALIAS_BOMB = "{a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol], " + ", ".join(
+    f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]" for p, n in zip("abcdefgh", "bcdefghi")) + "}"
+
+
+@pytest.mark.parametrize("value,expect", [
+    ("[" * 5000 + "]" * 5000, "nested more than 100 levels deep"),
+    ("&a [*a]", "an alias refers to a value that holds it"),
+    (ALIAS_BOMB, r"more than 100,000 values once its aliases \(\*name\) are expanded"),
+    ("1" * 5000, "a value cannot be read"),
+])
+def test_hostile_yaml_is_refused_before_it_costs_memory_or_stack(tmp_path, value, expect):
+    path = _write(tmp_path, BASE_YAML + f"x: {value}\n")
+    with pytest.raises(ConfigError, match=expect):
+        load_config(path)
+    with pytest.raises(ConfigError, match=expect):  # the same limits for an override's value
+        load_config(_write(tmp_path, BASE_YAML), [f"model.vllm_args.x={value}"])
+
+
+def test_a_few_aliases_and_merge_keys_still_load(tmp_path):
+    path = _write(tmp_path, BASE_YAML + "sampling: {stop: &s [END, '###']}\nrun:\n  env: &e {A: '1'}\n"
+                  "slurm: {setup: *s}\n")
+    cfg = load_config(path)
+    assert cfg.sampling.stop == ["END", "###"] == cfg.slurm.setup and cfg.run.env == {"A": "1"}
+
+
+@pytest.mark.parametrize("text,line,first", [
+    ("input: {path: x.jsonl}\nmodel: {path: m}\nmodel: {path: other}\n", 3, 2),
+    ("input: {path: x.jsonl}\nmodel:\n  path: m\n  dtype: float16\n  path: n\n", 5, 3),
+    ("input: {path: x.jsonl, path: y.jsonl}\nmodel: {path: m}\n", 1, 1),
+])
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path, text, line, first):
+    with pytest.raises(ConfigError, match=rf"line {line}: key '(model|path)' is given twice in one mapping "
+                                          rf"\(first on line {first}\); keep one of them"):
+        load_config(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("run.workers=1000000000", r"run.workers: at most 100,000 local worker processes, got 1,000,000,000"),
+    ("sampling.temperature=.nan", r"sampling.temperature: must be a finite number, got nan"),
+    ("sampling.temperature=.inf", r"sampling.temperature: must be a finite number, got inf"),
+    ("sampling.top_p=-.inf", r"sampling.top_p: must be a finite number, got -inf"),
+    ("run.gpu_hour_price=.nan", r"run.gpu_hour_price: must be a finite number"),
+    ("run.expected_tokens_per_s=.inf", r"run.expected_tokens_per_s: must be a finite number"),
+    ("run.lease_timeout_s=" + "9" * 400, r"run.lease_timeout_s: must be a finite number"),
+    ("run.lease_timeout_s=-1", r"run.lease_timeout_s: must be above 0 seconds, got -1.0"),
+    ("run.lease_timeout_s=0", r"run.lease_timeout_s: must be above 0 seconds"),
+    ("run.metrics_interval_s=-5", r"run.metrics_interval_s: must be above 0 seconds"),
+    ("run.log_interval_s=0", r"run.log_interval_s: must be above 0 seconds"),
+    ("slurm.signal_grace_s=-1", r"slurm.signal_grace_s: must be 0 to 65535 seconds, got -1"),
+    (f"sampling.seed={2**70}", rf"sampling.seed: must be 0 to {2**32 - 1} .* got {2**70}"),
+    (f"sampling.seed={2**32}", r"sampling.seed: must be 0 to"),
+    ("sampling.seed=-1", r"sampling.seed: must be 0 to"),
+    ("model.dtype=float8", r"model.dtype: 'float8' is not a dtype the engines load. Valid: auto, bfloat16, "
+                           r"float16, half, float32, float; .*model.vllm_args.quantization"),
+    ("name=../../x", r"name: '../../x' is not a simple name.*run.directory"),
+    ("name=a/b", r"name: 'a/b' is not a simple name"),
+    ("name=.hidden", r"name: '.hidden' is not a simple name"),
+    ("name=", r"name: '' is not a simple name"),
+    ("input.path=", r"input.path: is empty"),
+    ("input.path=  ", r"input.path: is empty"),
+    ("prompt.user=", r"prompt.user: the template is empty"),
+    ("prompt.user=   ", r"prompt.user: the template is empty"),
+    ("prompt.user={text:>99999999999}", r"prompt.user: placeholder \{text:>99999999999\} must be a plain column"),
+    ("prompt.user={text!r}", r"prompt.user: placeholder \{text!r\} must be a plain column"),
+    ("prompt.user=Title: {title!s:10}", r"placeholder \{title!s:10\}.*no format spec or !conversion"),
+    ("prompt.user={text.upper}", r"placeholder \{text.upper\} must be a plain column"),
+])
+def test_values_that_would_fail_every_row_or_eat_memory_are_refused(tmp_path, override, expect):
+    with pytest.raises(ConfigError, match=expect):
+        load_config(_write(tmp_path, BASE_YAML), [override])
+
+
+@pytest.mark.parametrize("override", ["model.dtype=half", "model.dtype=bfloat16", "model.dtype=float",
+                                      f"sampling.seed={2**32 - 1}", "sampling.seed=null", "run.workers=100000",
+                                      "name=summarize-v2.1_b", "prompt.user=Q: {text} {{literal}}",
+                                      "slurm.signal_grace_s=0"])
+def test_the_edges_of_those_ranges_are_accepted(tmp_path, override):
+    load_config(_write(tmp_path, BASE_YAML), [override])
+
+
+def test_an_empty_template_is_fine_where_the_template_is_not_used(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE_YAML), ["input.format=openai-batch", "prompt.user= "])
+    assert cfg.prompt.user == " "
+
+
+@pytest.mark.parametrize("name,value,expect", [
+    ("temperature", float("nan"), "must be a finite number, got nan"),
+    ("top_p", float("inf"), "must be a finite number, got inf"),
+    ("presence_penalty", 10**400, "must be a finite number"),
+    ("seed", 2**63, "must be at least"),
+])
+def test_a_rows_own_option_is_checked_like_the_config(name, value, expect):
+    from shardinfer.row_options import OptionError, base_options
+
+    options = base_options(config_from_dict(MINIMAL).sampling)
+    with pytest.raises(OptionError, match=f"column 'x': {expect}"):
+        options.set(name, value, "column 'x'")
+    assert options.set("seed", -(2**63), "column 'x'").seed == -(2**63)  # vLLM's OpenAI server takes int64 seeds

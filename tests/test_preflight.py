@@ -2,6 +2,7 @@
 engine arguments, context length, unreadable files, overrides; the estimate; the live view's parts."""
 
 import json
+import os
 import re
 import time
 
@@ -140,3 +141,35 @@ def test_the_report_flags_a_worker_much_slower_than_the_others():
             for r, t in enumerate([1000.0, 1100.0, 950.0, 300.0])]
     assert [r["slow"] for r in _flag_slow(rows)] == [False, False, False, True]
     assert json.dumps(rows)
+
+
+def test_a_missing_lora_directory_fails_before_any_work(tiny_model, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    check = _checks(_config(tiny_model, lora={"ad": str(tmp_path / "does-not-exist")}))["model.lora"]
+    assert check.status == "fail" and "adapter 'ad'" in check.message and "is not a directory here" in check.message
+    check = _checks(_config(tiny_model, lora={"ad": str(adapter)}))["model.lora"]
+    assert check.status == "fail" and "has no adapter_config.json" in check.message
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    assert _checks(_config(tiny_model, lora={"ad": str(adapter)}))["model.lora"].status == "ok"
+
+
+@pytest.mark.parametrize("command,override,says", [
+    ("plan", "sampling.temperature=.nan", "sampling.temperature: must be a finite number, got nan"),
+    ("run", "name=../../x", "name: '../../x' is not a simple name"),
+    ("plan", "prompt.user={text!r}", r"placeholder {text!r} must be a plain column name"),
+    ("submit", "slurm.partition=gpu\ntouch /tmp/owned", "slurm.partition: 'gpu\\ntouch /tmp/owned' holds a control "
+                                                        "character"),
+    ("submit", "run.env={'X;touch /tmp/owned': '1'}", "run.env: 'X;touch /tmp/owned' is not an environment variable"),
+    ("plan", "model.lora={ad: /does/not/exist}", "model.lora: adapter 'ad': '/does/not/exist' is not a directory"),
+    ("plan", os.fsdecode(b"prompt.system=caf\xe9"), "not UTF-8 text"),
+])
+def test_the_cli_refuses_bad_values_with_exit_2_before_any_work(tmp_path, tiny_model, engine_env, command, override,
+                                                                says):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello"}])
+    config = write_config(tmp_path / "c.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / "run")
+    args = [command, str(config), override] + (["--dry-run"] if command == "submit" else [])
+    proc = run_cli(args, engine_env, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert says in proc.stdout + proc.stderr and "Traceback" not in proc.stderr  # plan prints its checks
+    assert not (tmp_path / "run").exists()

@@ -1,6 +1,7 @@
 """Rendered batch scripts (golden files), worker layout, and rank/GPU detection: no cluster needed."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,11 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 def cluster_cfg(**slurm):
-    return config_from_dict({
+    return config_from_dict(cluster_raw(**slurm))
+
+
+def cluster_raw(**slurm):
+    return {
         "name": "summarize",
         "input": {"path": "/data/docs/*.parquet"},
         "model": {"path": "/models/m", "vllm_args": {"tensor_parallel_size": 2}},
@@ -24,7 +29,7 @@ def cluster_cfg(**slurm):
                   "partition": "gpu", "account": "proj-42", "qos": "high", "constraint": "h100",
                   "extra_sbatch": ["--exclusive", "#SBATCH --mail-type=END"],
                   "setup": ["module load cuda/12.4", "source /opt/venv/bin/activate"], **slurm},
-    })
+    }
 
 
 def _check_golden(name: str, text: str) -> None:
@@ -184,3 +189,79 @@ def test_dry_run_prints_what_each_launcher_would_submit(tiny_model):
     submitit = dry_run(cfg, "submitit", on_cluster=True)
     assert "'tasks_per_node': 4" in submitit and "'slurm_signal_delay_s': 300" in submitit
     assert "'exclusive': True" in submitit and "'requeue': True" in submitit
+
+
+# Every value that reaches a batch script, and strings that would run a command if pasted unquoted
+# into a shell line or broke an #SBATCH line ({m}: a file the injected command would create).
+TEMPLATED = ["slurm.partition", "slurm.account", "slurm.qos", "slurm.constraint", "slurm.extra_sbatch",
+             "run.env name", "run.env value", "name", "slurm.python", "run directory"]
+HOSTILE = ["gpu\ntouch {m}", "gpu\rtouch {m}", "gpu\0touch {m}", "gpu\\\ntouch {m}", "gpu;touch {m}",
+           "gpu && touch {m}", "$(touch {m})", "`touch {m}`", "gpu' ; touch {m} ; echo '",
+           'gpu" ; touch {m} ; echo "', "--comment=$(touch {m})"]
+
+
+def _hostile_config(key, value, **slurm):
+    raw = cluster_raw(**{"setup": ["true"], **slurm})
+    if key == "run.env name":
+        raw["run"]["env"] = {value: "1"}
+    elif key == "run.env value":
+        raw["run"]["env"] = {"X": value}
+    elif key == "name":
+        raw["name"] = value
+    elif key == "slurm.extra_sbatch":
+        raw["slurm"]["extra_sbatch"] = [value, f"--comment={value}"]
+    elif key != "run directory":
+        section, name = key.split(".")
+        raw[section][name] = value
+    return config_from_dict(raw)
+
+
+def _execute(script, tmp_path):
+    """Run a rendered script with srun and scontrol stubbed out; returns bash's exit status."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name in ("srun", "scontrol"):
+        (stubs / name).write_text("#!/bin/sh\nexit 0\n")
+        (stubs / name).chmod(0o755)
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    return subprocess.run(["bash", str(path)], env=env, capture_output=True, timeout=60, cwd=tmp_path).returncode
+
+
+def test_the_script_runner_below_runs_the_scripts_lines(tmp_path):
+    cfg = _hostile_config("slurm.partition", "gpu")
+    scripts = render_scripts(cfg, layout(cfg), run_dir=str(tmp_path / "run"), launch=0, python="true")
+    assert _execute(scripts.worker, tmp_path) == 0 and _execute(scripts.reduce, tmp_path) == 0
+    marker = tmp_path / "setup-ran"
+    cfg = _hostile_config("slurm.partition", "gpu", setup=[f"touch {marker}"])
+    _execute(render_scripts(cfg, layout(cfg), run_dir="/r", launch=0, python="true").reduce, tmp_path)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+@pytest.mark.parametrize("key", TEMPLATED)
+def test_hostile_values_are_refused_or_stay_inert_in_the_scripts(tmp_path, key, hostile):
+    marker = tmp_path / "owned"
+    value = hostile.format(m=marker)
+    try:
+        cfg = _hostile_config(key, value)
+        python = cfg.slurm.python or "true"
+        run_dir = value if key == "run directory" else str(tmp_path / "run")
+        scripts = render_scripts(cfg, layout(cfg), run_dir=run_dir, launch=0, python=python)
+    except ConfigError as exc:
+        assert repr(value) in str(exc)
+        assert any(c in value for c in "\n\r\0") or key in ("run.env name", "name")
+        return
+    clean = _hostile_config("slurm.partition", "gpu")
+    clean_scripts = render_scripts(clean, layout(clean), run_dir="/r", launch=0, python="true")
+    for script, plain in ((scripts.worker, clean_scripts.worker), (scripts.reduce, clean_scripts.reduce)):
+        if key != "run.env value":  # a quoted value may hold line breaks; nothing else adds lines
+            assert script.count("\n") == plain.count("\n"), script
+        _execute(script, tmp_path)
+        assert not list(tmp_path.glob("owned*")), script  # touch ran (an env name gives owned=1)
+    if key == "run.env value":  # the job sees the value exactly as configured
+        body = scripts.reduce.rstrip("\n").rsplit("\n", 1)[0]  # all but the reduce command
+        shown = subprocess.run(["bash", "-c", body + '\nprintf %s "$X"'], capture_output=True)
+        assert shown.stdout == value.encode()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -96,7 +98,7 @@ class ModelConfig:
     engine: str = _f("vllm", help="engine: vllm (vllm.LLM in-process) or hf (transformers generate); plugins add "
                                   "more (SHARDINFER_PLUGINS)", choices=_engine_choices)
     tokenizer: str | None = _f(None, help="tokenizer directory; default: model path")
-    dtype: str = _f("auto", help="auto, bfloat16, float16 or float32")
+    dtype: str = _f("auto", help="auto, bfloat16, float16 (or half) or float32 (or float)")
     max_model_len: int | None = _f(None, help="context length; default: the model's")
     vllm_args: dict[str, Any] = _f(
         {}, help="passed through to vllm.LLM, e.g. tensor_parallel_size, quantization, kv_cache_dtype, "
@@ -239,10 +241,100 @@ class Config:
     run: RunConfig = _f(help="where and how wide to run", results=False)
     slurm: SlurmConfig = _f(help="cluster resources for shardinfer submit", results=False)
     output: OutputConfig = _f(help="extra result files written by the reduce", results=False)
-    name: str = _f("run", help="run name (default: the config file's stem)", results=False)
+    name: str = _f("run", help="run name: letters, digits, . _ - (default: the config file's stem)", results=False)
 
 
 _DEFAULT_SECTIONS = ("prompt", "sampling", "run", "slurm", "output")
+MAX_YAML_DEPTH = 100  # nesting levels of a config file or override value
+MAX_YAML_NODES = 100_000  # values of a config file or override value, aliases expanded
+MAX_WORKERS = 100_000
+MAX_SEED = 2**32 - 1  # vLLM seeds numpy with the engine seed
+DTYPES = ("auto", "bfloat16", "float16", "half", "float32", "float")  # what vLLM and torch both accept
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # characters no one-line value may hold
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML document a config never needs: too deep, too large once aliases are expanded, or with a
+    key given twice."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses documents nested deeper than :data:`MAX_YAML_DEPTH`, holding
+    more than :data:`MAX_YAML_NODES` values once aliases are expanded (an alias bomb), aliases to a
+    node that holds them (a recursive structure), and keys given twice in one mapping."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values in it, aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        mark = self.peek_event().start_mark
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if id(node) not in self._sizes:
+                raise _Refused(f"line {mark.line + 1}: an alias refers to a value that holds it (a recursive "
+                               f"structure); write the value out instead")
+            return node
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _Refused(f"line {mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep; a config needs a "
+                           f"few levels: flatten it")
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._sizes[id(node)] = size = 1 + sum(self._sizes[id(child)] for child in _children(node))
+        if size > MAX_YAML_NODES:
+            raise _Refused(f"line {mark.line + 1}: more than {MAX_YAML_NODES:,} values once its aliases (*name) are "
+                           f"expanded; write the values out or use fewer aliases")
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *base, whose keys the mapping may override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the constructor refuses it
+                continue
+            if first is not None:
+                raise _Refused(f"line {line}: key {key!r} is given twice in one mapping (first on line {first}); "
+                               f"keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML value as a config holds it (raises ``yaml.YAMLError``; see :class:`_ConfigLoader`)."""
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    except ValueError as exc:  # a value Python will not convert, e.g. an integer of 5,000 digits
+        raise _Refused(f"a value cannot be read ({exc}); shorten it") from None
+    finally:
+        loader.dispose()
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} ({exc.reason}). "
+                          f"Save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -250,11 +342,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    with path.open() as fh:
-        try:
-            raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        raw = load_yaml(_read_utf8(path)) or {}
+    except _Refused as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     raw.setdefault("name", path.stem)
@@ -296,6 +389,9 @@ def _check_values(config: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
     if config.slurm.gpus_per_node < 0:
         raise ConfigError(f"slurm.gpus_per_node: must be >= 0, got {config.slurm.gpus_per_node}")
+    _check_limits(config)
+    _check_names(config)
+    _check_slurm_text(config)
     if config.run.directory and "://" in config.run.directory and not config.run.directory.startswith("file://"):
         raise ConfigError(f"run.directory: {config.run.directory} is not a POSIX filesystem path. The run directory "
                           f"(ledger, parts) needs atomic create and rename: keep it on a local or shared filesystem "
@@ -324,6 +420,64 @@ def _check_values(config: Config) -> None:
         )
 
 
+def _check_limits(config: Config) -> None:
+    """Upper bounds, durations, and values the engines take only from a short list."""
+    workers = config.run.workers
+    if workers is not None and workers > MAX_WORKERS:
+        raise ConfigError(f"run.workers: at most {MAX_WORKERS:,} local worker processes, got {workers:,}; lower it "
+                          f"(one per model replica is usual)")
+    for key in ("lease_timeout_s", "log_interval_s", "metrics_interval_s"):
+        if (seconds := getattr(config.run, key)) <= 0:
+            raise ConfigError(f"run.{key}: must be above 0 seconds, got {seconds}; leave it out for the default")
+    if not 0 <= config.slurm.signal_grace_s <= 65535:  # SLURM's range for --signal=...@seconds
+        raise ConfigError(f"slurm.signal_grace_s: must be 0 to 65535 seconds, got {config.slurm.signal_grace_s}")
+    seed = config.sampling.seed
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"sampling.seed: must be 0 to {MAX_SEED} (2**32 - 1, what the engines' random generators "
+                          f"take), got {seed}; pick a seed in that range, or null for none")
+    if config.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype: {config.model.dtype!r} is not a dtype the engines load. Valid: "
+                          f"{', '.join(DTYPES)}; for quantized weights set model.vllm_args.quantization (e.g. fp8)")
+
+
+def _check_names(config: Config) -> None:
+    """The run name becomes a directory under runs/ and a job name; input.path names something; paths are
+    one line."""
+    if not _NAME.fullmatch(config.name):
+        raise ConfigError(f"name: {config.name!r} is not a simple name; use letters, digits, '.', '_' and '-' (not "
+                          f"starting with '.'), e.g. name=summarize-v2. The default is the config file's name. To "
+                          f"put the run elsewhere, set run.directory")
+    if not config.input.path.strip():
+        raise ConfigError("input.path: is empty; give the corpus: a file, a directory or a glob, e.g. "
+                          "input.path=data/docs.jsonl")
+    for key, value in (("run.directory", config.run.directory), ("run.output", config.run.output),
+                       ("slurm.python", config.slurm.python)):
+        if value is not None and CONTROL.search(value):
+            raise ConfigError(f"{key}: {value!r} holds a control character (newline, tab, NUL...); remove it")
+
+
+def _check_slurm_text(config: Config) -> None:
+    """Values written into the batch scripts: one line each, and environment names the shell takes."""
+    s = config.slurm
+    sbatch = {"slurm.partition": s.partition, "slurm.account": s.account, "slurm.qos": s.qos,
+              "slurm.constraint": s.constraint,
+              **{f"slurm.extra_sbatch[{i}]": line for i, line in enumerate(s.extra_sbatch)}}
+    for key, value in sbatch.items():
+        if value is not None and CONTROL.search(value):
+            raise ConfigError(f"{key}: {value!r} holds a control character (newline, tab, NUL...); an #SBATCH option "
+                              f"is one line: give one option per entry, without line breaks")
+    for i, line in enumerate(s.setup):
+        if "\0" in line:
+            raise ConfigError(f"slurm.setup[{i}]: {line!r} holds a NUL character; remove it")
+    for name, value in config.run.env.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise ConfigError(f"run.env: {name!r} is not an environment variable name; use letters, digits and "
+                              f"'_', not starting with a digit, e.g. HF_HOME")
+        if "\0" in value:
+            raise ConfigError(f"run.env.{name}: {value!r} holds a NUL character, which no environment can hold; "
+                              f"remove it")
+
+
 def _check_requests(config: Config) -> None:
     """Request options, the input modes that go together, and what the engine can do."""
     from shardinfer.engines.registry import engines, get_engine
@@ -344,6 +498,7 @@ def _check_requests(config: Config) -> None:
     if i.messages_column and config.prompt.user != "{text}":
         raise ConfigError("prompt.user: a template does not apply to input.messages_column (the chat is sent as "
                           "it is); remove prompt.user or use input.text_column")
+    _check_template(config)
     if config.model.lora_column and not config.model.lora:
         raise ConfigError("model.lora_column: no adapters are named; set model.lora: {name: adapter directory}")
     spec = get_engine(config.model.engine)
@@ -364,6 +519,16 @@ def _check_requests(config: Config) -> None:
                               f"{' or '.join(able) or '(no registered engine)'}, or drop the setting.")
 
 
+def _check_template(config: Config) -> None:
+    """The user template: not empty where it is the prompt, and plain ``{column}`` fields only."""
+    from shardinfer.prompts import template_fields  # prompts imports this module
+
+    template_fields(config.prompt.user)
+    if not (config.input.messages_column or config.input.format == "openai-batch") and not config.prompt.user.strip():
+        raise ConfigError("prompt.user: the template is empty, so every prompt would be empty; give a template "
+                          "such as prompt.user='{text}' or 'Summarize: {text}'")
+
+
 def apply_override(raw: dict[str, Any], item: str, text_keys: frozenset[str] = frozenset()) -> None:
     """Set ``a.b.c=value`` in a raw mapping; the value is parsed as YAML (``2`` is an int), except
     for the text settings (``text_keys``), whose value is taken as it is written: ``prompt.user={text}``
@@ -371,11 +536,14 @@ def apply_override(raw: dict[str, Any], item: str, text_keys: frozenset[str] = f
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. run.workers=2")
+    _check_utf8(item)
     if key.strip() in text_keys:
         value: Any = _text_value(text)
     else:
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = load_yaml(text) if text.strip() else ""
+        except _Refused as exc:
+            raise ConfigError(f"override {item!r}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}. If it is text, quote it: "
                               f"{key.strip()}='{text}'") from exc
@@ -393,8 +561,21 @@ def _text_value(text: str) -> str | None:
     if text.strip() in ("null", "~"):
         return None
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return str(yaml.safe_load(text))
+        try:
+            return str(load_yaml(text))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"quoted text {text!r} is not one quoted value ({exc}); quote the whole value once, "
+                              f"or leave the quotes out") from None
     return text
+
+
+def _check_utf8(item: str) -> None:
+    """Command-line arguments that are not UTF-8 reach Python as lone surrogates."""
+    try:
+        item.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"override {item!r}: not UTF-8 text (at character {exc.start + 1}); pass overrides as "
+                          f"UTF-8 text") from None
 
 
 def _text_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
@@ -530,13 +711,23 @@ def _coerce_list(item_type: Any, value: Any, key: str) -> list:
 def _coerce_scalar(tp: Any, value: Any, key: str) -> Any:
     if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _finite(value, key)
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__}){_mapping_hint(value)}")
+
+
+def _finite(value: int | float, key: str) -> float:
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}; give an ordinary number such as 0.5")
+    return number
 
 
 def _mapping_hint(value: Any) -> str:

@@ -33,6 +33,8 @@ class Check:
 def preflight(cfg: Config) -> list[Check]:
     """Every check, in order; none raises."""
     checks = [_model(cfg), _tokenizer(cfg), _engine_args(cfg), _context(cfg)]
+    if cfg.model.lora:
+        checks.append(_lora(cfg))
     if cfg.run.report_to:
         checks.append(_trackers(cfg))
     return checks
@@ -132,6 +134,19 @@ def _engine_args(cfg: Config) -> Check:
     if unknown:
         return Check(key, "fail", f"not arguments of {spec.version() or spec.name}: {'; '.join(unknown)}")
     return Check(key, "ok", f"{len(given)} argument(s) known to {spec.version() or spec.name}")
+
+
+def _lora(cfg: Config) -> Check:
+    """Each adapter is a local PEFT directory: the engine reads its adapter_config.json when it loads."""
+    for name, path in cfg.model.lora.items():
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            return Check("model.lora", "fail", f"adapter {name!r}: {path!r} is not a directory here. Give the local "
+                                               f"directory of a PEFT LoRA adapter (adapter_config.json and weights)")
+        if not (root / "adapter_config.json").is_file():
+            return Check("model.lora", "fail", f"adapter {name!r}: {path} has no adapter_config.json; give the "
+                                               f"directory of a PEFT LoRA adapter")
+    return Check("model.lora", "ok", f"{len(cfg.model.lora)} adapter directory(ies): {', '.join(cfg.model.lora)}")
 
 
 def _trackers(cfg: Config) -> Check:

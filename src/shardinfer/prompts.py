@@ -28,12 +28,14 @@ def template_fields(template: str) -> list[str]:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise ConfigError(f"prompt.user: {exc}. Write literal braces as {{{{ and }}}}.") from exc
-    for _, name, _, _ in parsed:
+    for _, name, spec, conversion in parsed:
         if name is None:
             continue
-        if not name.isidentifier():
+        if not name.isidentifier() or spec or conversion:
+            field = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
             raise ConfigError(
-                f"prompt.user: placeholder {{{name}}} must be a plain column name such as {{text}} or {{title}}"
+                f"prompt.user: placeholder {{{field}}} must be a plain column name such as {{text}} or {{title}} "
+                f"(no format spec or !conversion); write literal braces as {{{{ and }}}}"
             )
         if name not in names:
             names.append(name)

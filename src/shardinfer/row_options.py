@@ -8,6 +8,7 @@ value raises :class:`OptionError` naming the option and the fix; per row, that f
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -16,6 +17,7 @@ from shardinfer.config import SamplingConfig, StructuredConfig
 
 MAX_N = 128
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
+SEEDS = (-(2**63), 2**63 - 1)  # a request's seed, as vLLM's OpenAI server takes it
 STRUCTURED_KINDS = ("json_schema", "regex", "choice", "grammar", "json_object")
 # Options a column may set per row (sampling.per_row: {option: column}).
 PER_ROW = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs",
@@ -188,7 +190,13 @@ def _check_json(text: str, schema: dict[str, Any] | None) -> str | None:
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OptionError(f"{where}: expected a number, got {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if not math.isfinite(number):
+        raise OptionError(f"{where}: must be a finite number, got {value!r}")
+    return number
 
 
 def _integer(value: Any, where: str) -> int:
@@ -217,7 +225,7 @@ def _top_k(value: Any, where: str) -> int | None:
 
 
 def _seed(value: Any, where: str) -> int | None:
-    return None if value is None else _integer(value, where)
+    return None if value is None else _between(*SEEDS, integer=True)(value, where)
 
 
 def _stop(value: Any, where: str) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from shardinfer.launch.base import RunHandle
 from shardinfer.launch.layout import Layout, layout
 from shardinfer.launch.slurm import (
     SlurmLauncher,
+    one_line,
     reduce_request,
     sbatch,
     sbatch_lines,
@@ -43,6 +44,8 @@ class Scripts:
 
 
 def render_scripts(cfg: Config, lay: Layout, *, run_dir: str, launch: int, python: str, mpi: bool = False) -> Scripts:
+    one_line("run directory", run_dir)
+    one_line("slurm.python", python)
     worker_opts = sbatch_options(worker_request(cfg, lay), f"{run_dir}/slurm/%x-%j.out")
     reduce_opts = sbatch_options(reduce_request(cfg), f"{run_dir}/slurm/%x-%j.out")
     launch_line = (_mpi_line if mpi else _launch_line)(cfg, lay, run_dir, launch, python)

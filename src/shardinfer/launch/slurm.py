@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardinfer.config import Config
-from shardinfer.errors import RunError, ShardinferError
+from shardinfer.config import CONTROL, Config
+from shardinfer.errors import ConfigError, RunError, ShardinferError
 from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
 from shardinfer.launch.layout import Layout, layout
 from shardinfer.rundir import RunDir, read_json
@@ -107,7 +107,17 @@ def sbatch_options(req: SlurmRequest, output: str) -> list[Option]:
 
 
 def sbatch_lines(opts: list[Option]) -> str:
+    for key, value in opts:
+        one_line("#SBATCH option", f"--{key}" if value is None else f"--{key}={value}")
     return "\n".join(f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={shlex.quote(v)}" for k, v in opts)
+
+
+def one_line(what: str, value: str) -> str:
+    """``value``, refused if it holds a control character: a line break would end its script line."""
+    if CONTROL.search(value):
+        raise ConfigError(f"{what}: {value!r} holds a control character (newline, tab, NUL...), which would break "
+                          f"the batch script's line; remove it")
+    return value
 
 
 def submitit_parameters(req: SlurmRequest) -> dict[str, Any]:
