@@ -275,3 +275,11 @@ def test_a_rows_own_option_is_checked_like_the_config(name, value, expect):
     with pytest.raises(OptionError, match=f"column 'x': {expect}"):
         options.set(name, value, "column 'x'")
     assert options.set("seed", -(2**63), "column 'x'").seed == -(2**63)  # vLLM's OpenAI server takes int64 seeds
+
+
+def test_a_config_file_name_that_is_not_a_simple_name_gives_a_simple_run_name(tmp_path):
+    from shardinfer.config import load_config
+
+    path = tmp_path / "my run (v2).yaml"
+    path.write_text(f"input: {{path: {tmp_path}/c.jsonl}}\nmodel: {{path: m}}\n")
+    assert load_config(path).name == "my-run-v2-"

@@ -350,8 +350,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    raw.setdefault("name", path.stem)
+    raw.setdefault("name", default_name(path))
     return config_from_dict(raw, overrides)
+
+
+def default_name(path: Path) -> str:
+    """The run name a config file gives when it sets none: its stem, as a simple name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).lstrip(".") or "run"
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
