@@ -1,6 +1,7 @@
 """Rendered batch scripts (golden files), worker layout, and rank/GPU detection: no cluster needed."""
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -146,9 +147,16 @@ def _sbatch_options(text: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("shape", ["job", "array"])
-def test_sbatch_and_submitit_ask_for_the_same_resources(tmp_path, shape):
+def test_sbatch_and_submitit_ask_for_the_same_resources(tmp_path, shape, monkeypatch):
     """One mapping from slurm.* to the request: submitit's own sbatch file holds the same options."""
     import submitit
+
+    if shutil.which("srun") is None:  # submitit only looks for srun before it writes its sbatch file
+        stub = tmp_path / "bin" / "srun"
+        stub.parent.mkdir()
+        stub.write_text("#!/bin/sh\nexit 1\n")
+        stub.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{stub.parent}{os.pathsep}{os.environ['PATH']}")
 
     from shardinfer.launch.slurm import reduce_request, submitit_parameters, worker_request
 
