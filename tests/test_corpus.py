@@ -179,3 +179,236 @@ def test_byte_order_marks_and_huge_csv_fields(tmp_path):
         assert col(table, "_problem") == [None, None], name
     assert col(read(tmp_path / "bom.csv", cfg(tmp_path / "bom.csv"))[0], "_text")[0] == big
 
+
+
+def rows_read_alone(path, c, table):
+    """Every row of a scanned text file read again alone from its byte range, as a worker reads a
+    unit: (texts, problems)."""
+    path = Path(path)
+    f = corpus.InputFile(str(path), path.name, corpus.file_format(path, c.format))
+    cols = corpus.columns_for(c, [], with_extra=False)
+    offsets, lines = col(table, "_offset"), col(table, "_line")
+    ends = offsets[1:] + [path.stat().st_size]
+    tables = [corpus.read_range(f, cols, c.invalid_utf8, i, 1, offsets[i], ends[i], lines[i])
+              for i in range(table.num_rows)]
+    assert all(t.num_rows == 1 for t in tables)
+    return [t.column("_text")[0].as_py() for t in tables], [t.column("_problem")[0].as_py() for t in tables]
+
+
+def reason(problem):
+    """A problem without its details in parentheses (a worker's byte range may end a broken record
+    sooner than the whole file does)."""
+    return None if problem is None else problem.split(" (")[0]
+
+
+def test_nul_bytes_in_jsonl_lines_fail_their_row_and_escaped_nul_is_text(tmp_path):
+    path = tmp_path / "nul.jsonl"
+    lines = [b'{"doc": "raw \x00 in a string"}', b'{"doc": "after"}\x00', b'\x00{"doc": "before"}', b'\x00\x00',
+             b'{"doc": "escaped \\u0000 nul"}', b'{"doc": "fine"}']
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    c = cfg(path)
+    corpus.check_columns([path], c, [])
+    table, _ = read(path, c)
+    problems = col(table, "_problem")
+    assert [p.split(":")[0] for p in problems[:4]] == ["bad_json"] * 4
+    assert [p.split(":")[1] for p in problems[:4]] == [" line 1", " line 2", " line 3", " line 4"]
+    assert col(table, "_text")[4:] == ["escaped \x00 nul", "fine"] and problems[4:] == [None, None]
+    alone_texts, alone_problems = rows_read_alone(path, c, table)
+    assert alone_problems == problems and alone_texts == col(table, "_text")
+    # a block Arrow's parser takes whole (only valid lines) keeps the escaped NUL as well
+    (tmp_path / "ok.jsonl").write_bytes(b'{"doc": "a\\u0000b"}\n{"doc": "c"}\n')
+    assert col(read(tmp_path / "ok.jsonl", cfg(tmp_path / "ok.jsonl"))[0], "_text") == ["a\x00b", "c"]
+
+
+@pytest.mark.parametrize("values,kind", [
+    (["1", "2"], "int"),  # Arrow parses the block: an int64 column
+    (["1.5", "2"], "float"),
+    (["true", "false"], "bool"),
+    (["[1, 2]", "[3]"], "list"),
+    (['{"a": 1}', '{"a": 2}'], "dict"),
+    (['"text"', "1", "[1]", '{"a": 1}', "false", "2.5"], None),  # Arrow refuses the block: line by line
+])
+def test_text_of_another_type_is_not_text_row_by_row(tmp_path, values, kind):
+    path = tmp_path / "types.jsonl"
+    path.write_text("".join(f'{{"doc": {v}, "key": "k{i}"}}\n' for i, v in enumerate(values)))
+    c = cfg(path, id_column="key")
+    table, _ = read(path, c)
+    problems = col(table, "_problem")
+    expected = [None if v.startswith('"') else "not_text" for v in values]
+    assert [p and p.split(":")[0] for p in problems] == expected
+    if kind:
+        assert all(f"holds a {kind}, not a string" in p for p in problems)
+    assert col(table, "_id") == [f"k{i}" for i in range(len(values))]
+    assert table.schema.field("_text").type == pa.string()
+    assert [p and p.split(":")[0] for p in rows_read_alone(path, c, table)[1]] == expected
+
+
+def test_text_that_looks_like_a_date_stays_text(tmp_path):
+    """Arrow's JSON parser takes strings that look like dates for timestamps."""
+    path = tmp_path / "dates.jsonl"
+    path.write_text('{"doc": "2024-01-01", "key": "2024-05-06 07:08:09", "lang": "1999-12-31"}\n'
+                    '{"doc": "2024-01-02T10:00:00", "key": "2024-05-07", "lang": "2000-01-01"}\n')
+    table, _ = read(path, cfg(path, id_column="key"), ["lang"])
+    assert col(table, "_problem") == [None, None]
+    assert col(table, "_text") == ["2024-01-01", "2024-01-02T10:00:00"]
+    assert col(table, "_id") == ["2024-05-06 07:08:09", "2024-05-07"]
+    assert col(table, "lang") == ["1999-12-31", "2000-01-01"]
+
+
+def test_lone_surrogate_escapes_are_replaced_or_fail_the_row(tmp_path):
+    path = tmp_path / "surrogates.jsonl"
+    path.write_bytes(b'{"doc": "half \\ud800 a pair", "key": "a\\udfff"}\n{"doc": "a pair \\ud83d\\ude00"}\n'
+                     b'not json\n')
+    table, stats = read(path, cfg(path, id_column="key"))
+    assert col(table, "_text")[:2] == ["half \ufffd a pair", "a pair \U0001F600"]
+    assert col(table, "_id")[0] == "a\ufffd" and stats.replaced_utf8 == 1
+    table, _ = read(path, cfg(path, invalid_utf8="fail"))
+    assert col(table, "_problem")[0].startswith("invalid_utf8: line 1")
+    assert col(table, "_problem")[1] is None and col(table, "_problem")[2].startswith("bad_json: line 3")
+
+
+def test_a_quote_left_open_in_csv_fails_its_line_alone(tmp_path):
+    path = tmp_path / "quotes.csv"
+    path.write_bytes(b'doc,key\n'
+                     b'fine,a\n'
+                     b'"multi\nline",b\n'
+                     b'"open quote,c\n'  # never closed: it would swallow every line after it
+                     b'next,d\n'
+                     b'"closed" then text,e\n'  # a quote inside a quoted field must be doubled
+                     b'"spans\n"x,f\n'  # closed on the next line, then text: not a record either
+                     b'"doubled ""quotes""",g\n'
+                     b'last,h\n'
+                     b'"open at the end,i\n'
+                     b'and more,j')
+    c = cfg(path, id_column="key")
+    table, _ = read(path, c)
+    texts, problems, ids = col(table, "_text"), col(table, "_problem"), col(table, "_id")
+    assert col(table, "_line") == [2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]  # every line but the record's second
+    assert ids == ["a", "b", "quotes.csv:2", "d", "quotes.csv:4", "quotes.csv:5", "quotes.csv:6", "g", "h",
+                   "quotes.csv:9", "j"]
+    assert texts[:2] == ["fine", "multi\nline"] and texts[3] == "next" and texts[7:9] == ['doubled "quotes"', "last"]
+    open_quote = "a quoted field that starts on this line is not closed properly"
+    assert problems[2].startswith(f"bad_csv: line 5: {open_quote}")  # closed by line 7's quote, then text
+    assert problems[4] == "bad_csv: line 7: ',' expected after '\"'"
+    assert problems[5].startswith(f"bad_csv: line 8: {open_quote}")
+    assert problems[6].startswith(f"bad_csv: line 9: {open_quote}")  # '"x,f' opens a quote of its own
+    assert problems[9] == f"bad_csv: line 12: {open_quote} (unexpected end of data); the lines after it are " \
+                          "read as rows of their own"
+    assert texts[10] == "and more" and problems[10] is None
+    assert [p is None for p in problems] == [t is not None for t in texts]
+    alone_texts, alone_problems = rows_read_alone(path, c, table)
+    assert list(map(reason, alone_problems)) == list(map(reason, problems))
+    assert [t for t, p in zip(alone_texts, alone_problems) if p is None] == [t for t, p in zip(texts, problems) if p is None]
+
+
+def test_a_long_broken_csv_record_is_read_again_from_the_file(tmp_path, monkeypatch):
+    """Past _CSV_REPLAY_BYTES the lines after a broken record's first line are read again from the
+    file (gzipped too), not from memory."""
+    body = b'doc,key\nfine,a\n"open,b\n' + b"".join(b"row %d,k%d\n" % (i, i) for i in range(200))
+    (tmp_path / "long.csv").write_bytes(body)
+    with gzip.open(tmp_path / "long.csv.gz", "wb") as fh:
+        fh.write(body)
+    expected = None
+    for replay in (1 << 20, 64):
+        monkeypatch.setattr(corpus, "_CSV_REPLAY_BYTES", replay)
+        for name in ("long.csv", "long.csv.gz"):
+            table, stats = read(tmp_path / name, cfg(tmp_path / name, id_column="key"))
+            got = (col(table, "_text"), list(map(reason, col(table, "_problem"))), col(table, "_offset"))
+            assert table.num_rows == 202 and got[0][2:] == [f"row {i}" for i in range(200)]
+            assert stats.bytes_read == len(body)
+            expected = expected or got
+            assert got == expected, (replay, name)
+        c = cfg(tmp_path / "long.csv", id_column="key")
+        table, _ = read(tmp_path / "long.csv", c)
+        assert rows_read_alone(tmp_path / "long.csv", c, table)[0][2:5] == ["row 0", "row 1", "row 2"]
+        f = corpus.InputFile(str(tmp_path / "long.csv"), "long.csv", "csv")  # a worker's unit of all rows
+        unit = corpus.read_range(f, corpus.columns_for(c, []), "replace", 0, 202, 8, len(body), 2)
+        assert unit.column("_text").to_pylist() == col(table, "_text")
+
+
+@pytest.mark.parametrize("binary", [pa.binary(), pa.large_binary()])
+def test_parquet_binary_text_is_decoded_as_utf8(tmp_path, binary):
+    path = tmp_path / "bin.parquet"
+    docs = [b"plain", "caf\u00e9".encode(), b"caf\xe9 latin-1", None, b"  "]
+    pq.write_table(pa.table({"doc": pa.array(docs, binary), "key": pa.array([b"a", b"b", b"\xff", b"d", b"e"])}), path)
+    table, stats = read(path, cfg(path, id_column="key"))
+    assert col(table, "_text")[:3] == ["plain", "caf\u00e9", "caf\ufffd latin-1"] and stats.replaced_utf8 == 1
+    problems = col(table, "_problem")
+    assert problems[:3] == [None, None, None] and problems[3].startswith("empty_text") and problems[4].startswith("empty_text")
+    assert col(table, "_id")[2] == "\ufffd"
+    assert table.schema.field("_text").type == pa.string()
+    table, _ = read(path, cfg(path, invalid_utf8="fail"))
+    assert col(table, "_problem")[2] == "invalid_utf8: row 2, column 'doc', byte 3: invalid continuation byte"
+    assert col(table, "_problem")[:2] == [None, None]
+    # the worker's read of a range names the row in the file
+    f = corpus.InputFile(str(path), path.name, "parquet")
+    cols = corpus.columns_for(cfg(path, invalid_utf8="fail"), [], with_extra=False)
+    part = corpus.read_range(f, cols, "fail", 1, 2, None, None, None)
+    assert part.column("_problem").to_pylist() == [None, "invalid_utf8: row 2, column 'doc', byte 3: invalid continuation byte"]
+
+
+def test_parquet_text_of_another_type_is_not_text(tmp_path):
+    path = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"doc": pa.array([1, None, 3], pa.int64()),
+                             "tags": pa.array([["a"], ["b"], []])}), path)
+    table, _ = read(path, cfg(path))
+    assert col(table, "_problem") == ["not_text: 'doc' holds a int, not a string", "empty_text: 'doc' is null or missing",
+                                      "not_text: 'doc' holds a int, not a string"]
+    assert table.schema.field("_text").type == pa.string()
+    table, _ = read(path, InputConfig(path=str(path), text_column="tags"))
+    assert all(p.startswith("not_text: 'tags' holds a list") for p in col(table, "_problem"))
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"\n\n\n", b"  \n\t\n \r\n", b"\n" * 100_000])
+def test_jsonl_of_blank_lines_has_no_rows(tmp_path, content):
+    path = tmp_path / "blank.jsonl"
+    path.write_bytes(content)
+    c = cfg(path)
+    corpus.check_columns([path], c, [])
+    table, _ = read(path, c)
+    assert table.num_rows == 0 and table.schema.field("_text").type == pa.string()
+    path.write_bytes(content + b'{"doc": "after the blanks"}\n')
+    table, _ = read(path, c)
+    assert col(table, "_text") == ["after the blanks"] and col(table, "_line") == [content.count(b"\n") + 1]
+
+
+@pytest.mark.parametrize("line", [
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"doc": "x", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"doc": "x", "meta": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b"}",
+    b'{"doc": "x", "meta": ' + b"[" * 100_000,  # never closed
+    b'{"doc": "x", "meta": ' + b"[" * 2_000 + b"]" * 2_000 + b"}",  # deeper than Python's parser goes
+])
+def test_deeply_nested_json_fails_its_line(tmp_path, line):
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(b'{"doc": "first"}\n' + line + b'\n{"doc": "[[[[ in a string is text", "meta": [[1]]}\n')
+    c = cfg(path)
+    corpus.check_columns([path], c, [])
+    table, _ = read(path, c)
+    problems = col(table, "_problem")
+    assert problems[0] is None and problems[2] is None
+    assert problems[1].startswith("bad_json: line 2 is nested")
+    assert col(table, "_text")[2] == "[[[[ in a string is text"
+    assert rows_read_alone(path, c, table)[1] == problems
+
+
+def test_json_nesting_depth_skips_brackets_in_strings():
+    import numpy as np
+
+    def depth(text):
+        return corpus._json_depth(np.frombuffer(text.encode(), np.uint8))
+
+    assert depth('{"a": [1, {"b": [[]]}]}') == 5
+    assert depth('{"a": "[[[[{{{{", "b": ["]]]]"]}') == 2
+    assert depth('{"a": "\\"[[[", "b": "\\\\", "c": [[["\\\\\\"]]]]}') == 4
+    assert depth('"no brackets"') == 0
+
+
+def test_openai_batch_line_nested_too_deep_is_invalid_json(tmp_path):
+    path = tmp_path / "batch.jsonl"
+    path.write_bytes(b'{"custom_id": "a", "body": ' + b"[" * 100_000 + b"]" * 100_000 + b'}\n'
+                     b'{"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n')
+    c = InputConfig(path=str(path), format="openai-batch")
+    table, _ = read(path, c)
+    assert col(table, "_problem")[0] == "invalid_json: line 1 is nested too deep"
+    assert col(table, "_problem")[1] is None and col(table, "_id")[1] == "b"

@@ -268,3 +268,114 @@ def test_a_deep_slice_is_read_from_a_path_with_glob_characters_and_a_hive_style_
     table = parquet_slice.read_slice(str(path), pa.schema([("text", pa.string())]), 15_000, 3)
     assert table is not None and table.column_names == ["text"]
     assert table.column("text").to_pylist() == ["t15000", "t15001", "t15002"]
+
+
+def _bad_corpus(root):
+    """Files of every format whose rows fail in every way a reader knows, among good rows."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    lines = [b'{"text": "good 0", "id": "j0"}', b'{"text": "nul \x00 raw", "id": "j1"}', b"", b"   ",
+             b'{"text": "escaped \\u0000 nul", "id": "j2"}', b'{"text": 5, "id": "j3"}', b'{"text": [1], "id": "j4"}',
+             b'{"text": {"a": 1}, "id": "j5"}', b'{"text": true, "id": "j6"}', b"not json",
+             b'{"text": "x", "id": "j7", "meta": ' + deep + b"}", deep, b'{"text": "2024-01-01", "id": "j8"}',
+             b'{"text": "half \\ud800", "id": "j9"}', b'{"text": "good 1", "id": "j10"}']
+    (root / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (root / "b-blank.jsonl").write_bytes(b"\n \n\t\n")
+    (root / "c-empty.jsonl").write_bytes(b"")
+    (root / "d-ints.jsonl").write_bytes(b"".join(b'{"text": %d, "id": "i%d"}\n' % (i, i) for i in range(5)))
+    csv_body = (b'text,id\ngood,c0\n"open quote,c1\nnext,c2\n"multi\nline",c3\n"closed" then,c4\n'
+                b'"a ""quoted"" word",c5\nmore,c6\n"open again,c7\nlast,c8\n')
+    (root / "e.csv").write_bytes(csv_body)
+    with gzip.open(root / "f.csv.gz", "wb") as fh:
+        fh.write(csv_body)
+    pq.write_table(pa.table({"text": pa.array([b"bytes", b"caf\xe9", None, b"ok"], pa.large_binary()),
+                             "id": ["p0", "p1", "p2", "p3"]}), root / "g.parquet", row_group_size=2)
+    pq.write_table(pa.table({"text": pa.array([1, 2, 3], pa.int64()), "id": ["q0", "q1", "q2"]}), root / "h.parquet")
+
+
+@pytest.mark.parametrize("invalid_utf8", ["replace", "fail"])
+def test_bad_rows_of_every_kind_plan_and_read_alike_unit_by_unit(tmp_path, invalid_utf8):
+    """Each bad row gets its status at plan time and again when its unit is read alone, units of bad
+    rows only included: the same rows, the same reasons, text typed as text."""
+    import pyarrow as pa
+
+    from shardinfer import corpus
+    from shardinfer.unit_reader import UnitReader
+
+    _bad_corpus(tmp_path / "in")
+    cfg = config_from_dict({"input": {"path": str(tmp_path / "in"), "id_column": "id", "invalid_utf8": invalid_utf8},
+                            "model": {"path": str(tmp_path / "m"), "max_model_len": 600},
+                            "sampling": {"max_tokens": 50}, "run": {"unit_tokens": 2}})
+    plan = make_plan(cfg, 1)
+    files = corpus.input_files(cfg.input)
+    whole = pa.concat_tables([t for t in (corpus.read_table(f, cfg.input) for f in files) if t.num_rows],
+                             promote_options="permissive")
+    assert plan.total_rows == whole.num_rows == 13 + 5 + 2 * 9 + 4 + 3
+    assert [f["rows"] for f in plan.files] == [13, 0, 0, 5, 9, 9, 4, 3]
+    assert plan.problem_rows == sum(p is not None for p in whole.column("_problem").to_pylist())
+    reader = UnitReader(plan, cfg)
+    tables = [reader.read(u) for u in reversed(plan.units)]
+    assert any(t.column("_problem").null_count == 0 for t in tables)  # units of bad rows only
+    for t in tables:
+        assert t.schema.field("_text").type == pa.string() and t.schema.field("_problem").type == pa.string()
+        assert t.take([0]).num_rows == 1
+    read = pa.concat_tables(tables, promote_options="permissive").sort_by("_row")
+    assert read.column("_row").to_pylist() == list(range(plan.total_rows))
+    assert read.column("_id").to_pylist() == whole.column("_id").to_pylist()
+    assert read.column("_text").to_pylist() == whole.column("_text").to_pylist()
+
+    def kind(problem):
+        return None if problem is None else problem.split(":")[0]
+
+    assert list(map(kind, read.column("_problem").to_pylist())) == list(map(kind, whole.column("_problem").to_pylist()))
+    by_id = dict(zip(read.column("_id").to_pylist(), map(kind, read.column("_problem").to_pylist())))
+    assert by_id["j0"] is None and by_id["j2"] is None and by_id["j8"] is None and by_id["j10"] is None
+    assert [by_id[f"j{i}"] for i in range(3, 7)] == ["not_text"] * 4
+    assert by_id.get("j9") is None and ("j9" in by_id) == (invalid_utf8 == "replace")  # failed: no id read
+    assert {by_id[f"i{i}"] for i in range(5)} == {"not_text"} and {by_id[f"q{i}"] for i in range(3)} == {"not_text"}
+    assert [by_id[f"c{i}"] for i in (0, 2, 3, 5, 6, 8)] == [None] * 6
+    assert by_id["p1"] == (None if invalid_utf8 == "replace" else "invalid_utf8") and by_id["p0"] is None
+    problems = read.column("_problem").to_pylist()
+    assert sum(p is not None and p.startswith("bad_json: line 11 is nested") for p in problems) == 1
+    assert sum(p is not None and p.startswith("bad_csv: line 3: a quoted field") for p in problems) == 2
+    assert sum(p is not None and p.startswith("bad_json: line 2:") for p in problems) == 1  # the raw NUL
+    assert sum(p is not None and p.startswith("invalid_utf8: line 14") for p in problems) == (invalid_utf8 == "fail")
+
+
+@pytest.mark.parametrize("contents", [[b""], [b"\n\n\n"], [b" \n\t\n\r\n"], [b"\n", b"", b"  \n"]])
+def test_a_corpus_of_blank_files_plans_no_units(tmp_path, contents):
+    for i, content in enumerate(contents):
+        (tmp_path / f"blank-{i}.jsonl").write_bytes(content)
+    plan = make_plan(_cfg(tmp_path), 2)
+    assert plan.total_rows == 0 and plan.units == [] and plan.problem_rows == 0
+    assert "units: 0" in describe(plan, _cfg(tmp_path))
+
+
+def test_a_huge_document_gives_the_tokenizer_its_beginning_only(tmp_path, monkeypatch):
+    """Planning measures characters per token on a bounded sample: a document of tens of MB would
+    cost the tokenizer gigabytes."""
+    from shardinfer import plan as plan_module
+
+    seen = []
+
+    def counter(_model):
+        def count(texts):
+            seen.extend(len(t) for t in texts)
+            return [max(1, len(t) // 4) for t in texts]
+        return count
+
+    monkeypatch.setattr(plan_module, "token_counter", counter)
+    with open(tmp_path / "big.jsonl", "w") as fh:
+        fh.write(json.dumps({"text": "short one"}) + "\n")
+        fh.write(json.dumps({"text": "word " * 1_000_000}) + "\n")  # 5 MB
+        for i in range(2000):
+            fh.write(json.dumps({"text": f"row {i} " + "x" * 300}) + "\n")
+    plan = make_plan(_cfg(tmp_path), 1)
+    assert plan.total_rows == 2002 and plan.estimate.startswith("tokenizer on a sample")
+    assert seen and max(seen) <= 100_000 and sum(seen) <= plan_module._SAMPLE_CHARS
+    assert plan.over_limit == 1 and plan.over_limit_ids == ["big.jsonl:1"]

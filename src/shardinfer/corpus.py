@@ -15,6 +15,7 @@ result. Only errors of the whole input (no files, a missing text column) are rai
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import glob
@@ -22,8 +23,9 @@ import io
 import json
 import logging
 import posixpath
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -50,6 +52,10 @@ _SUFFIXES = {
     ".csv": "csv",
 }
 _SCHEMA_PEEK_ROWS = 1000
+_SCAN_CHUNK = 4 << 20  # bytes of a block searched (or checked for UTF-8) at once
+_CSV_REPLAY_BYTES = BLOCK_BYTES  # a broken CSV record this long is read again from memory, a longer one from the file
+_MAX_JSON_DEPTH = 256  # JSONL lines nested deeper fail (bad_json); Python's parser stops near 1000
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _WHITESPACE = np.array([9, 10, 13, 32], dtype=np.uint8)
 
 
@@ -264,7 +270,7 @@ def _peek_columns(path: str, fmt: str) -> set[str]:
         for i, raw in enumerate(fh):
             try:
                 obj = json.loads(raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "replace"))
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 obj = None
             if isinstance(obj, dict):
                 keys.update(obj)
@@ -289,6 +295,8 @@ def text_problems(text: pa.Array, column: str) -> tuple[pa.Array, pa.Array, pa.A
     n = len(text)
     if pa.types.is_dictionary(text.type):
         text = text.cast(text.type.value_type)
+    if _is_string_view(text.type):
+        text = text.cast(pa.string())
     missing = f"empty_text: {column!r} is null or missing"
     zeros = pa.array(np.zeros(n, np.int32))
     if pa.types.is_null(text.type):
@@ -334,10 +342,13 @@ def _coalesce(first: pa.Array | None, second: pa.Array) -> pa.Array:
 
 
 def _normalize(table: pa.Table, f: InputFile, cols: Columns, first_row: int,
-               problems: pa.Array | None = None, positions: dict[str, pa.Array] | None = None) -> pa.Table:
+               problems: pa.Array | None = None, positions: dict[str, pa.Array] | None = None,
+               invalid_utf8: str = "replace", stats: ReadStats | None = None) -> pa.Table:
     """The one row shape from a reader's raw columns (rows ``first_row``.. of file ``f``)."""
     n = table.num_rows
-    raw_text = _column(table, cols.text, n)
+    raw_text, utf8_problems = _binary_as_text(_column(table, cols.text, n), cols.text, first_row, invalid_utf8, stats)
+    if utf8_problems is not None:
+        problems = _coalesce(problems, utf8_problems)
     if cols.kind == "messages":
         raw_text = _as_json_text(raw_text)
     text, text_problem_column, chars = text_problems(raw_text, cols.text)
@@ -351,6 +362,48 @@ def _normalize(table: pa.Table, f: InputFile, cols: Columns, first_row: int,
         out[name] = _column(table, name, n)
     out.update(positions or {})
     return pa.table(out)
+
+
+def _binary_as_text(values: pa.Array, column: str, first_row: int, invalid_utf8: str,
+                    stats: ReadStats | None) -> tuple[pa.Array, pa.Array | None]:
+    """A binary text column (Parquet, Arrow) as strings: values that are valid UTF-8 are text; the
+    others have their bad bytes replaced by U+FFFD (counted in ``stats``) or fail their row
+    (``invalid_utf8``), as input.invalid_utf8 says. Other columns are returned as they are."""
+    if pa.types.is_dictionary(values.type) and _is_binary(values.type.value_type):
+        values = values.cast(values.type.value_type)
+    if not _is_binary(values.type):
+        return values, None
+    target = pa.large_string() if pa.types.is_large_binary(values.type) else pa.string()
+    try:
+        return values.cast(target), None  # valid UTF-8 throughout: no copy
+    except pa.ArrowInvalid:
+        pass
+    texts: list[str | None] = []
+    problems: list[str | None] = []
+    for i, raw in enumerate(values.to_pylist()):
+        text, problem = None, None
+        if raw is not None:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if invalid_utf8 == "fail":
+                    problem = f"invalid_utf8: row {first_row + i}, column {column!r}, byte {exc.start}: {exc.reason}"
+                else:
+                    text = raw.decode("utf-8", errors="replace")
+                    if stats is not None:
+                        stats.replaced_utf8 += 1
+        texts.append(text)
+        problems.append(problem)
+    return pa.array(texts, target), pa.array(problems, pa.string())
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or _is_binary_view(t)
+
+
+# view types came with pyarrow 16
+_is_binary_view = getattr(pa.types, "is_binary_view", lambda t: False)
+_is_string_view = getattr(pa.types, "is_string_view", lambda t: False)
 
 
 def _as_json_text(values: pa.Array) -> pa.Array:
@@ -381,7 +434,8 @@ def _ids(raw: pa.Array, source: str, first_row: int, column: str) -> tuple[pa.Ar
         try:
             ids = raw.cast(pa.string())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            ids = pa.array([None if v is None else json.dumps(v) for v in raw.to_pylist()], pa.string())
+            ids = pa.array([None if v is None else v.decode("utf-8", "replace") if isinstance(v, bytes)
+                            else json.dumps(v, default=str) for v in raw.to_pylist()], pa.string())
     missing = pc.or_kleene(ids.is_null(), pc.equal(ids, "")).fill_null(True)
     if not pc.any(missing).as_py():
         return ids, pa.nulls(len(ids), pa.string())
@@ -415,9 +469,9 @@ def scan(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats,
          gz_index: Path | None = None) -> Iterator[pa.Table]:
     """Every row of a file, in order, as tables of the one row shape (with positions)."""
     if f.format == "parquet":
-        yield from _scan_parquet(f, cols)
+        yield from _scan_parquet(f, cols, invalid_utf8, stats)
     elif f.format == "arrow":
-        yield from _scan_arrow(f, cols)
+        yield from _scan_arrow(f, cols, invalid_utf8, stats)
     elif f.format in ("jsonl", "openai-batch"):
         yield from _scan_jsonl(f, cols, invalid_utf8, stats, gz_index)
     else:
@@ -442,9 +496,9 @@ def read_range(f: InputFile, cols: Columns, invalid_utf8: str, first_row: int, r
     range read) or from the start of the row group that holds ``first_row``."""
     stats = ReadStats()
     if f.format == "parquet":
-        table = _read_parquet_range(f, cols, first_row, rows, cursor)
+        table = _read_parquet_range(f, cols, first_row, rows, cursor, invalid_utf8, stats)
     elif f.format == "arrow":
-        table = _read_arrow_range(f, cols, first_row, rows)
+        table = _read_arrow_range(f, cols, first_row, rows, invalid_utf8, stats)
     elif begin is None or end is None:  # a plan without positions: read up to the range
         table = _slice_scan(scan(f, cols, invalid_utf8, stats, gz_index), first_row, rows)
     else:
@@ -471,7 +525,7 @@ def _slice_scan(batches: Iterator[pa.Table], first_row: int, rows: int) -> pa.Ta
 # ---- Parquet ----------------------------------------------------------------------------------
 
 
-def _scan_parquet(f: InputFile, cols: Columns) -> Iterator[pa.Table]:
+def _scan_parquet(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats) -> Iterator[pa.Table]:
     pf = _parquet(f.path)
     present = [c for c in cols.wanted if c in pf.schema_arrow.names]
     first = 0
@@ -479,7 +533,7 @@ def _scan_parquet(f: InputFile, cols: Columns) -> Iterator[pa.Table]:
     for group in range(pf.metadata.num_row_groups):
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=present):
             table = pa.Table.from_batches([batch])
-            yield _normalize(table, f, cols, first)
+            yield _normalize(table, f, cols, first, invalid_utf8=invalid_utf8, stats=stats)
             first += table.num_rows
 
 
@@ -571,8 +625,8 @@ class ParquetCursor:
         return batch
 
 
-def _read_parquet_range(f: InputFile, cols: Columns, first_row: int, rows: int,
-                        cursor: ParquetCursor | None) -> pa.Table:
+def _read_parquet_range(f: InputFile, cols: Columns, first_row: int, rows: int, cursor: ParquetCursor | None,
+                        invalid_utf8: str = "replace", stats: ReadStats | None = None) -> pa.Table:
     """The range, decoded from where the cursor stands, or from the start of its row group."""
     cursor = cursor or ParquetCursor()
     schema = cursor.open(f.path).schema_arrow
@@ -584,7 +638,7 @@ def _read_parquet_range(f: InputFile, cols: Columns, first_row: int, rows: int,
     if table is None:
         table = pa.Table.from_batches(cursor.read(present, first_row, rows, min(BATCH_ROWS, max(rows, 1024))),
                                       schema=wanted)
-    return _normalize(table, f, cols, first_row)
+    return _normalize(table, f, cols, first_row, invalid_utf8=invalid_utf8, stats=stats)
 
 
 # ---- Arrow (Hugging Face datasets' files) -----------------------------------------------------
@@ -611,17 +665,20 @@ def arrow_table(path: str) -> pa.Table:
     return table
 
 
-def _scan_arrow(f: InputFile, cols: Columns) -> Iterator[pa.Table]:
+def _scan_arrow(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats) -> Iterator[pa.Table]:
     table = arrow_table(f.path)
     present = [c for c in cols.wanted if c in table.column_names]
     for first in range(0, table.num_rows, BATCH_ROWS):
-        yield _normalize(table.select(present).slice(first, BATCH_ROWS), f, cols, first)
+        yield _normalize(table.select(present).slice(first, BATCH_ROWS), f, cols, first,
+                         invalid_utf8=invalid_utf8, stats=stats)
 
 
-def _read_arrow_range(f: InputFile, cols: Columns, first_row: int, rows: int) -> pa.Table:
+def _read_arrow_range(f: InputFile, cols: Columns, first_row: int, rows: int, invalid_utf8: str = "replace",
+                      stats: ReadStats | None = None) -> pa.Table:
     table = arrow_table(f.path)
     present = [c for c in cols.wanted if c in table.column_names]
-    return _normalize(table.select(present).slice(first_row, rows), f, cols, first_row)
+    return _normalize(table.select(present).slice(first_row, rows), f, cols, first_row,
+                      invalid_utf8=invalid_utf8, stats=stats)
 
 
 # ---- JSONL ------------------------------------------------------------------------------------
@@ -634,7 +691,8 @@ def _scan_jsonl(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats
         table = parse(data, offset, line, f, cols, invalid_utf8, stats, first_row, None)
         line += data.count(b"\n")
         first_row += table.num_rows
-        yield table
+        if table.num_rows:  # a block of blank lines holds no row
+            yield table
 
 
 def _blocks(f: InputFile, gz_index: Path | None, stats: ReadStats | None = None) -> Iterator[tuple[int, bytes]]:
@@ -663,7 +721,7 @@ def _line_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Start and end (without the newline) of every line of a block, and which lines hold anything.
     A line that starts with a non-blank byte holds something; only the rare others are looked into."""
     arr = np.frombuffer(data, dtype=np.uint8)
-    newlines = np.flatnonzero(arr == 10)
+    newlines = _positions(arr, 10)
     ends = np.concatenate([newlines, [len(arr)]]) if (len(arr) and arr[-1] != 10) else newlines
     starts = np.concatenate([[0], ends[:-1] + 1]) if len(ends) else np.zeros(0, dtype=np.int64)
     nonempty = ends > starts
@@ -683,11 +741,70 @@ def _jsonl_block(data: bytes, offset: int, line: int, f: InputFile, cols: Column
     bom = offset == 0 and data.startswith(b"\xef\xbb\xbf")
     positions = {OFFSET: pa.array(offset + starts[rows] + (3 * (rows == 0) if bom else 0), pa.int64()),
                  LINE: pa.array(line + rows, pa.int64())}
-    table = _arrow_json(data, len(rows))
+    # Arrow's parser takes time quadratic in the nesting depth and crashes the process on lines
+    # nested thousands deep: a block with such a line is read line by line, where it fails alone.
+    deep = _too_deep(data, starts[rows], ends[rows])
+    table = None if deep.any() else _arrow_json(data, len(rows), cols)
     if table is None:
-        table, problems = _json_lines(data, starts[rows], ends[rows], line + rows, invalid_utf8, stats, cols)
+        table, problems = _json_lines(data, starts[rows], ends[rows], line + rows, invalid_utf8, stats, cols, deep)
         return _normalize(table, f, cols, first_row, problems, positions)
     return _normalize(table, f, cols, first_row, None, positions)
+
+
+def _too_deep(data: bytes, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Which lines nest arrays and objects more than _MAX_JSON_DEPTH deep. Only the rare lines that
+    hold that many opening brackets at all are looked into (strings skipped)."""
+    out = np.zeros(len(starts), dtype=bool)
+    arr = np.frombuffer(data, dtype=np.uint8)
+    opens = _positions(arr, 91, 123)  # [ {
+    if len(opens) <= _MAX_JSON_DEPTH:
+        return out
+    counts = np.searchsorted(opens, ends) - np.searchsorted(opens, starts)
+    for i in np.flatnonzero(counts > _MAX_JSON_DEPTH).tolist():
+        out[i] = _json_depth(arr[starts[i]:ends[i]]) > _MAX_JSON_DEPTH
+    return out
+
+
+def _json_depth(line: np.ndarray) -> int:
+    """The deepest nesting of brackets in one line of JSON, brackets inside strings left out."""
+    quotes = _positions(line, 34)
+    backslashes = _positions(line, 92)
+    if len(quotes) and len(backslashes):  # a quote after an odd run of backslashes is inside a string
+        run_starts = backslashes[np.concatenate([[0], np.flatnonzero(np.diff(backslashes) != 1) + 1])]
+        before = np.searchsorted(backslashes, quotes) - 1  # the last backslash before each quote
+        follows = (before >= 0) & (backslashes[np.maximum(before, 0)] == quotes - 1)
+        run = quotes - run_starts[np.searchsorted(run_starts, backslashes[np.maximum(before, 0)], side="right") - 1]
+        quotes = quotes[~(follows & (run % 2 == 1))]
+    brackets = _positions(line, 91, 123, 93, 125)  # [ { ] }
+    brackets = brackets[np.searchsorted(quotes, brackets) % 2 == 0]  # an even number of quotes before: outside
+    kinds = line[brackets]
+    steps = np.where((kinds == 91) | (kinds == 123), 1, -1)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _positions(arr: np.ndarray, *values: int) -> np.ndarray:
+    """Where any of the byte ``values`` is in ``arr``, in order, looked for a few MB at a time (no
+    mask as long as a long line)."""
+    found = []
+    for i in range(0, max(len(arr), 1), _SCAN_CHUNK):
+        chunk = arr[i:i + _SCAN_CHUNK]
+        mask = chunk == values[0]
+        for value in values[1:]:
+            mask |= chunk == value
+        found.append(np.flatnonzero(mask) + i)
+    return found[0] if len(found) == 1 else np.concatenate(found)
+
+
+def _valid_utf8(data: bytes) -> bool:
+    """Whether the bytes are UTF-8, decoded a few MB at a time (no copy of a whole long line)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    try:
+        for i in range(0, len(data), _SCAN_CHUNK):
+            decoder.decode(view[i:i + _SCAN_CHUNK], final=i + _SCAN_CHUNK >= len(data))
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _openai_block(data: bytes, offset: int, line: int, f: InputFile, cols: Columns, invalid_utf8: str,
@@ -723,31 +840,48 @@ def _request_id(text: str | None, lineno: int, problem: str | None) -> tuple[str
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"invalid_json: line {lineno}: {exc.msg} at column {exc.colno}"
+    except RecursionError:
+        return None, f"invalid_json: line {lineno} is nested too deep"
     if not isinstance(obj, dict):
         return None, f"invalid_json: line {lineno} is a JSON {type(obj).__name__}, not a request object"
     custom_id = obj.get("custom_id")
     if isinstance(custom_id, (int, float)) and not isinstance(custom_id, bool):
         custom_id = str(custom_id)
+    if isinstance(custom_id, str) and _has_surrogates(custom_id):
+        custom_id = _without_surrogates(custom_id)
     return (custom_id if isinstance(custom_id, str) else None), problem
 
 
-def _arrow_json(data: bytes, expected_rows: int) -> pa.Table | None:
+def _arrow_json(data: bytes, expected_rows: int, cols: Columns) -> pa.Table | None:
     """The block parsed by Arrow, or None when any line is not a JSON object of consistent types or
-    the block is not valid UTF-8 (Arrow's parser does not check every string)."""
+    the block is not valid UTF-8 (Arrow's parser does not check every string). Arrow takes strings
+    that look like dates for timestamps: the columns read are parsed again as the strings they are."""
+    read_options = pj.ReadOptions(block_size=max(len(data), 1 << 20) + 1)
+    if not _valid_utf8(data):
+        return None
     try:
-        data.decode("utf-8")
-        table = pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(block_size=max(len(data), 1 << 20) + 1))
+        table = pj.read_json(io.BytesIO(data), read_options=read_options)
+        dated = [name for name in cols.wanted
+                 if name in table.column_names and pa.types.is_temporal(table.schema.field(name).type)]
+        if dated:
+            as_text = pj.ParseOptions(explicit_schema=pa.schema([(name, pa.string()) for name in dated]))
+            table = pj.read_json(io.BytesIO(data), read_options=read_options, parse_options=as_text)
     except Exception:  # noqa: BLE001 - bad JSON, mixed types, bad UTF-8: the line-by-line reader says which
         return None
     return table if table.num_rows == expected_rows else None
 
 
 def _json_lines(data: bytes, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray, invalid_utf8: str,
-                stats: ReadStats, cols: Columns) -> tuple[pa.Table, pa.Array]:
-    """Line by line: every line is a row, with its problem (bad JSON, not an object, bad UTF-8)."""
+                stats: ReadStats, cols: Columns, deep: np.ndarray) -> tuple[pa.Table, pa.Array]:
+    """Line by line: every line is a row, with its problem (bad JSON, not an object, bad UTF-8,
+    nested too deep)."""
     records: list[dict[str, Any]] = []
     problems: list[str | None] = []
-    for start, end, lineno in zip(starts.tolist(), ends.tolist(), lines.tolist()):
+    for start, end, lineno, too_deep in zip(starts.tolist(), ends.tolist(), lines.tolist(), deep.tolist()):
+        if too_deep:
+            records.append({})
+            problems.append(f"bad_json: line {lineno} is nested more than {_MAX_JSON_DEPTH} levels deep")
+            continue
         raw = data[start:end]
         if start == 0 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
@@ -766,9 +900,40 @@ def _json_line(raw: bytes, lineno: int, invalid_utf8: str, stats: ReadStats) -> 
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return {}, f"bad_json: line {lineno}: {exc.msg} at column {exc.colno}"
+    except RecursionError:
+        return {}, f"bad_json: line {lineno} is nested too deep"
     if not isinstance(obj, dict):
         return {}, f"bad_json: line {lineno} is a JSON {type(obj).__name__}, not an object"
+    if _SURROGATE_ESCAPE.search(raw) and _replace_surrogates(obj):
+        # \ud800-style escapes of half a character: text that no UTF-8 can hold
+        if invalid_utf8 == "fail":
+            return {}, f"invalid_utf8: line {lineno}: an escape of half a UTF-16 surrogate pair"
+        stats.replaced_utf8 += 1
     return obj, None
+
+
+def _replace_surrogates(obj: Any) -> bool:
+    """Replace lone surrogates in every string of a parsed JSON value with U+FFFD, in place (an
+    iterative walk: the value may be nested as deep as the JSON parser allows); whether any was."""
+    found = False
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        for key, value in items:
+            if isinstance(value, str) and _has_surrogates(value):
+                node[key] = _without_surrogates(value)
+                found = True
+            elif isinstance(value, (dict, list)):
+                stack.append(value)
+            if isinstance(key, str) and _has_surrogates(key):
+                node[_without_surrogates(key)] = node.pop(key)
+                found = True
+    return found
+
+
+def _without_surrogates(text: str) -> str:
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _decode(raw: bytes, invalid_utf8: str, where: str, stats: ReadStats) -> tuple[str | None, str | None]:
@@ -815,31 +980,46 @@ def passthrough_array(values: list[Any]) -> pa.Array:
 
 def _scan_csv(f: InputFile, cols: Columns, invalid_utf8: str, stats: ReadStats, gz_index: Path | None) -> Iterator[pa.Table]:
     with open_at(f, 0, gz_index) as fh:
-        tracked = _TrackedLines(fh)
-        header = _csv_header(tracked)
-        first_row = 0
-        while True:
-            table = _csv_records(tracked, header, f, cols, invalid_utf8, stats, first_row, BATCH_ROWS)
-            if table.num_rows == 0:
-                stats.bytes_read = tracked.offset
-                return
-            first_row += table.num_rows
-            yield table
+        tracked = _TrackedLines(fh, reopen=lambda at: open_at(f, at, gz_index))
+        try:
+            header = _csv_header(tracked)
+            first_row = 0
+            while True:
+                table = _csv_records(tracked, header, f, cols, invalid_utf8, stats, first_row, BATCH_ROWS)
+                if table.num_rows == 0:
+                    stats.bytes_read = tracked.offset
+                    return
+                first_row += table.num_rows
+                yield table
+        finally:
+            tracked.fh.close()  # a file opened again to read lines a second time
 
 
 class _TrackedLines:
-    """Decoded lines of a binary file, with the byte offset and line number of the next line."""
+    """Decoded lines of a binary file, with the byte offset and line number of the next line.
 
-    def __init__(self, fh: IO[bytes], offset: int = 0, line: int = 1):
+    The lines of the record being read (since :meth:`mark`) are kept, up to _CSV_REPLAY_BYTES, so
+    that a record found broken can be read again from its second line (:meth:`reread_after_first`);
+    a longer one is read again from the file: ``reopen(offset)`` gives its bytes from ``offset``
+    (without it, ``fh`` seeks, its position 0 being the byte at ``offset``)."""
+
+    def __init__(self, fh: IO[bytes], offset: int = 0, line: int = 1,
+                 reopen: Callable[[int], IO[bytes]] | None = None):
         self.fh = fh
         self.offset = offset
         self.line = line
+        self._base = offset
+        self._reopen = reopen
+        self._again: list[bytes] = []  # lines to read again, the next one last
+        self._record: list[bytes] = []
+        self._record_bytes = 0
+        self._second: int | None = None  # offset of the record's second line
 
     def __iter__(self) -> _TrackedLines:
         return self
 
     def __next__(self) -> str:
-        raw = self.fh.readline()
+        raw = self._again.pop() if self._again else self.fh.readline()
         if not raw:
             raise StopIteration
         if self.offset == 0:
@@ -848,8 +1028,35 @@ class _TrackedLines:
             raw = raw_text
         self.offset += len(raw)
         self.line += 1
+        if self._second is None:
+            self._second = self.offset
+        self._record_bytes += len(raw)
+        if self._record_bytes <= _CSV_REPLAY_BYTES:
+            self._record.append(raw)
         # surrogateescape keeps invalid bytes, which each field then replaces or fails on
         return raw.decode("utf-8", errors="surrogateescape")
+
+    def mark(self) -> None:
+        """A record starts at the next line."""
+        self._record.clear()
+        self._record_bytes = 0
+        self._second = None
+
+    def reread_after_first(self, line: int) -> None:
+        """Go back to the second line of the record begun (at line ``line``) since :meth:`mark`."""
+        if self._second is None:
+            return
+        if self._record_bytes <= _CSV_REPLAY_BYTES:
+            self._again.extend(reversed(self._record[1:]))
+        elif self._reopen is not None:
+            self.fh.close()
+            self.fh = self._reopen(self._second)
+            self._again.clear()
+        else:
+            self.fh.seek(self._second - self._base)
+            self._again.clear()
+        self.offset, self.line = self._second, line + 1
+        self.mark()
 
 
 def _csv_header(fh: Any) -> list[str]:
@@ -875,20 +1082,31 @@ def _csv_records(tracked: _TrackedLines, header: list[str], f: InputFile, cols: 
                  stats: ReadStats, first_row: int, limit: int | None) -> pa.Table:
     """Up to ``limit`` CSV records from the tracked lines, with their positions."""
     csv.field_size_limit(sys.maxsize)  # documents can be far longer than the 128 KiB default
-    reader = csv.reader(tracked)
+    # strict: a quote inside a quoted field must be doubled, and a quoted field must close before the
+    # end of the data. A record that breaks this over several lines (a quote left open swallows the
+    # lines after it) fails on its first line alone, and the lines after it are read again as rows.
+    # The plan and a worker reading a unit's bytes cut rows alike: a record is judged on the bytes
+    # from its start, and a unit ends where the plan saw the next row start.
+    reader = csv.reader(tracked, strict=True)
     records: list[dict[str, Any]] = []
     problems: list[str | None] = []
     offsets: list[int] = []
     lines: list[int] = []
     while limit is None or len(records) < limit:
         start, line = tracked.offset, tracked.line
+        tracked.mark()
         try:
             fields = next(reader)
         except StopIteration:
             break
         except csv.Error as exc:
             records.append({})
-            problems.append(f"bad_csv: line {tracked.line - 1}: {exc}")
+            if tracked.line - line > 1 or "end of data" in str(exc):
+                problems.append(f"bad_csv: line {line}: a quoted field that starts on this line is not "
+                                f"closed properly ({exc}); the lines after it are read as rows of their own")
+                tracked.reread_after_first(line)
+            else:
+                problems.append(f"bad_csv: line {line}: {exc}")
         else:
             if not fields:
                 continue  # a blank line is not a record

@@ -35,6 +35,7 @@ from shardinfer.prompts import request_columns
 DEFAULT_UNITS_PER_WORKER = 8
 _SAMPLE_ROWS = 1000
 _SAMPLE_CHARS = 2_000_000
+_SAMPLE_TEXT_CHARS = 20_000  # characters of each sampled text given to the tokenizer
 _FALLBACK_CHARS_PER_TOKEN = 4.0
 _SCAN_THREADS = 4
 # A unit this many rows into a remote Parquet row group costs its worker a fetch and decode of them.
@@ -188,7 +189,7 @@ def _scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) -
     for batch in corpus.scan(f, cols, cfg.input.invalid_utf8, stats, gz_index):
         ok = batch.column(corpus.PROBLEM).is_null()
         chars.append(pc.if_else(ok, batch.column(corpus.CHARS), 0).to_numpy().astype(np.int32, copy=False))
-        out.problem_rows += batch.num_rows - pc.sum(ok.cast(pa.int64())).as_py()
+        out.problem_rows += batch.num_rows - (pc.sum(ok.cast(pa.int64())).as_py() or 0)  # None: no rows
         if corpus.OFFSET in batch.column_names:
             offsets.append(batch.column(corpus.OFFSET).to_numpy())
             lines.append(batch.column(corpus.LINE).to_numpy())
@@ -223,10 +224,17 @@ def _keep_longest(out: FileScan, chars: np.ndarray, batch: pa.Table, source: str
 
 def _add_sample(out: FileScan, batch: pa.Table, ok: pa.ChunkedArray) -> None:
     room = _SAMPLE_ROWS - len(out.sample)
-    if room <= 0 or sum(map(len, out.sample)) >= _SAMPLE_CHARS:
+    chars = _SAMPLE_CHARS - sum(map(len, out.sample))
+    if room <= 0 or chars <= 0:
         return
-    texts = batch.column(corpus.TEXT).filter(ok).slice(0, room).to_pylist()
-    out.sample.extend(texts)
+    # The beginning of each text is enough to measure characters per token; a whole document of
+    # tens of MB would cost the tokenizer gigabytes.
+    beginnings = pc.utf8_slice_codeunits(batch.column(corpus.TEXT), 0, _SAMPLE_TEXT_CHARS)
+    for text in beginnings.filter(ok).slice(0, room).to_pylist():
+        if chars <= 0:
+            break
+        out.sample.append(text[:chars])
+        chars -= len(out.sample[-1])
 
 
 def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Plan:
