@@ -379,3 +379,57 @@ def test_a_huge_document_gives_the_tokenizer_its_beginning_only(tmp_path, monkey
     assert plan.total_rows == 2002 and plan.estimate.startswith("tokenizer on a sample")
     assert seen and max(seen) <= 100_000 and sum(seen) <= plan_module._SAMPLE_CHARS
     assert plan.over_limit == 1 and plan.over_limit_ids == ["big.jsonl:1"]
+
+
+def _edit_keeping_size_and_time(path, old: bytes, new: bytes) -> None:
+    """An edit that `cp -p` or `rsync -t` would bring: same size, same modification time."""
+    import os
+
+    st = path.stat()
+    data = path.read_bytes()
+    assert len(old) == len(new) and data.count(old) >= 1  # Parquet also keeps it in the statistics
+    path.write_bytes(data.replace(old, new))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_a_unit_read_after_its_input_was_edited_is_refused_naming_the_file_and_unit(tmp_path, fmt):
+    import csv
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shardinfer.errors import ConfigError
+    from shardinfer.unit_reader import UnitReader
+
+    records = [{"id": f"r{i}", "text": f"document {i:04d} " + "word " * 400} for i in range(3000)]
+    path = tmp_path / f"docs.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif fmt == "csv":
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["id", "text"])
+            writer.writeheader()
+            writer.writerows(records)
+    else:
+        pq.write_table(pa.Table.from_pylist(records), path, row_group_size=500, compression="none")
+    cfg = config_from_dict({"input": {"path": str(path), "id_column": "id"},
+                            "model": {"path": str(tmp_path / "m"), "max_model_len": 600},
+                            "sampling": {"max_tokens": 50}, "run": {"unit_tokens": 60000}})
+    plan = make_plan(cfg, 2, index_dir=tmp_path / "index")
+    reader = UnitReader(plan, cfg, tmp_path / "index")
+    assert reader.read(plan.units[0]).num_rows == plan.units[0].rows
+    last = plan.units[-1]
+    _edit_keeping_size_and_time(path, b"document 2999", b"document 9999")
+    assert reader.read(plan.units[0]).num_rows == plan.units[0].rows  # a part far from the edit reads on
+    with pytest.raises(ConfigError, match=rf"input file {path} \(read for unit {last.unit}\) changed since the run "
+                                          rf"was planned: .* restore the file, or start a new run"):
+        reader.read(last)
+    _edit_keeping_size_and_time(path, b"document 9999", b"document 2999")
+    assert reader.read(last).num_rows == last.rows
+    with open(path, "ab") as fh:  # rows appended during the run
+        fh.write(b"x" * 10)
+    with pytest.raises(ConfigError, match="its size, modification time or version differ"):
+        reader.read(plan.units[0])
+    os.truncate(path, path.stat().st_size - 10)

@@ -201,3 +201,25 @@ def test_a_full_disk_is_said_once_without_a_traceback_and_resume_goes_on(tmp_pat
     proc = run_cli(["resume", str(run_dir)], sim_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _ids(run_dir) == [d["id"] for d in demo_docs(48)]
+
+
+def test_an_input_edited_during_a_run_stops_it_as_a_config_error_and_restored_it_resumes(tmp_path, tiny_model,
+                                                                                         sim_env):
+    docs = [{"id": f"d{i}", "text": f"document {i:04d} " + "word " * 2000} for i in range(48)]
+    corpus = write_jsonl(tmp_path / "docs.jsonl", docs)
+    config = _config(tmp_path, tiny_model, "edited", workers=1)
+    run_dir = tmp_path / "edited"
+    launcher = _start(config, sim_env)
+    _wait_for_commits(run_dir, 3)
+    st, original = corpus.stat(), corpus.read_bytes()
+    corpus.write_bytes(original.replace(b"document 0047", b"document 9999"))  # same size, same time
+    os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 2, err[-3000:]
+    assert f"input file {corpus} (read for unit" in err and "changed since the run was planned" in err
+    assert "Traceback" not in err
+    corpus.write_bytes(original)
+    os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns))
+    proc = run_cli(["resume", str(run_dir)], sim_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _ids(run_dir) == [d["id"] for d in docs]

@@ -14,7 +14,7 @@ import pytest
 from conftest import demo_docs, read_results, run_cli, write_config, write_jsonl
 from shardinfer import corpus, storage
 from shardinfer.config import config_from_dict
-from shardinfer.errors import ConfigError, MissingDependency, RunError
+from shardinfer.errors import ConfigError, MissingDependency
 from shardinfer.plan import make_plan
 from shardinfer.unit_reader import UnitReader, check_unchanged
 
@@ -117,7 +117,7 @@ def test_an_object_changed_after_planning_is_refused_like_a_local_file(s3, tiny_
     plan = make_plan(cfg, 1)
     check_unchanged(plan.files[0]["path"], plan.files[0])
     _upload(fs, _docs_table(4, offset=10), "changing/a.parquet")
-    with pytest.raises(RunError, match="changed since the run was planned"):
+    with pytest.raises(ConfigError, match="changed since the run was planned"):
         check_unchanged(plan.files[0]["path"], plan.files[0])
 
 

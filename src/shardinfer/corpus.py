@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from shardinfer import parquet_slice, storage
 from shardinfer.config import InputConfig
 from shardinfer.errors import ConfigError, missing_dependency
+from shardinfer.input_digest import ChunkDigest, aligned, check_chunks
 from shardinfer.results import CHARS, ID, LINE, OFFSET, PROBLEM, TEXT
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class ReadStats:
 
     replaced_utf8: int = 0
     bytes_read: int = 0
+    digest: ChunkDigest | None = None  # fed every byte of a JSONL scan (the plan's checksums)
 
 
 @dataclass(frozen=True)
@@ -490,10 +492,11 @@ def read_table(f: InputFile, cfg: InputConfig, extra: list[str] | tuple[str, ...
 
 def read_range(f: InputFile, cols: Columns, invalid_utf8: str, first_row: int, rows: int,
                begin: int | None, end: int | None, line: int | None, gz_index: Path | None = None,
-               cursor: ParquetCursor | None = None) -> pa.Table:
+               cursor: ParquetCursor | None = None, crcs: np.ndarray | None = None) -> pa.Table:
     """Rows ``first_row``..``first_row + rows`` of a file. Text formats read bytes ``begin``..``end``
-    (the plan's positions); Parquet decodes from where ``cursor`` stands (the end of the previous
-    range read) or from the start of the row group that holds ``first_row``."""
+    (the plan's positions), checked against the plan's chunk checksums ``crcs`` when given;
+    Parquet decodes from where ``cursor`` stands (the end of the previous range read) or from the
+    start of the row group that holds ``first_row``."""
     stats = ReadStats()
     if f.format == "parquet":
         table = _read_parquet_range(f, cols, first_row, rows, cursor, invalid_utf8, stats)
@@ -502,12 +505,23 @@ def read_range(f: InputFile, cols: Columns, invalid_utf8: str, first_row: int, r
     elif begin is None or end is None:  # a plan without positions: read up to the range
         table = _slice_scan(scan(f, cols, invalid_utf8, stats, gz_index), first_row, rows)
     else:
-        with open_at(f, begin, gz_index) as fh:
-            data = fh.read(end - begin)
+        data = _read_bytes(f, begin, end, gz_index, crcs)
         parse = _BLOCK_PARSERS[f.format]
         header = _csv_header_of(f, gz_index) if f.format == "csv" else None
         table = parse(data, begin, line or 1, f, cols, invalid_utf8, stats, first_row, header)
     return table.drop_columns([c for c in (OFFSET, LINE) if c in table.column_names])
+
+
+def _read_bytes(f: InputFile, begin: int, end: int, gz_index: Path | None, crcs: np.ndarray | None) -> bytes:
+    """Bytes ``begin``..``end``; with ``crcs``, the whole chunks around them are read and checked."""
+    if crcs is None:
+        with open_at(f, begin, gz_index) as fh:
+            return fh.read(end - begin)
+    start, stop = aligned(begin, end)
+    with open_at(f, start, gz_index) as fh:
+        data = fh.read(stop - start)
+    check_chunks(crcs, start, data, f.path)
+    return data[begin - start:end - start]
 
 
 def _slice_scan(batches: Iterator[pa.Table], first_row: int, rows: int) -> pa.Table:
@@ -548,8 +562,13 @@ def _parquet(path: str) -> pq.ParquetFile:
 
 def parquet_row_groups(path: str) -> list[int]:
     """Rows per row group."""
-    md = _parquet(path).metadata
+    md = parquet_metadata(path)
     return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+
+def parquet_metadata(path: str) -> pq.FileMetaData:
+    """The footer of a Parquet file, read now."""
+    return _parquet(path).metadata
 
 
 class ParquetCursor:
@@ -707,6 +726,8 @@ def _blocks(f: InputFile, gz_index: Path | None, stats: ReadStats | None = None)
                 return
             if stats is not None:
                 stats.bytes_read += len(chunk)
+                if stats.digest is not None:
+                    stats.digest.update(chunk)
             data = rest + chunk
             cut = data.rfind(b"\n") + 1
             if cut == 0:

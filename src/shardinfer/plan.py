@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardinfer import corpus, storage
+from shardinfer import corpus, input_digest, storage
 from shardinfer.config import Config
 from shardinfer.errors import ConfigError
 from shardinfer.model_info import resolve_max_model_len, token_counter
@@ -167,13 +167,19 @@ class FileScan:
     problem_rows: int = 0
     replaced_utf8: int = 0
     row_groups: list[int] | None = None
+    crcs: np.ndarray | None = None  # checksum of each chunk of a local JSONL/CSV file (input_digest)
+    row_group_digests: list[str] | None = None  # of each row group's metadata (local Parquet)
 
 
-def scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) -> FileScan:
+def scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None, *, digest: bool = False) -> FileScan:
     """Stream one file batch by batch; memory stays that of a batch plus a few numbers per row. A
-    file that cannot be read (truncated, not of its format) is a config error naming it."""
+    file that cannot be read (truncated, not of its format) is a config error naming it. With
+    ``digest``, what workers check the file against is computed too (a local file's checksums)."""
     try:
-        return _scan_file(f, cfg, gz_index)
+        out = _scan_file(f, cfg, gz_index, digest and f.local)
+        if digest and f.local:
+            _add_digests(out, f, gz_index)
+        return out
     except (pa.ArrowException, OSError, EOFError, zlib.error) as exc:
         raise ConfigError(
             f"input.path: {f.path} cannot be read as {f.format}{' (gzip)' if f.gzip else ''}: {str(exc).rstrip('.')}. Re-export "
@@ -181,9 +187,20 @@ def scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) ->
         ) from exc
 
 
-def _scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) -> FileScan:
+def _add_digests(out: FileScan, f: corpus.InputFile, gz_index: Path | None) -> None:
+    """Chunk checksums of a CSV file (a JSONL scan computed them as it read), row group digests of
+    a Parquet file."""
+    if f.format == "csv":
+        out.crcs = input_digest.digest_stream(corpus.open_at(f, 0, gz_index))
+    elif f.format == "parquet":
+        metadata = corpus.parquet_metadata(f.path)
+        out.row_group_digests = [input_digest.row_groups_digest(metadata, [g]) for g in range(metadata.num_row_groups)]
+
+
+def _scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None, digest: bool = False) -> FileScan:
     cols = corpus.columns_for(cfg.input, [], with_extra=False)
-    stats = corpus.ReadStats()
+    stats = corpus.ReadStats(digest=input_digest.ChunkDigest() if digest and f.format in ("jsonl", "openai-batch")
+                             else None)
     chars, offsets, lines, hashes = [], [], [], []
     out = FileScan()
     for batch in corpus.scan(f, cols, cfg.input.invalid_utf8, stats, gz_index):
@@ -209,6 +226,8 @@ def _scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None) -
         out.id_hashes = (np.concatenate([h for h, _ in hashes] or [np.zeros(0, np.uint64)]),
                          np.concatenate([h for _, h in hashes] or [np.zeros(0, np.uint64)]))
     out.replaced_utf8 = stats.replaced_utf8
+    if stats.digest is not None:
+        out.crcs = stats.digest.finish()
     return out
 
 
@@ -247,7 +266,8 @@ def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Pl
     limit = max_model_len - cfg.sampling.max_tokens
     indexes = _gzip_indexes(files, index_dir)
     with ThreadPoolExecutor(max_workers=max(1, min(_SCAN_THREADS, os.cpu_count() or 1, len(files)))) as pool:
-        scans = list(pool.map(lambda fi: scan_file(fi[0], cfg, fi[1]), zip(files, indexes)))
+        scans = list(pool.map(lambda fi: scan_file(fi[0], cfg, fi[1], digest=index_dir is not None),
+                              zip(files, indexes)))
     sample = _first_sample(scans)
     cpt, estimate = _chars_per_token(cfg, sample)
     chars = np.concatenate([s.chars for s in scans]) if scans else np.zeros(0, np.int32)
@@ -265,7 +285,7 @@ def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Pl
     over = np.flatnonzero(tokens > limit)
     running = chars > 0
     return Plan(
-        files=[_file_info(f, s, idx) for f, s, idx in zip(files, scans, indexes)],
+        files=[_file_info(i, f, s, idx, index_dir) for i, (f, s, idx) in enumerate(zip(files, scans, indexes))],
         total_rows=len(costs), units=units, max_model_len=max_model_len, prompt_limit=limit,
         chars_per_token=round(cpt, 4), estimate=estimate, duplicates=_duplicates(scans, files),
         histogram=token_histogram(tokens[chars > 0]), over_limit=len(over),
@@ -387,7 +407,8 @@ def token_histogram(tokens: Sequence[int] | np.ndarray) -> list[tuple[str, int]]
     return [(f"{0 if b == 0 else 1 << (b + 5)}-{(1 << (b + 6)) - 1}", int(c)) for b, c in enumerate(counts)]
 
 
-def _file_info(f: corpus.InputFile, s: FileScan, gz_index: Path | None) -> dict[str, Any]:
+def _file_info(i: int, f: corpus.InputFile, s: FileScan, gz_index: Path | None,
+               index_dir: Path | None) -> dict[str, Any]:
     path = f.path if not f.local else str(Path(f.path).resolve())
     info = {"path": path, "source": f.source, "format": f.format, "gzip": f.gzip, "compression": f.compression,
             "rows": s.rows, **storage.stat(f.path)}
@@ -395,6 +416,10 @@ def _file_info(f: corpus.InputFile, s: FileScan, gz_index: Path | None) -> dict[
         info["row_groups"] = len(s.row_groups)
     if gz_index is not None:
         info["gzip_index"] = gz_index.name
+    if s.crcs is not None and index_dir is not None:
+        info["chunk_crcs"] = input_digest.save(s.crcs, index_dir / f"file-{i:05d}.crc.npy")
+    if s.row_group_digests is not None:
+        info["row_group_digests"] = s.row_group_digests
     return info
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardinfer import corpus, parquet_slice, storage
+from shardinfer import corpus, input_digest, parquet_slice, storage
 from shardinfer.config import Config
-from shardinfer.errors import ConfigError, RunError
-from shardinfer.plan import Plan, Unit
+from shardinfer.errors import ConfigError
+from shardinfer.input_digest import InputChanged, row_groups_digest
+from shardinfer.plan import Plan, Segment, Unit
 from shardinfer.prompts import request_columns
 from shardinfer.results import ROW
 
@@ -33,7 +35,8 @@ class UnitReader:
         self.offsets = [0]
         for info in plan.files:
             self.offsets.append(self.offsets[-1] + info["rows"])
-        self._checked: set[int] = set()
+        self.crcs = [input_digest.load(index_dir / info["chunk_crcs"]) if index_dir and info.get("chunk_crcs") else None
+                     for info in plan.files]
         self._cursors: dict[int, corpus.ParquetCursor] = {}  # per Parquet file: where the last read ended
         self._warm_up()
 
@@ -47,24 +50,28 @@ class UnitReader:
             parquet_slice.load()
 
     def read(self, unit: Unit) -> pa.Table:
-        tables = [self._segment(seg.file, seg.start, seg.rows, seg.begin, seg.stop, seg.line)
-                  for seg in unit.segments]
+        """The unit's rows, from the input as it was planned: each file is checked when a unit of it
+        is read (InputChanged, a config error, when it was edited since)."""
+        try:
+            tables = [self._segment(seg) for seg in unit.segments]
+        except InputChanged as exc:
+            raise exc.of_unit(unit.unit) from None
         if not tables:
             return _empty(self.cols)
         return pa.concat_tables(tables, promote_options="permissive")
 
-    def _segment(self, index: int, start: int, rows: int, begin: int | None, stop: int | None,
-                 line: int | None) -> pa.Table:
+    def _segment(self, seg: Segment) -> pa.Table:
+        index, start, rows = seg.file, seg.start, seg.rows
         f, info = self.files[index], self.plan.files[index]
-        if index not in self._checked:
-            check_unchanged(f.path, info)
-            self._checked.add(index)
+        check_unchanged(f.path, info)
+        if info.get("row_group_digests"):
+            _check_row_groups(f.path, info["row_group_digests"], seg)
         cursor = self._cursors.setdefault(index, corpus.ParquetCursor()) if f.format == "parquet" else None
-        table = corpus.read_range(f, self.cols, self.cfg.input.invalid_utf8, start, rows, begin, stop, line,
-                                  self.indexes[index], cursor)
+        table = corpus.read_range(f, self.cols, self.cfg.input.invalid_utf8, start, rows, seg.begin, seg.stop,
+                                  seg.line, self.indexes[index], cursor, self.crcs[index])
         if table.num_rows != rows:
-            raise RunError(f"{f.path}: rows {start}-{start + rows - 1} read as {table.num_rows} rows, the plan has "
-                           f"{rows}: the input changed since the run was planned. Start a new run.")
+            raise InputChanged(f.path, f"rows {start}-{start + rows - 1} read as {table.num_rows} rows, the plan "
+                                       f"has {rows}")
         table = table.set_column(table.column_names.index(corpus.ID), corpus.ID,
                                  corpus.row_ids(table, f.source, start))
         first = self.offsets[index] + start
@@ -89,13 +96,24 @@ def _empty(cols: corpus.Columns) -> pa.Table:
                      ROW: pa.array([], pa.int64())})
 
 
+def _check_row_groups(path: str, planned: list[str], seg: Segment) -> None:
+    """The Parquet row groups a segment reads have the metadata the plan saw."""
+    metadata = corpus.parquet_metadata(path)
+    starts = np.cumsum([0] + [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])
+    first = int(np.searchsorted(starts, seg.start, side="right") - 1)
+    last = int(np.searchsorted(starts, max(seg.end - 1, seg.start), side="right") - 1)
+    for group in range(first, min(last, len(planned) - 1) + 1):
+        if group >= metadata.num_row_groups or row_groups_digest(metadata, [group]) != planned[group]:
+            raise InputChanged(path, f"row group {group} differs")
+
+
 def check_unchanged(path: str, info: dict[str, Any]) -> None:
     """The file is as it was planned: same size and modification time (local), same size and
     version (ETag, generation) in an object store."""
     try:
         now = storage.stat(path)
     except (FileNotFoundError, ConfigError):
-        raise RunError(f"input file {path} is gone since the run was planned") from None
+        raise InputChanged(path, "it is gone") from None
     changed = now["bytes"] != info["bytes"]
     if now.get("version") is not None or info.get("version") is not None:
         changed = changed or now.get("version") != info.get("version")
@@ -103,5 +121,4 @@ def check_unchanged(path: str, info: dict[str, Any]) -> None:
         changed = changed or abs(now["mtime"] - info["mtime"]) > 1e-3
     # else: a server that gives neither a version nor a time: the size is all there is to compare
     if changed:
-        raise RunError(f"input file {path} changed since the run was planned (size, modification time or "
-                       f"version). Start a new run (another run.directory) to process the new data.")
+        raise InputChanged(path, "its size, modification time or version differ")
