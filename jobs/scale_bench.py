@@ -4,8 +4,10 @@ and reducing millions of result rows. The figures in jobs/benchmarks.md ("Scale"
     python jobs/scale_bench.py corpus --rows 10000000 --format parquet OUT/docs.parquet
     python jobs/scale_bench.py corpus --rows 100000 --files 100 --format parquet OUT/many/
     python jobs/scale_bench.py plan OUT/docs.parquet            # wall time and peak RSS of planning
+    python jobs/scale_bench.py plan OUT/docs.jsonl --index OUT/index   # as a run plans (input checksums)
     python jobs/scale_bench.py read OUT/docs.parquet            # one unit's read: first, middle, last
     python jobs/scale_bench.py reduce --rows 10000000 OUT/reduce-run
+    python jobs/scale_bench.py early-fail OUT/docs.parquet --model .cache/tiny-qwen3   # rows that all fail
 
 Each measurement runs in a fresh process and reports its wall time and peak RSS (VmHWM), plus
 the RSS of the bare interpreter with the modules imported, so "above the interpreter" can be read
@@ -110,7 +112,8 @@ def measure_plan(args: argparse.Namespace) -> None:
     cfg = _config(args.path)
     base = _memory_mb("VmRSS")
     start = time.time()
-    plan = plan_module.make_plan(cfg, 1000)  # type: ignore[arg-type]
+    index = Path(args.index) if args.index else None  # as a run plans: with the input checksums
+    plan = plan_module.make_plan(cfg, 1000, index_dir=index)  # type: ignore[arg-type]
     _report("plan", start, rows=plan.total_rows, units=len(plan.units), files=len(plan.files),
             interpreter_rss_mb=round(base, 1), duplicates=len(plan.duplicates))
 
@@ -198,6 +201,37 @@ def reduce_one(args: argparse.Namespace) -> None:
     _report("reduce", start, rows=report["rows"]["in"], interpreter_rss_mb=round(base, 1))
 
 
+def measure_early_fail(args: argparse.Namespace) -> None:
+    """A whole run (`shardinfer run`, the simulation engine) of a corpus whose rows all fail before
+    the engine (longer than the context, prompt.too_long=fail): when each worker committed its first
+    unit after its model load, the most units it held at once and its peak memory."""
+    import os
+    import shutil
+
+    run_dir = Path(args.out)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [f"input.path={args.path}", "input.id_column=id", f"model.path={args.model}", "model.engine=sim",
+                 "model.max_model_len=64", "sampling.max_tokens=8", "prompt.too_long=fail",
+                 f"run.directory={run_dir}", f"run.workers={args.workers}"]
+    config = run_dir.parent / "early-fail.yaml"
+    config.write_text("prompt: {user: '{text}'}\n")
+    env = {**os.environ, "SHARDINFER_PLUGINS": "shardinfer.bench.sim_engine"}
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "shardinfer.cli", "run", str(config), *overrides], env=env,
+                          capture_output=True, text=True)
+    wall = time.time() - start
+    if proc.returncode:
+        sys.exit(proc.stderr[-3000:])
+    done = [json.loads(p.read_text()) for p in (run_dir / "done").rglob("unit-*.json")]
+    for path in sorted((run_dir / "metrics").glob("*.json")):
+        m = json.loads(path.read_text())
+        mine = sorted(d["committed_at"] for d in done if d["worker"].endswith(f"rank{m['rank']}"))
+        print(json.dumps({"measure": "early-fail", "rank": m["rank"], "run_seconds": round(wall, 1),
+                          "units": m["units"], "rows": m["rows"], "units_held_max": m["units_held_max"],
+                          "first_commit_after_load_s": round(mine[0] - m["started_at"] - m["model_load_s"], 2),
+                          "peak_rss_mb": m["peak_rss_mb"]}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -214,7 +248,17 @@ def main() -> None:
     c.add_argument("--rows", type=int, default=10_000_000)
     c.add_argument("--units", type=int, default=2442)
     c.set_defaults(fn=measure_reduce)
-    plain = {"plan": (measure_plan, ["path"]), "read": (measure_read, ["path", "--plan"]),
+    c = sub.add_parser("early-fail")
+    c.add_argument("path")
+    c.add_argument("--model", required=True, help="a model directory (the simulation engine loads no weights)")
+    c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--out", default="/tmp/scale/early-fail-run")
+    c.set_defaults(fn=measure_early_fail)
+    c = sub.add_parser("plan")
+    c.add_argument("path")
+    c.add_argument("--index", help="a directory for the run's index files: plan as a run does (checksums)")
+    c.set_defaults(fn=measure_plan)
+    plain = {"read": (measure_read, ["path", "--plan"]),
              "read-one": (read_one, ["path", "plan", "unit"]),  # the steps below run in fresh processes
              "reduce-setup": (reduce_setup, ["out", "rows", "units"]), "reduce-one": (reduce_one, ["out"])}
     for name, (fn, arguments) in plain.items():
