@@ -107,7 +107,7 @@ def _report(name: str, start: float, **extra: object) -> None:
 
 
 def measure_plan(args: argparse.Namespace) -> None:
-    import shardinfer.plan as plan_module
+    import shardinfer.planning.plan as plan_module
 
     cfg = _config(args.path)
     base = _memory_mb("VmRSS")
@@ -120,12 +120,12 @@ def measure_plan(args: argparse.Namespace) -> None:
 
 def measure_read(args: argparse.Namespace) -> None:
     """Plan once (saved), then in fresh processes read the first, middle and last unit."""
-    from shardinfer.plan import make_plan
+    from shardinfer.planning.plan import make_plan
 
     saved = Path(args.plan or (Path(args.path).with_suffix(".plan.json")))
     if not saved.is_file():
         saved.write_text(json.dumps(make_plan(_config(args.path), 1000).to_json()))  # type: ignore[arg-type]
-    from shardinfer.plan import Plan
+    from shardinfer.planning.plan import Plan
 
     plan = Plan.from_json(json.loads(saved.read_text()))
     units = len(plan.units)
@@ -135,8 +135,8 @@ def measure_read(args: argparse.Namespace) -> None:
 
 
 def read_one(args: argparse.Namespace) -> None:
-    from shardinfer.plan import Plan
-    from shardinfer.unit_reader import UnitReader
+    from shardinfer.inputs.unit_reader import UnitReader
+    from shardinfer.planning.plan import Plan
 
     plan = Plan.from_json(json.loads(Path(args.plan).read_text()))
     reader = UnitReader(plan, _config(args.path))  # type: ignore[arg-type]
@@ -162,9 +162,9 @@ def measure_reduce(args: argparse.Namespace) -> None:
 
 def reduce_setup(args: argparse.Namespace) -> None:
     from shardinfer.config import config_to_dict
-    from shardinfer.ledger import Ledger
-    from shardinfer.plan import Plan, Segment, Unit
-    from shardinfer.rundir import RunDir, write_json_atomic
+    from shardinfer.ledger.claims import Ledger
+    from shardinfer.ledger.rundir import RunDir, write_json_atomic
+    from shardinfer.planning.plan import Plan, Segment, Unit
 
     rows, units = int(args.rows), int(args.units)
     cut = np.linspace(0, rows, units + 1).astype(np.int64)
@@ -192,8 +192,8 @@ def reduce_setup(args: argparse.Namespace) -> None:
 
 
 def reduce_one(args: argparse.Namespace) -> None:
-    from shardinfer.reduce import reduce_run
-    from shardinfer.rundir import RunDir
+    from shardinfer.ledger.rundir import RunDir
+    from shardinfer.reduce.merge import reduce_run
 
     base = _memory_mb("VmRSS")
     start = time.time()

@@ -32,7 +32,7 @@ CPU_ENV = {
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from shardinfer.tiny_model import build_tiny_model
+    from shardinfer.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-qwen3", corpus_path=DEMO_CORPUS)
 

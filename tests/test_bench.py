@@ -8,7 +8,7 @@ from conftest import CPU_ENV, run_cli, write_config
 from shardinfer.bench.synth import make_docs, source_texts
 from shardinfer.config import PromptConfig
 from shardinfer.errors import ConfigError
-from shardinfer.prompts import PromptBuilder
+from shardinfer.requests.prompts import PromptBuilder
 
 
 def _builder(tokenizer, max_model_len=2048, max_tokens=16):

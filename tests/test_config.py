@@ -30,9 +30,9 @@ def test_demo_config_loads_with_its_typed_values():
 
 
 def test_the_bundled_openai_batch_example_has_ten_good_requests_and_two_that_fail_alone():
-    from shardinfer.openai_batch import parse_request
-    from shardinfer.row_options import OptionError, base_options
-    from shardinfer.row_requests import served_names
+    from shardinfer.requests.builder import served_names
+    from shardinfer.requests.openai_batch import parse_request
+    from shardinfer.requests.row_options import OptionError, base_options
 
     cfg = load_config(REPO / "configs" / "openai-batch.yaml")
     assert cfg.input.format == "openai-batch" and served_names(cfg) == [".cache/tiny-qwen3", "tiny-qwen3"]
@@ -269,7 +269,7 @@ def test_an_empty_template_is_fine_where_the_template_is_not_used(tmp_path):
     ("seed", 2**63, "must be at least"),
 ])
 def test_a_rows_own_option_is_checked_like_the_config(name, value, expect):
-    from shardinfer.row_options import OptionError, base_options
+    from shardinfer.requests.row_options import OptionError, base_options
 
     options = base_options(config_from_dict(MINIMAL).sampling)
     with pytest.raises(OptionError, match=f"column 'x': {expect}"):

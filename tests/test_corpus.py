@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shardinfer import corpus
 from shardinfer.config import InputConfig
 from shardinfer.errors import ConfigError
+from shardinfer.inputs import corpus
 
 RECORDS = [{"doc": f"text number {i}", "key": f"k{i}", "lang": "en" if i % 2 else "fr"} for i in range(5)]
 

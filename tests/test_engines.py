@@ -8,7 +8,7 @@ from conftest import CPU_ENV
 from shardinfer.config import ModelConfig, SamplingConfig
 from shardinfer.engines import Completion
 from shardinfer.engines.base import Refused
-from shardinfer.prompts import Prompt
+from shardinfer.requests.prompts import Prompt
 
 pytestmark = pytest.mark.engine
 
@@ -61,8 +61,8 @@ def test_vllm_engine_keeps_each_rows_adapter_when_rows_of_several_adapters_are_f
     from dataclasses import replace
 
     from shardinfer.engines.vllm_engine import VllmEngine
-    from shardinfer.row_options import base_options
-    from shardinfer.tiny_model import build_tiny_lora
+    from shardinfer.models.tiny import build_tiny_lora
+    from shardinfer.requests.row_options import base_options
 
     adapter = build_tiny_lora(tiny_model, tmp_path / "lora")
     model = ModelConfig(path=str(tiny_model), dtype="float32", lora={"a": str(adapter)},
@@ -143,7 +143,7 @@ def test_hf_engine_gives_n_outputs_per_row_and_groups_rows_by_their_options(tiny
     from dataclasses import replace
 
     from shardinfer.engines.hf_engine import HfEngine
-    from shardinfer.row_options import base_options
+    from shardinfer.requests.row_options import base_options
 
     sampling = SamplingConfig(max_tokens=6, ignore_eos=True, n=2)
     engine = HfEngine(ModelConfig(path=str(tiny_model), engine="hf", dtype="float32"), sampling, 512, attempts=1)

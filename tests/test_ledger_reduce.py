@@ -12,12 +12,12 @@ from shardinfer.config import config_from_dict
 from shardinfer.engines import Completion
 from shardinfer.engines.retry import generate_isolating, generate_with_retries
 from shardinfer.errors import RunError
-from shardinfer.ledger import Heartbeat, Ledger
-from shardinfer.prompts import Prompt
-from shardinfer.reduce import reduce_run
+from shardinfer.ledger.claims import Heartbeat, Ledger
+from shardinfer.ledger.rundir import RunDir
+from shardinfer.ledger.runstate import prepare_run
+from shardinfer.reduce.merge import reduce_run
+from shardinfer.requests.prompts import Prompt
 from shardinfer.results import result_table
-from shardinfer.rundir import RunDir
-from shardinfer.runstate import prepare_run
 
 
 def _rows(first: int, n: int, ids: list[str]) -> pa.Table:
@@ -273,7 +273,7 @@ def test_a_failing_unit_is_retried_with_backoff_then_its_rows_fail():
 
 
 def test_a_unit_costs_six_metadata_operations_and_two_fsyncs(planned):
-    from shardinfer.rundir import FS
+    from shardinfer.ledger.rundir import FS
 
     run_dir, plan = planned
     before, fsyncs = FS.total, FS.fsyncs
@@ -305,7 +305,7 @@ def test_a_run_directory_of_the_flat_layout_is_continued(planned):
 
 
 def test_candidates_walk_the_home_slice_then_steal_from_the_end_of_others():
-    from shardinfer.scheduler import Candidates
+    from shardinfer.ledger.scheduler import Candidates
 
     c = Candidates(list(range(16)), rank=1, world=4)
     tried = [c.next()[0] for _ in range(4)]
@@ -320,7 +320,7 @@ def test_candidates_walk_the_home_slice_then_steal_from_the_end_of_others():
 
 
 def test_an_idle_worker_becomes_the_watcher_gives_back_a_stale_unit_and_ends_the_run(planned):
-    from shardinfer.scheduler import IdleWait
+    from shardinfer.ledger.scheduler import IdleWait
 
     run_dir, plan = planned
     dead = _all_done_but_unit_0_held_by_a_dead_worker(run_dir, plan, lease_timeout_s=0.3)
@@ -355,8 +355,8 @@ def _commit_claimed(ledger, run_dir, unit):
 
 
 def test_an_idle_worker_that_is_not_the_watcher_looks_at_one_file(planned):
-    from shardinfer.rundir import FS
-    from shardinfer.scheduler import IDLE_LOOK_S, IdleWait
+    from shardinfer.ledger.rundir import FS
+    from shardinfer.ledger.scheduler import IDLE_LOOK_S, IdleWait
 
     run_dir, plan = planned
     watcher = Ledger(run_dir, worker="watcher", lease_timeout_s=60)
@@ -388,7 +388,7 @@ def test_an_idle_worker_that_is_not_the_watcher_looks_at_one_file(planned):
 
 def test_idle_workers_of_a_large_run_look_about_once_in_20_seconds(planned):
     """The per-idle-worker figure the scale targets ask for: at most one operation per 10 s."""
-    from shardinfer.scheduler import IDLE_LOOK_S, QUIET_WORLD, SMALL_WORLD, WATCHER_TRY_S, IdleWait
+    from shardinfer.ledger.scheduler import IDLE_LOOK_S, QUIET_WORLD, SMALL_WORLD, WATCHER_TRY_S, IdleWait
 
     run_dir, plan = planned
 
@@ -403,8 +403,8 @@ def test_idle_workers_of_a_large_run_look_about_once_in_20_seconds(planned):
 
 
 def test_a_watcher_sweeps_the_claims_within_its_budget_and_still_finds_a_stale_one(planned):
-    from shardinfer.rundir import FS
-    from shardinfer.scheduler import WATCH_OPS_PER_S, IdleWait
+    from shardinfer.ledger.rundir import FS
+    from shardinfer.ledger.scheduler import WATCH_OPS_PER_S, IdleWait
 
     run_dir, plan = planned
     units = len(plan.units)
@@ -439,7 +439,7 @@ def test_a_watcher_sweeps_the_claims_within_its_budget_and_still_finds_a_stale_o
 
 def test_the_watcher_gives_back_units_nobody_claimed_at_two_of_its_steps_even_with_a_long_lease(planned):
     """A dead or slow owner's unclaimed units go to idle workers within seconds, not a lease later."""
-    from shardinfer.scheduler import IdleWait
+    from shardinfer.ledger.scheduler import IdleWait
 
     run_dir, plan = planned
     for unit in plan.units[2:]:
@@ -453,7 +453,7 @@ def test_the_watcher_gives_back_units_nobody_claimed_at_two_of_its_steps_even_wi
 
 
 def test_the_watcher_takes_units_a_launcher_gave_back_with_their_next_attempt(planned):
-    from shardinfer.scheduler import IdleWait
+    from shardinfer.ledger.scheduler import IdleWait
 
     run_dir, plan = planned
     _all_done_but_unit_0_held_by_a_dead_worker(run_dir, plan, lease_timeout_s=300)
@@ -468,8 +468,8 @@ def test_the_watcher_takes_units_a_launcher_gave_back_with_their_next_attempt(pl
 
 @pytest.mark.parametrize("damage", [b"", b"{}", b"{\"unit\": 1, \"rows\"", b"[1, 2]", b"{\"unit\": 99, \"rows\": 3}"])
 def test_a_damaged_done_record_is_set_aside_and_its_unit_redone(planned, damage, caplog):
-    from shardinfer.runstate import begin_launch
-    from shardinfer.status import run_status
+    from shardinfer.ledger.runstate import begin_launch
+    from shardinfer.telemetry.status import run_status
 
     run_dir, plan = planned
     for unit in plan.units:

@@ -70,7 +70,7 @@ def test_a_tracker_that_is_not_installed_is_a_pre_flight_failure(tiny_model, mon
     import importlib.util
 
     from shardinfer.config import config_from_dict
-    from shardinfer.preflight import preflight
+    from shardinfer.planning.preflight import preflight
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardinfer.config import config_from_dict
-from shardinfer.plan import Plan, cut_units, describe, make_plan, segments_for, token_histogram
+from shardinfer.planning.plan import Plan, cut_units, describe, make_plan, segments_for, token_histogram
 
 
 @given(costs=st.lists(st.integers(min_value=1, max_value=5000), max_size=400),
@@ -130,7 +130,7 @@ def test_id_hashes_match_equal_ids_and_tell_different_ones_apart():
     import numpy as np
     import pyarrow as pa
 
-    from shardinfer.plan import id_hashes
+    from shardinfer.planning.plan import id_hashes
 
     ids = pa.array([f"doc-{i}" for i in range(50_000)] + ["", "é", "doc-7", "doc-10"])
     h1, h2 = id_hashes(ids)
@@ -162,8 +162,8 @@ def test_workers_read_only_their_units_from_every_format(tmp_path, monkeypatch, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from shardinfer import corpus
-    from shardinfer.unit_reader import UnitReader
+    from shardinfer.inputs import corpus
+    from shardinfer.inputs.unit_reader import UnitReader
 
     if not indexed:
         monkeypatch.setattr(corpus, "gzip_indexing", lambda: False)
@@ -206,8 +206,8 @@ def test_a_unit_deep_in_a_big_row_group_is_read_by_skipping_pages_with_the_files
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from shardinfer import parquet_slice
-    from shardinfer.unit_reader import UnitReader
+    from shardinfer.inputs import parquet_slice
+    from shardinfer.inputs.unit_reader import UnitReader
 
     n = 30_000
     table = pa.table({"id": [f"r{i}" for i in range(n)], "text": [f"doc {i} " + "w " * (i % 13) for i in range(n)],
@@ -239,7 +239,7 @@ def test_a_parquet_file_polars_cannot_read_falls_back_to_decoding(tmp_path, monk
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from shardinfer import parquet_slice
+    from shardinfer.inputs import parquet_slice
 
     pq.write_table(pa.table({"text": [f"t{i}" for i in range(100)]}), tmp_path / "a.parquet")
 
@@ -260,7 +260,7 @@ def test_a_deep_slice_is_read_from_a_path_with_glob_characters_and_a_hive_style_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from shardinfer import parquet_slice
+    from shardinfer.inputs import parquet_slice
 
     (tmp_path / "year=2024").mkdir()
     path = tmp_path / "year=2024" / "part[1].parquet"
@@ -304,8 +304,8 @@ def test_bad_rows_of_every_kind_plan_and_read_alike_unit_by_unit(tmp_path, inval
     rows only included: the same rows, the same reasons, text typed as text."""
     import pyarrow as pa
 
-    from shardinfer import corpus
-    from shardinfer.unit_reader import UnitReader
+    from shardinfer.inputs import corpus
+    from shardinfer.inputs.unit_reader import UnitReader
 
     _bad_corpus(tmp_path / "in")
     cfg = config_from_dict({"input": {"path": str(tmp_path / "in"), "id_column": "id", "invalid_utf8": invalid_utf8},
@@ -359,7 +359,7 @@ def test_a_corpus_of_blank_files_plans_no_units(tmp_path, contents):
 def test_a_huge_document_gives_the_tokenizer_its_beginning_only(tmp_path, monkeypatch):
     """Planning measures characters per token on a bounded sample: a document of tens of MB would
     cost the tokenizer gigabytes."""
-    from shardinfer import plan as plan_module
+    from shardinfer.planning import plan as plan_module
 
     seen = []
 
@@ -401,7 +401,7 @@ def test_a_unit_read_after_its_input_was_edited_is_refused_naming_the_file_and_u
     import pyarrow.parquet as pq
 
     from shardinfer.errors import ConfigError
-    from shardinfer.unit_reader import UnitReader
+    from shardinfer.inputs.unit_reader import UnitReader
 
     records = [{"id": f"r{i}", "text": f"document {i:04d} " + "word " * 400} for i in range(3000)]
     path = tmp_path / f"docs.{fmt}"

@@ -13,11 +13,11 @@ import pytest
 from conftest import demo_docs, run_cli, write_config, write_jsonl
 from shardinfer.config import config_from_dict
 from shardinfer.errors import ConfigError
-from shardinfer.live import recent_rate, worker_live, write_worker_prom
-from shardinfer.metrics import WorkerMetrics
-from shardinfer.preflight import preflight, require
-from shardinfer.report import _flag_slow
-from shardinfer.rundir import RunDir
+from shardinfer.ledger.rundir import RunDir
+from shardinfer.planning.preflight import preflight, require
+from shardinfer.reduce.report import _flag_slow
+from shardinfer.telemetry.live import recent_rate, worker_live, write_worker_prom
+from shardinfer.telemetry.metrics import WorkerMetrics
 
 ENV_KEYS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

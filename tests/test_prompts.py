@@ -4,7 +4,7 @@ import pytest
 
 from shardinfer.config import PromptConfig
 from shardinfer.errors import ConfigError
-from shardinfer.prompts import TRUNCATION_MARKER, PromptBuilder, template_fields
+from shardinfer.requests.prompts import TRUNCATION_MARKER, PromptBuilder, template_fields
 
 DOC = " ".join(f"sentence {i} of the document." for i in range(2000))
 

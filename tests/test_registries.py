@@ -18,8 +18,8 @@ from shardinfer.errors import ConfigError, RunError
 from shardinfer.launch.base import LaunchRecord
 from shardinfer.launch.registry import get_launcher, launcher_choices
 from shardinfer.launch.start import launch, record_launch
-from shardinfer.metrics import WorkerMetrics
-from shardinfer.rundir import RunDir
+from shardinfer.ledger.rundir import RunDir
+from shardinfer.telemetry.metrics import WorkerMetrics
 
 PLUGINS = Path(__file__).parent / "plugins"
 

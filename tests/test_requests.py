@@ -20,7 +20,7 @@ VLLM_ARGS = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, **NO_WHIT
 
 @pytest.fixture(scope="module")
 def adapter(tiny_model, tmp_path_factory):
-    from shardinfer.tiny_model import build_tiny_lora
+    from shardinfer.models.tiny import build_tiny_lora
 
     return build_tiny_lora(tiny_model, tmp_path_factory.mktemp("lora") / "tiny-lora")
 

@@ -7,13 +7,13 @@ from dataclasses import replace
 import pyarrow as pa
 import pytest
 
-from shardinfer import corpus
 from shardinfer.config import config_from_dict
 from shardinfer.errors import ConfigError
-from shardinfer.openai_batch import output_line, parse_request
-from shardinfer.prompts import request_columns
-from shardinfer.row_options import OptionError, Structured, base_options, structured_of
-from shardinfer.row_requests import RequestBuilder, result_extras
+from shardinfer.inputs import corpus
+from shardinfer.requests.builder import RequestBuilder, result_extras
+from shardinfer.requests.openai_batch import output_line, parse_request
+from shardinfer.requests.prompts import request_columns
+from shardinfer.requests.row_options import OptionError, Structured, base_options, structured_of
 
 SCHEMA = {"type": "object", "required": ["a"], "properties": {"a": {"type": "integer"}}}
 

@@ -358,8 +358,8 @@ def _the_run_is_seen_live(run_dir):
     """While the run runs: Prometheus files that count what the ledger holds (rewritten every
     0.5 s here), and the status `status --json` prints, taken in-process so the run is still
     running when the test kills it."""
-    from shardinfer.rundir import RunDir
-    from shardinfer.status import run_status
+    from shardinfer.ledger.rundir import RunDir
+    from shardinfer.telemetry.status import run_status
 
     deadline, rows = time.time() + 30, 0.0
     while time.time() < deadline and not rows:

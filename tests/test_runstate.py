@@ -4,7 +4,7 @@ import pytest
 
 from shardinfer.config import config_from_dict
 from shardinfer.errors import ConfigError
-from shardinfer.runstate import prepare_run, run_dir_for
+from shardinfer.ledger.runstate import prepare_run, run_dir_for
 
 
 def _cfg(tmp_path, **sampling):
@@ -65,7 +65,7 @@ def test_a_run_that_committed_nothing_is_planned_anew_with_a_changed_config(in_t
 def test_launch_settings_may_change_between_launches_of_one_run(in_tmp):
     """run.* and slurm.* do not change results: a resubmission with more nodes continues the run."""
     from shardinfer.config import results_settings
-    from shardinfer.runstate import begin_launch, load_run
+    from shardinfer.ledger.runstate import begin_launch, load_run
 
     explicit = {**_raw(in_tmp), "run": {"directory": "out"}}
     run_dir, plan = prepare_run(config_from_dict(explicit), 1)

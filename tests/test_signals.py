@@ -131,8 +131,8 @@ def test_a_second_launcher_on_a_busy_run_directory_is_refused(tmp_path, tiny_mod
 
 
 def test_results_are_published_whole_by_concurrent_and_killed_reduces(tmp_path, tiny_model, sim_env):
-    from shardinfer.result_set import published_problem
-    from shardinfer.rundir import RunDir
+    from shardinfer.ledger.rundir import RunDir
+    from shardinfer.reduce.result_set import published_problem
 
     config = _config(tmp_path, tiny_model, "reduce", docs=12)
     run_dir = tmp_path / "reduce"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from shardinfer.config import config_from_dict
-from shardinfer.env import RankEnv, check_world, detect, gpu_slice, visible_gpu_ids
 from shardinfer.errors import ConfigError, RunError
+from shardinfer.launch.env import RankEnv, check_world, detect, gpu_slice, visible_gpu_ids
 from shardinfer.launch.layout import layout
 from shardinfer.launch.sbatch import render_scripts
 

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import demo_docs, read_results, run_cli, write_config, write_jsonl
-from shardinfer import corpus, storage
 from shardinfer.config import config_from_dict
 from shardinfer.errors import ConfigError, MissingDependency
-from shardinfer.plan import make_plan
-from shardinfer.unit_reader import UnitReader, check_unchanged
+from shardinfer.inputs import corpus, storage
+from shardinfer.inputs.unit_reader import UnitReader, check_unchanged
+from shardinfer.planning.plan import make_plan
 
 BUCKET = "corpus"
 

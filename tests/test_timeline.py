@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardinfer.timeline import Timeline, merge, phases, rates
+from shardinfer.telemetry.timeline import Timeline, merge, phases, rates
 
 
 @settings(max_examples=50, deadline=None)

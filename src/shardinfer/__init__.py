@@ -13,11 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shardinfer import _moved
+
 if TYPE_CHECKING:
     from shardinfer.config import Config
     from shardinfer.launch.base import RunHandle
 
 __version__ = "0.1.0"
+
+_moved.install()  # module names of earlier versions still import
 
 
 def run(config: Config | str | Path, *, overrides: list[str] | None = None, launcher: str = "local") -> dict[str, Any]:
@@ -39,6 +43,6 @@ def submit(config: Config | str | Path, *, launcher: str = "sbatch", overrides: 
 def resume(run_dir: str | Path, *, retry_failed: bool = False, launcher: str | None = None) -> RunHandle:
     """Launch again what is not done in a run directory (by default with the run's last launcher)."""
     from shardinfer.launch.start import resume as _resume
-    from shardinfer.rundir import RunDir
+    from shardinfer.ledger.rundir import RunDir
 
     return _resume(RunDir(run_dir), retry_failed=retry_failed, launcher=launcher)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from shardinfer import __version__
 from shardinfer.errors import ConfigError, ShardinferError, disk_full, is_disk_full
-from shardinfer.rundir import RunDir, restrict_umask
+from shardinfer.ledger.rundir import RunDir, restrict_umask
 
 if TYPE_CHECKING:
     from shardinfer.launch.base import RunHandle
@@ -24,12 +24,12 @@ log = logging.getLogger("shardinfer")
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from shardinfer.config import dump_config, load_config
-    from shardinfer.estimate import estimate
-    from shardinfer.examples import example_requests
     from shardinfer.launch.registry import get_launcher
-    from shardinfer.plan import describe, make_plan
-    from shardinfer.preflight import describe as describe_checks
-    from shardinfer.preflight import preflight
+    from shardinfer.planning.estimate import estimate
+    from shardinfer.planning.examples import example_requests
+    from shardinfer.planning.plan import describe, make_plan
+    from shardinfer.planning.preflight import describe as describe_checks
+    from shardinfer.planning.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     workers = get_launcher(args.launcher).workers(cfg)
@@ -63,7 +63,7 @@ def _print_report(run_dir: RunDir, report: dict[str, Any]) -> None:
     print(f"\n{summary_line(report['rows'])}")
     print(f"throughput: {rate['total']:.0f} tokens/s ({rate['input']:.0f} in, {rate['output']:.0f} out) "
           f"over {report['time_s']['wall']:.1f} s")
-    print(f"results: {run_dir.results.resolve()}")
+    print(f"results: {run_dir.results.absolute()}")
     print(f"report:  {run_dir.report_md.resolve()} (and report.json)")
 
 
@@ -92,7 +92,7 @@ def _print_jobs(handle: RunHandle) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from shardinfer.status import describe_status, run_status
+    from shardinfer.telemetry.status import describe_status, run_status
 
     run_dir = RunDir(args.run_dir)
     if args.json:
@@ -127,12 +127,12 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_reduce(args: argparse.Namespace) -> int:
-    from shardinfer.reduce import reduce_run
+    from shardinfer.reduce.merge import reduce_run
     from shardinfer.results import summary_line
 
     run_dir = RunDir(args.run_dir)
     report = reduce_run(run_dir)
-    print(f"{summary_line(report['rows'])}\nresults: {run_dir.results.resolve()}\nreport:  {run_dir.report_md.resolve()}")
+    print(f"{summary_line(report['rows'])}\nresults: {run_dir.results.absolute()}\nreport:  {run_dir.report_md.resolve()}")
     return 0
 
 
@@ -230,7 +230,7 @@ def _add_bench_parser(sub: Any, engines: list[str]) -> None:
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from shardinfer.bench.synth import bundled_corpus
-    from shardinfer.tiny_model import build_tiny_lora, build_tiny_model
+    from shardinfer.models.tiny import build_tiny_lora, build_tiny_model
 
     if args.corpus:
         model = build_tiny_model(args.out_dir, corpus_path=args.corpus)
@@ -318,7 +318,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shardinfer.logs import setup_logging
+    from shardinfer.telemetry.logs import setup_logging
 
     setup_logging()
     restrict_umask()

@@ -486,7 +486,7 @@ def _check_slurm_text(config: Config) -> None:
 def _check_requests(config: Config) -> None:
     """Request options, the input modes that go together, and what the engine can do."""
     from shardinfer.engines.registry import engines, get_engine
-    from shardinfer.row_options import OptionError, check_config
+    from shardinfer.requests.row_options import OptionError, check_config
 
     try:
         options = check_config(config.sampling)
@@ -526,7 +526,7 @@ def _check_requests(config: Config) -> None:
 
 def _check_template(config: Config) -> None:
     """The user template: not empty where it is the prompt, and plain ``{column}`` fields only."""
-    from shardinfer.prompts import template_fields  # prompts imports this module
+    from shardinfer.requests.prompts import template_fields  # prompts imports this module
 
     template_fields(config.prompt.user)
     if not (config.input.messages_column or config.input.format == "openai-batch") and not config.prompt.user.strip():

@@ -14,9 +14,9 @@ from shardinfer.config import Config
 from shardinfer.engines import BatchQueue, Completion, EngineSpec, register_engine
 from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
 from shardinfer.launch.registry import register_launcher
-from shardinfer.plan import Plan
-from shardinfer.reduce import reduce_run
-from shardinfer.rundir import RunDir
+from shardinfer.ledger.rundir import RunDir
+from shardinfer.planning.plan import Plan
+from shardinfer.reduce.merge import reduce_run
 
 
 class EchoEngine(BatchQueue):

@@ -20,12 +20,12 @@ from shardinfer.bench.synth import make_docs, random_prompts, source_texts
 from shardinfer.config import Config, ModelConfig, config_from_dict, config_to_dict, load_config
 from shardinfer.engines.registry import BenchSupport, EngineSpec, engines, get_engine
 from shardinfer.errors import ConfigError, RunError
-from shardinfer.metrics import load_metrics
-from shardinfer.model_info import check_model_path, load_tokenizer, model_config_json, resolve_max_model_len
-from shardinfer.prompts import PromptBuilder
-from shardinfer.report import run_timeline
-from shardinfer.rundir import RunDir, write_json_atomic
-from shardinfer.timeline import Timeline, phases, rates
+from shardinfer.ledger.rundir import RunDir, write_json_atomic
+from shardinfer.models.info import check_model_path, load_tokenizer, model_config_json, resolve_max_model_len
+from shardinfer.reduce.report import run_timeline
+from shardinfer.requests.prompts import PromptBuilder
+from shardinfer.telemetry.metrics import load_metrics
+from shardinfer.telemetry.timeline import Timeline, phases, rates
 
 log = logging.getLogger(__name__)
 

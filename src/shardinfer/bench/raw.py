@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer.config import Config, config_from_dict
-from shardinfer.timeline import Timeline
+from shardinfer.telemetry.timeline import Timeline
 
 _SPEED = re.compile(r"input:\s*([0-9.]+)\s*toks/s,\s*output:\s*([0-9.]+)\s*toks/s")
 
@@ -45,7 +45,7 @@ def _vllm(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], started: 
 
     from shardinfer.engines.vllm_engine import engine_kwargs, sampling_kwargs
     from shardinfer.engines.vllm_stats import SchedulerStats, settings
-    from shardinfer.row_options import base_options
+    from shardinfer.requests.row_options import base_options
 
     llm = vllm.LLM(**{"disable_log_stats": False,
                       **engine_kwargs(cfg.model, cfg.sampling, spec["max_model_len"], vllm.EngineArgs)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shardinfer.plot import Series, plot_bars, plot_rates
+from shardinfer.reduce.plot import Series, plot_bars, plot_rates
 
 
 def write_plots(out: Path, result: dict[str, Any]) -> dict[str, str]:

@@ -15,7 +15,7 @@ from typing import Any
 from shardinfer.config import Config, ModelConfig
 from shardinfer.engines.base import BatchQueue, Completion
 from shardinfer.engines.registry import EngineSpec, register_engine
-from shardinfer.prompts import Prompt
+from shardinfer.requests.prompts import Prompt
 
 TOKENS_PER_S = 4000.0  # set by the simulation before it starts the workers
 VOCAB = 50_000

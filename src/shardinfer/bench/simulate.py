@@ -58,7 +58,7 @@ def run_simulation(opts: SimOptions) -> dict[str, Any]:
     from shardinfer.bench import sim_engine
     from shardinfer.config import config_from_dict
     from shardinfer.launch.start import open_launch
-    from shardinfer.rundir import FS
+    from shardinfer.ledger.rundir import FS
 
     opts.out.mkdir(parents=True, exist_ok=True)
     corpus = _corpus(opts)
@@ -74,7 +74,7 @@ def run_simulation(opts: SimOptions) -> dict[str, Any]:
     _wait(pids)
     workers_done = time.time()
     FS.latency_s = 0.0
-    from shardinfer.reduce import reduce_run
+    from shardinfer.reduce.merge import reduce_run
 
     report = reduce_run(run_dir)
     reduced = time.time()
@@ -122,7 +122,7 @@ def _import_before_fork() -> None:
     """What every worker imports, imported once here: forked workers start with it instead of each
     importing it again (pyarrow's pandas shim alone takes ~0.3 s of CPU a process)."""
     import shardinfer.worker  # noqa: F401
-    from shardinfer.corpus import import_lazy_modules
+    from shardinfer.inputs.corpus import import_lazy_modules
 
     import_lazy_modules()
 
@@ -133,10 +133,10 @@ def _fork_worker(run_dir: Any, rank: int, world: int, launch: int) -> int:
         return pid
     code = 0
     try:
-        from shardinfer.env import RankEnv
-        from shardinfer.logs import setup_logging
-        from shardinfer.rundir import FS
-        from shardinfer.worker import run_worker
+        from shardinfer.launch.env import RankEnv
+        from shardinfer.ledger.rundir import FS
+        from shardinfer.telemetry.logs import setup_logging
+        from shardinfer.worker.loop import run_worker
 
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
@@ -154,7 +154,7 @@ def _fork_worker(run_dir: Any, rank: int, world: int, launch: int) -> int:
 
 def _kill_some(run_dir: Any, pids: list[int], opts: SimOptions, units: int) -> list[int]:
     """SIGKILL ``opts.kill`` workers once a tenth of the units are committed."""
-    from shardinfer.ledger import Ledger
+    from shardinfer.ledger.claims import Ledger
 
     ledger = Ledger(run_dir)
     while len(ledger.done_set()) < units // 10:
@@ -173,8 +173,8 @@ def _wait(pids: list[int]) -> None:
 
 def _analyse(opts: SimOptions, run_dir: Any, plan: Any, report: dict[str, Any], killed: list[int],
              times: dict[str, float]) -> dict[str, Any]:
-    from shardinfer.ledger import Ledger
-    from shardinfer.metrics import load_metrics
+    from shardinfer.ledger.claims import Ledger
+    from shardinfer.telemetry.metrics import load_metrics
 
     # killed workers never wrote their last counts: per-unit figures are those of the survivors,
     # over the units they committed
@@ -235,7 +235,7 @@ def _analyse(opts: SimOptions, run_dir: Any, plan: Any, report: dict[str, Any], 
 
 def _steady_idle_wait_s() -> float:
     """An idle worker's mean sleep between two looks once its backoff is at its longest (large runs)."""
-    from shardinfer.scheduler import IDLE_LOOK_S, JITTER
+    from shardinfer.ledger.scheduler import IDLE_LOOK_S, JITTER
 
     return IDLE_LOOK_S * sum(JITTER) / 2
 

@@ -17,10 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from shardinfer import corpus
 from shardinfer.config import InputConfig
 from shardinfer.errors import ConfigError
-from shardinfer.prompts import PromptBuilder
+from shardinfer.inputs import corpus
+from shardinfer.requests.prompts import PromptBuilder
 
 BUNDLED = "python-docs.jsonl.gz"
 _TRIES = 6

@@ -20,7 +20,7 @@ from shardinfer.errors import Refused
 __all__ = ["BatchQueue", "Completion", "Engine", "Finished", "Refused", "TokenLogprob"]
 
 if TYPE_CHECKING:
-    from shardinfer.prompts import Prompt
+    from shardinfer.requests.prompts import Prompt
 
 
 @dataclass

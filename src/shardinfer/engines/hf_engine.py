@@ -19,8 +19,8 @@ from shardinfer.config import Config, ModelConfig, SamplingConfig
 from shardinfer.engines.base import BatchQueue, Completion
 from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec
 from shardinfer.errors import ConfigError, missing_dependency
-from shardinfer.prompts import Prompt
-from shardinfer.row_options import RowOptions, base_options
+from shardinfer.requests.prompts import Prompt
+from shardinfer.requests.row_options import RowOptions, base_options
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec, 
 from shardinfer.engines.retry import generate_with_retries
 from shardinfer.engines.vllm_stats import SchedulerStats, settings
 from shardinfer.errors import ConfigError, missing_dependency
-from shardinfer.prompts import Prompt
-from shardinfer.row_options import RowOptions, base_options
+from shardinfer.requests.prompts import Prompt
+from shardinfer.requests.row_options import RowOptions, base_options
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardinfer.config import Config
-from shardinfer.plan import Plan
-from shardinfer.rundir import RunDir
+from shardinfer.ledger.rundir import RunDir
+from shardinfer.planning.plan import Plan
 
 
 @dataclass

@@ -17,13 +17,13 @@ from typing import Any
 from shardinfer.config import Config
 from shardinfer.engines.registry import get_engine
 from shardinfer.errors import EXIT_CONFIG, ConfigError, RunError
-from shardinfer.gpus import gpu_groups, visible_gpus
 from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
+from shardinfer.launch.gpus import gpu_groups, visible_gpus
 from shardinfer.launch.lock import PARENT_ENV, inherited_fds
-from shardinfer.ledger import Ledger
-from shardinfer.plan import Plan
-from shardinfer.reduce import reduce_run
-from shardinfer.rundir import RunDir
+from shardinfer.ledger.claims import Ledger
+from shardinfer.ledger.rundir import RunDir
+from shardinfer.planning.plan import Plan
+from shardinfer.reduce.merge import reduce_run
 
 log = logging.getLogger(__name__)
 

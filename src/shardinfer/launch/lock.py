@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shardinfer.errors import RunError
-from shardinfer.rundir import RunDir
+from shardinfer.ledger.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any
 from shardinfer.config import Config
 from shardinfer.errors import EXIT_CONFIG, ConfigError, RunError, ShardinferError, missing_dependency
 from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
-from shardinfer.plan import Plan
-from shardinfer.rundir import RunDir, read_json, restrict_umask
+from shardinfer.ledger.rundir import RunDir, read_json, restrict_umask
+from shardinfer.planning.plan import Plan
 
 log = logging.getLogger("shardinfer.mpi")
 
@@ -119,7 +119,7 @@ def _prepare(target: str, overrides: list[str], world: int, launch: int | None) 
     from shardinfer.config import load_config
     from shardinfer.launch.lock import launch_lock
     from shardinfer.launch.start import open_launch, record_launch
-    from shardinfer.runstate import load_run, run_dir_for
+    from shardinfer.ledger.runstate import load_run, run_dir_for
 
     try:
         if launch is not None:
@@ -139,7 +139,7 @@ def _prepare(target: str, overrides: list[str], world: int, launch: int | None) 
 
 
 def _work(run_dir: str, launch: int, rank_env: Any, gpus_per_replica: int) -> dict[str, Any]:
-    from shardinfer.worker import run_worker
+    from shardinfer.worker.loop import run_worker
 
     return run_worker(RunDir(run_dir), rank_env, launch=launch, gpus_per_replica=gpus_per_replica).to_json()
 
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         from mpi4py import MPI
     except ImportError as exc:
         raise missing_dependency("mpi4py", "mpi") from exc
-    from shardinfer.env import from_mpi
-    from shardinfer.logs import setup_logging
+    from shardinfer.launch.env import from_mpi
+    from shardinfer.telemetry.logs import setup_logging
 
     restrict_umask()
     comm = MPI.COMM_WORLD
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reduce(run_dir: str, gathered: list[dict[str, Any]]) -> int:
-    from shardinfer.reduce import reduce_run
+    from shardinfer.reduce.merge import reduce_run
     from shardinfer.results import summary_line
 
     if any(m.get("drained") for m in gathered):

@@ -31,8 +31,8 @@ from shardinfer.launch.slurm import (
     submitted,
     worker_request,
 )
-from shardinfer.plan import Plan
-from shardinfer.rundir import RunDir
+from shardinfer.ledger.rundir import RunDir
+from shardinfer.planning.plan import Plan
 
 REDUCE_DEPENDENCY = ("--dependency=afterany:{job}", "--kill-on-invalid-dep=yes")
 

@@ -20,7 +20,7 @@ from shardinfer.config import CONTROL, Config
 from shardinfer.errors import ConfigError, RunError, ShardinferError
 from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
 from shardinfer.launch.layout import Layout, layout
-from shardinfer.rundir import RunDir, read_json
+from shardinfer.ledger.rundir import RunDir, read_json
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from shardinfer.errors import ConfigError, RunError
 from shardinfer.launch.base import LaunchRecord, RunHandle
 from shardinfer.launch.lock import launch_lock
 from shardinfer.launch.registry import get_launcher
-from shardinfer.ledger import Ledger
-from shardinfer.plan import Plan
-from shardinfer.preflight import describe as describe_checks
-from shardinfer.preflight import preflight, require
-from shardinfer.rundir import RunDir, read_json, write_json_atomic
-from shardinfer.runstate import begin_launch, load_run, prepare_run, run_dir_for
+from shardinfer.ledger.claims import Ledger
+from shardinfer.ledger.rundir import RunDir, read_json, write_json_atomic
+from shardinfer.ledger.runstate import begin_launch, load_run, prepare_run, run_dir_for
+from shardinfer.planning.plan import Plan
+from shardinfer.planning.preflight import describe as describe_checks
+from shardinfer.planning.preflight import preflight, require
 
 log = logging.getLogger(__name__)
 

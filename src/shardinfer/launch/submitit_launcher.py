@@ -25,16 +25,16 @@ from shardinfer.launch.slurm import (
     submitted,
     worker_request,
 )
-from shardinfer.plan import Plan
-from shardinfer.rundir import RunDir, restrict_umask
+from shardinfer.ledger.rundir import RunDir, restrict_umask
+from shardinfer.planning.plan import Plan
 
 
 def run_worker_task(run_dir: str, launch: int, expect_world: int, gpus_per_replica: int, requeue: bool) -> int:
     """Body of each submitit task: one worker (rank and GPUs come from the SLURM environment)."""
-    from shardinfer.env import detect
     from shardinfer.errors import ShardinferError
-    from shardinfer.logs import setup_logging
-    from shardinfer.worker import run_worker
+    from shardinfer.launch.env import detect
+    from shardinfer.telemetry.logs import setup_logging
+    from shardinfer.worker.loop import run_worker
 
     restrict_umask()
     rank_env = detect()
@@ -52,8 +52,8 @@ def run_worker_task(run_dir: str, launch: int, expect_world: int, gpus_per_repli
 
 
 def reduce_task(run_dir: str) -> dict[str, Any]:
-    from shardinfer.logs import setup_logging
-    from shardinfer.reduce import reduce_run
+    from shardinfer.reduce.merge import reduce_run
+    from shardinfer.telemetry.logs import setup_logging
 
     setup_logging()
     restrict_umask()

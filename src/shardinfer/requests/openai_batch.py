@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from shardinfer.row_options import OptionError, RowOptions, structured_of
+from shardinfer.requests.row_options import OptionError, RowOptions, structured_of
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 OUTPUT_FILE = "openai-batch-output.jsonl"

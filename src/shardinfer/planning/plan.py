@@ -26,11 +26,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardinfer import corpus, input_digest, storage
 from shardinfer.config import Config
 from shardinfer.errors import ConfigError
-from shardinfer.model_info import resolve_max_model_len, token_counter
-from shardinfer.prompts import request_columns
+from shardinfer.inputs import corpus, storage
+from shardinfer.inputs import digest as input_digest
+from shardinfer.models.info import resolve_max_model_len, token_counter
+from shardinfer.requests.prompts import request_columns
 
 DEFAULT_UNITS_PER_WORKER = 8
 _SAMPLE_ROWS = 1000

@@ -36,10 +36,10 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from shardinfer import parquet_slice, storage
 from shardinfer.config import InputConfig
 from shardinfer.errors import ConfigError, missing_dependency
-from shardinfer.input_digest import ChunkDigest, aligned, check_chunks
+from shardinfer.inputs import parquet_slice, storage
+from shardinfer.inputs.digest import ChunkDigest, aligned, check_chunks
 from shardinfer.results import CHARS, ID, LINE, OFFSET, PROBLEM, TEXT
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from shardinfer.ledger import COMPLETE_MTIME, Ledger
-from shardinfer.rundir import FS
+from shardinfer.ledger.claims import COMPLETE_MTIME, Ledger
+from shardinfer.ledger.rundir import FS
 
 log = logging.getLogger(__name__)
 

@@ -25,26 +25,26 @@ import pyarrow.compute as pc
 
 from shardinfer.engines import Completion, create_engine, get_engine
 from shardinfer.engines.base import Refused
-from shardinfer.env import RankEnv, check_allocation, detect
 from shardinfer.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError, RunError, ShardinferError, disk_full, is_disk_full
-from shardinfer.gpus import device_name, visible_gpus
+from shardinfer.inputs.unit_reader import UnitReader, keep_rows
+from shardinfer.launch.env import RankEnv, check_allocation, detect
+from shardinfer.launch.gpus import device_name, visible_gpus
 from shardinfer.launch.lock import die_with_parent, orphaned, stop_orphan
-from shardinfer.ledger import Heartbeat, Ledger
-from shardinfer.live import write_run_prom, write_worker_prom
-from shardinfer.logs import setup_logging
-from shardinfer.metrics import WorkerMetrics
-from shardinfer.model_info import load_tokenizer
-from shardinfer.monitor import Monitor
-from shardinfer.plan import Unit
-from shardinfer.progress import Progress
-from shardinfer.prompts import Prompt, request_columns
+from shardinfer.ledger.claims import Heartbeat, Ledger
+from shardinfer.ledger.rundir import FS, RunDir, restrict_umask
+from shardinfer.ledger.runstate import load_run
+from shardinfer.ledger.scheduler import Candidates, IdleWait
+from shardinfer.models.info import load_tokenizer
+from shardinfer.planning.plan import Unit
+from shardinfer.requests.builder import RequestBuilder, result_extras
+from shardinfer.requests.prompts import Prompt, request_columns
 from shardinfer.results import ID, PROBLEM, ROW, TEXT, RowCounts, failed_rows, result_table
-from shardinfer.row_requests import RequestBuilder, result_extras
-from shardinfer.rundir import FS, RunDir, restrict_umask
-from shardinfer.runstate import load_run
-from shardinfer.scheduler import Candidates, IdleWait
-from shardinfer.timeline import Timeline
-from shardinfer.unit_reader import UnitReader, keep_rows
+from shardinfer.telemetry.live import write_run_prom, write_worker_prom
+from shardinfer.telemetry.logs import setup_logging
+from shardinfer.telemetry.metrics import WorkerMetrics
+from shardinfer.telemetry.progress import Progress
+from shardinfer.telemetry.timeline import Timeline
+from shardinfer.telemetry.trackers import Monitor
 
 log = logging.getLogger("shardinfer.worker")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from shardinfer.config import Config
 from shardinfer.engines.registry import get_engine, unknown_arguments
 from shardinfer.errors import ConfigError, ShardinferError
-from shardinfer.model_info import looks_local, native_context_length, resolve_max_model_len, tokenizer_path
+from shardinfer.models.info import looks_local, native_context_length, resolve_max_model_len, tokenizer_path
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".gguf")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -150,7 +150,7 @@ def _lora(cfg: Config) -> Check:
 
 
 def _trackers(cfg: Config) -> Check:
-    from shardinfer.monitor import check_trackers
+    from shardinfer.telemetry.trackers import check_trackers
 
     try:
         check_trackers(cfg)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardinfer.rundir import FS, RunDir, read_json, write_json_atomic
+from shardinfer.ledger.rundir import FS, RunDir, read_json, write_json_atomic
 
 
 @dataclass

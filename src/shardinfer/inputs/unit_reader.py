@@ -15,12 +15,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shardinfer import corpus, input_digest, parquet_slice, storage
 from shardinfer.config import Config
 from shardinfer.errors import ConfigError
-from shardinfer.input_digest import InputChanged, row_groups_digest
-from shardinfer.plan import Plan, Segment, Unit
-from shardinfer.prompts import request_columns
+from shardinfer.inputs import corpus, parquet_slice, storage
+from shardinfer.inputs import digest as input_digest
+from shardinfer.inputs.digest import InputChanged, row_groups_digest
+from shardinfer.planning.plan import Plan, Segment, Unit
+from shardinfer.requests.prompts import request_columns
 from shardinfer.results import ROW
 
 

@@ -34,8 +34,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shardinfer.ledger.rundir import FS, RunDir, unit_of, write_json_atomic
 from shardinfer.results import schema_record
-from shardinfer.rundir import FS, RunDir, unit_of, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shardinfer.metrics import WorkerMetrics
-from shardinfer.rundir import FS, RunDir
+from shardinfer.ledger.rundir import FS, RunDir
+from shardinfer.telemetry.metrics import WorkerMetrics
 
 RECENT_S = 300.0  # the window of a worker's recent tokens/s
 STALL_INTERVALS = 3  # a working worker silent for this many metrics intervals (and a minute) is stalled

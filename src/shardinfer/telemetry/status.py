@@ -10,14 +10,14 @@ from typing import Any
 from shardinfer.errors import ConfigError
 from shardinfer.launch.registry import get_launcher
 from shardinfer.launch.start import launch_records
-from shardinfer.ledger import Ledger
-from shardinfer.live import WorkerLive, worker_live
-from shardinfer.metrics import WorkerMetrics, load_metrics
-from shardinfer.plan import Plan
-from shardinfer.result_set import published_problem
+from shardinfer.ledger.claims import Ledger
+from shardinfer.ledger.rundir import RunDir
+from shardinfer.ledger.runstate import load_run
+from shardinfer.planning.plan import Plan
+from shardinfer.reduce.result_set import published_problem
 from shardinfer.results import RowCounts
-from shardinfer.rundir import RunDir
-from shardinfer.runstate import load_run
+from shardinfer.telemetry.live import WorkerLive, worker_live
+from shardinfer.telemetry.metrics import WorkerMetrics, load_metrics
 
 
 @dataclass

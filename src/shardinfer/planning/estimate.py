@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from shardinfer.config import Config
 from shardinfer.engines.registry import get_engine
-from shardinfer.model_info import model_config_json
-from shardinfer.plan import Plan
+from shardinfer.models.info import model_config_json
+from shardinfer.planning.plan import Plan
 
 
 @dataclass(frozen=True)

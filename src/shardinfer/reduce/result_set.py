@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardinfer.rundir import RunDir
+from shardinfer.ledger.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

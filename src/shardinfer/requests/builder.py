@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer.config import Config
-from shardinfer.openai_batch import BatchRequest, check_messages, parse_request
-from shardinfer.prompts import SYSTEM, Prompt, PromptBuilder, template_fields
+from shardinfer.requests.openai_batch import BatchRequest, check_messages, parse_request
+from shardinfer.requests.prompts import SYSTEM, Prompt, PromptBuilder, template_fields
+from shardinfer.requests.row_options import OptionError, RowOptions, base_options
 from shardinfer.results import ResultExtras
-from shardinfer.row_options import OptionError, RowOptions, base_options
 
 
 def served_names(cfg: Config) -> list[str]:

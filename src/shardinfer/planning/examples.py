@@ -14,12 +14,12 @@ from typing import Any
 
 from shardinfer.config import Config
 from shardinfer.engines.registry import get_engine
-from shardinfer.model_info import load_tokenizer
-from shardinfer.plan import Plan
-from shardinfer.prompts import Prompt, request_columns
+from shardinfer.inputs.unit_reader import UnitReader
+from shardinfer.models.info import load_tokenizer
+from shardinfer.planning.plan import Plan
+from shardinfer.requests.builder import RequestBuilder, input_mode
+from shardinfer.requests.prompts import Prompt, request_columns
 from shardinfer.results import ID, PROBLEM, TEXT
-from shardinfer.row_requests import RequestBuilder, input_mode
-from shardinfer.unit_reader import UnitReader
 
 EXAMPLE_ROWS = 256  # rows of the first units looked at
 _SHOWN_CHARS = 1200

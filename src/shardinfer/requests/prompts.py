@@ -12,7 +12,7 @@ from typing import Any
 
 from shardinfer.config import Config, PromptConfig
 from shardinfer.errors import ConfigError
-from shardinfer.row_options import RowOptions
+from shardinfer.requests.row_options import RowOptions
 
 TRUNCATION_MARKER = "\n[...]\n"
 SYSTEM = "_system"  # a row's own system message, among the columns handed to render

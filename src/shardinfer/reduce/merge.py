@@ -22,17 +22,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from shardinfer import storage
 from shardinfer.config import Config
 from shardinfer.errors import RunError, disk_full, is_disk_full
-from shardinfer.ledger import Ledger
-from shardinfer.openai_batch import OutputFile
-from shardinfer.plan import Plan, Unit
-from shardinfer.report import build_report, write_report
-from shardinfer.result_set import new_version, publish_version, results_lock
+from shardinfer.inputs import storage
+from shardinfer.ledger.claims import Ledger
+from shardinfer.ledger.rundir import RunDir
+from shardinfer.ledger.runstate import load_run
+from shardinfer.planning.plan import Plan, Unit
+from shardinfer.reduce.report import build_report, write_report
+from shardinfer.reduce.result_set import new_version, publish_version, results_lock
+from shardinfer.requests.openai_batch import OutputFile
 from shardinfer.results import ROW, Totals, empty_result_schema, schema_from_record
-from shardinfer.rundir import RunDir
-from shardinfer.runstate import load_run
 
 log = logging.getLogger(__name__)
 

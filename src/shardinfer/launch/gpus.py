@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from shardinfer.env import visible_gpu_ids
+from shardinfer.launch.env import visible_gpu_ids
 
 
 def visible_gpus() -> list[str]:

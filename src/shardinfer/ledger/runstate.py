@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shardinfer import __version__, storage
+from shardinfer import __version__
 from shardinfer.config import Config, config_from_dict, config_to_dict, results_settings
 from shardinfer.errors import ConfigError, RunError
-from shardinfer.fingerprint import differences, fingerprint
-from shardinfer.ledger import Ledger
-from shardinfer.plan import Plan, make_plan
-from shardinfer.rundir import RunDir, read_json, write_json_atomic
+from shardinfer.inputs import storage
+from shardinfer.ledger.claims import Ledger
+from shardinfer.ledger.rundir import RunDir, read_json, write_json_atomic
+from shardinfer.planning.fingerprint import differences, fingerprint
+from shardinfer.planning.plan import Plan, make_plan
 
 log = logging.getLogger(__name__)
 

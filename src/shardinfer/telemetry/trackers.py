@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from shardinfer.config import Config
 from shardinfer.errors import missing_dependency
-from shardinfer.live import worker_values
-from shardinfer.metrics import WorkerMetrics
+from shardinfer.telemetry.live import worker_values
+from shardinfer.telemetry.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import pyarrow
 from shardinfer import __version__
 from shardinfer.config import Config
 from shardinfer.engines.registry import get_engine
-from shardinfer.metrics import WorkerMetrics, load_metrics
-from shardinfer.plan import Plan
-from shardinfer.plot import plot_rates
+from shardinfer.ledger.rundir import RunDir, write_json_atomic
+from shardinfer.planning.plan import Plan
+from shardinfer.reduce.plot import plot_rates
 from shardinfer.results import STATUSES, Totals
-from shardinfer.rundir import RunDir, write_json_atomic
-from shardinfer.timeline import Timeline, merge, phases, rates, smooth
+from shardinfer.telemetry.metrics import WorkerMetrics, load_metrics
+from shardinfer.telemetry.timeline import Timeline, merge, phases, rates, smooth
 
 
 def build_report(cfg: Config, plan: Plan, run_dir: RunDir, totals: Totals) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def build_report(cfg: Config, plan: Plan, run_dir: RunDir, totals: Totals) -> di
     return {
         "run": cfg.name,
         "run_dir": str(run_dir.path.resolve()),
-        "results": str(run_dir.results.resolve()),
+        "results": str(run_dir.results.absolute()),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rows": {"in": plan.total_rows, **totals.by_status()},
         "failed_by_reason": dict(sorted(totals.reasons.items())),

@@ -1,0 +1,1 @@
+"""Before any work: work units, fingerprint, estimate, pre-flight checks, example requests."""
