@@ -9,7 +9,8 @@ import pytest
 
 from shardinfer.config import InputConfig
 from shardinfer.errors import ConfigError
-from shardinfer.inputs import corpus
+from shardinfer.inputs import csv as csv_reader
+from shardinfer.inputs import jsonl, reading
 
 RECORDS = [{"doc": f"text number {i}", "key": f"k{i}", "lang": "en" if i % 2 else "fr"} for i in range(5)]
 
@@ -20,11 +21,11 @@ def cfg(path, **kw):
 
 def read(path, c, extra=()):
     """A whole file through the readers: (table, stats)."""
-    stats = corpus.ReadStats()
+    stats = reading.ReadStats()
     path = Path(path)
-    source = corpus.InputFile(str(path), path.name, corpus.file_format(path, c.format),
+    source = reading.InputFile(str(path), path.name, reading.file_format(path, c.format),
                               ".gz" if path.suffix == ".gz" else None)
-    return corpus.read_table(source, c, list(extra), stats), stats
+    return reading.read_table(source, c, list(extra), stats), stats
 
 
 def col(table, name):
@@ -46,7 +47,7 @@ def write_all_formats(tmp_path):
 def test_every_format_reads_the_same_rows(tmp_path):
     write_all_formats(tmp_path)
     c = cfg(tmp_path, id_column="key", passthrough=["lang"])
-    files = corpus.resolve_files(c)
+    files = reading.resolve_files(c)
     assert [Path(f).name for f in files] == ["a.parquet", "b.jsonl", "c.jsonl.gz", "d.csv"]
     for f in files:
         table, _ = read(f, c, ["lang"])
@@ -59,11 +60,11 @@ def test_every_format_reads_the_same_rows(tmp_path):
 def test_default_ids_are_stable_file_and_row(tmp_path):
     write_all_formats(tmp_path)
     c = cfg(tmp_path / "*.jsonl*")
-    files = corpus.resolve_files(c)
-    names = corpus.source_names(files)
+    files = reading.resolve_files(c)
+    names = reading.source_names(files)
     assert names == ["b.jsonl", "c.jsonl.gz"]
     table, _ = read(files[1], c)
-    assert corpus.row_ids(table, names[1], 0).to_pylist() == [f"c.jsonl.gz:{i}" for i in range(5)]
+    assert reading.row_ids(table, names[1], 0).to_pylist() == [f"c.jsonl.gz:{i}" for i in range(5)]
 
 
 def test_directory_names_are_relative_to_the_common_root(tmp_path):
@@ -71,20 +72,20 @@ def test_directory_names_are_relative_to_the_common_root(tmp_path):
     (tmp_path / "y").mkdir()
     for sub in ("x", "y"):
         (tmp_path / sub / "p.jsonl").write_text(json.dumps({"doc": "t"}) + "\n")
-    files = corpus.resolve_files(cfg(tmp_path))
-    assert corpus.source_names(files) == ["x/p.jsonl", "y/p.jsonl"]
+    files = reading.resolve_files(cfg(tmp_path))
+    assert reading.source_names(files) == ["x/p.jsonl", "y/p.jsonl"]
 
 
 def test_no_matching_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="matches no input file"):
-        corpus.resolve_files(cfg(tmp_path / "missing" / "*.parquet"))
+        reading.resolve_files(cfg(tmp_path / "missing" / "*.parquet"))
 
 
 def test_unknown_suffix_asks_for_the_format(tmp_path):
     (tmp_path / "data.txt").write_text("hello")
     with pytest.raises(ConfigError, match="Set input.format"):
-        corpus.resolve_files(cfg(tmp_path / "data.txt"))
-    assert corpus.resolve_files(cfg(tmp_path / "data.txt", format="jsonl"))
+        reading.resolve_files(cfg(tmp_path / "data.txt"))
+    assert reading.resolve_files(cfg(tmp_path / "data.txt", format="jsonl"))
 
 
 @pytest.mark.parametrize("suffix", ["parquet", "jsonl", "csv"])
@@ -93,7 +94,7 @@ def test_missing_text_column_is_a_config_error_naming_found_columns(tmp_path, su
     path = next(tmp_path.glob(f"*.{suffix}"))
     c = InputConfig(path=str(path), text_column="body")
     with pytest.raises(ConfigError) as err:
-        corpus.check_columns([path], c, [])
+        reading.check_columns([path], c, [])
     assert "input.text_column: column 'body'" in str(err.value)
     assert "doc, key, lang" in str(err.value)
 
@@ -102,7 +103,7 @@ def test_template_column_missing_is_a_config_error(tmp_path):
     write_all_formats(tmp_path)
     path = tmp_path / "a.parquet"
     with pytest.raises(ConfigError, match="prompt.user: column 'title'"):
-        corpus.check_columns([path], cfg(path), [("prompt.user", "text"), ("prompt.user", "title")])
+        reading.check_columns([path], cfg(path), [("prompt.user", "text"), ("prompt.user", "title")])
 
 
 def test_bad_jsonl_rows_are_kept_with_a_problem(tmp_path):
@@ -160,10 +161,10 @@ def test_missing_id_falls_back_and_fails_the_row(tmp_path):
 @pytest.mark.parametrize("value,reason", [(None, "empty_text"), ("", "empty_text"), ("  \n", "empty_text"),
                                           (3.5, "not_text"), (["a"], "not_text"), ({"a": 1}, "not_text")])
 def test_text_problems(value, reason):
-    assert corpus.text_problem(value, "doc").startswith(reason)
-    assert corpus.text_problem("real text", "doc") is None
+    assert reading.text_problem(value, "doc").startswith(reason)
+    assert reading.text_problem("real text", "doc") is None
     column = pa.array([value, "real text"] if value is None or isinstance(value, str) else [value])
-    _, problems, _ = corpus.text_problems(column, "doc")  # the same rules on a whole column
+    _, problems, _ = reading.text_problems(column, "doc")  # the same rules on a whole column
     assert problems[0].as_py().startswith(reason) and problems[1:].to_pylist() in ([], [None])
 
 
@@ -174,7 +175,7 @@ def test_byte_order_marks_and_huge_csv_fields(tmp_path):
     for name in ("bom.csv", "bom.jsonl"):
         path = tmp_path / name
         c = cfg(path)
-        corpus.check_columns([path], c, [])
+        reading.check_columns([path], c, [])
         table, _ = read(path, c)
         assert col(table, "_problem") == [None, None], name
     assert col(read(tmp_path / "bom.csv", cfg(tmp_path / "bom.csv"))[0], "_text")[0] == big
@@ -185,11 +186,11 @@ def rows_read_alone(path, c, table):
     """Every row of a scanned text file read again alone from its byte range, as a worker reads a
     unit: (texts, problems)."""
     path = Path(path)
-    f = corpus.InputFile(str(path), path.name, corpus.file_format(path, c.format))
-    cols = corpus.columns_for(c, [], with_extra=False)
+    f = reading.InputFile(str(path), path.name, reading.file_format(path, c.format))
+    cols = reading.columns_for(c, [], with_extra=False)
     offsets, lines = col(table, "_offset"), col(table, "_line")
     ends = offsets[1:] + [path.stat().st_size]
-    tables = [corpus.read_range(f, cols, c.invalid_utf8, i, 1, offsets[i], ends[i], lines[i])
+    tables = [reading.read_range(f, cols, c.invalid_utf8, i, 1, offsets[i], ends[i], lines[i])
               for i in range(table.num_rows)]
     assert all(t.num_rows == 1 for t in tables)
     return [t.column("_text")[0].as_py() for t in tables], [t.column("_problem")[0].as_py() for t in tables]
@@ -207,7 +208,7 @@ def test_nul_bytes_in_jsonl_lines_fail_their_row_and_escaped_nul_is_text(tmp_pat
              b'{"doc": "escaped \\u0000 nul"}', b'{"doc": "fine"}']
     path.write_bytes(b"\n".join(lines) + b"\n")
     c = cfg(path)
-    corpus.check_columns([path], c, [])
+    reading.check_columns([path], c, [])
     table, _ = read(path, c)
     problems = col(table, "_problem")
     assert [p.split(":")[0] for p in problems[:4]] == ["bad_json"] * 4
@@ -302,7 +303,7 @@ def test_a_quote_left_open_in_csv_fails_its_line_alone(tmp_path):
 
 
 def test_a_long_broken_csv_record_is_read_again_from_the_file(tmp_path, monkeypatch):
-    """Past _CSV_REPLAY_BYTES the lines after a broken record's first line are read again from the
+    """Past the CSV reader's _REPLAY_BYTES the lines after a broken record's first line are read again from the
     file (gzipped too), not from memory."""
     body = b'doc,key\nfine,a\n"open,b\n' + b"".join(b"row %d,k%d\n" % (i, i) for i in range(200))
     (tmp_path / "long.csv").write_bytes(body)
@@ -310,7 +311,7 @@ def test_a_long_broken_csv_record_is_read_again_from_the_file(tmp_path, monkeypa
         fh.write(body)
     expected = None
     for replay in (1 << 20, 64):
-        monkeypatch.setattr(corpus, "_CSV_REPLAY_BYTES", replay)
+        monkeypatch.setattr(csv_reader, "_REPLAY_BYTES", replay)
         for name in ("long.csv", "long.csv.gz"):
             table, stats = read(tmp_path / name, cfg(tmp_path / name, id_column="key"))
             got = (col(table, "_text"), list(map(reason, col(table, "_problem"))), col(table, "_offset"))
@@ -321,8 +322,8 @@ def test_a_long_broken_csv_record_is_read_again_from_the_file(tmp_path, monkeypa
         c = cfg(tmp_path / "long.csv", id_column="key")
         table, _ = read(tmp_path / "long.csv", c)
         assert rows_read_alone(tmp_path / "long.csv", c, table)[0][2:5] == ["row 0", "row 1", "row 2"]
-        f = corpus.InputFile(str(tmp_path / "long.csv"), "long.csv", "csv")  # a worker's unit of all rows
-        unit = corpus.read_range(f, corpus.columns_for(c, []), "replace", 0, 202, 8, len(body), 2)
+        f = reading.InputFile(str(tmp_path / "long.csv"), "long.csv", "csv")  # a worker's unit of all rows
+        unit = reading.read_range(f, reading.columns_for(c, []), "replace", 0, 202, 8, len(body), 2)
         assert unit.column("_text").to_pylist() == col(table, "_text")
 
 
@@ -341,9 +342,9 @@ def test_parquet_binary_text_is_decoded_as_utf8(tmp_path, binary):
     assert col(table, "_problem")[2] == "invalid_utf8: row 2, column 'doc', byte 3: invalid continuation byte"
     assert col(table, "_problem")[:2] == [None, None]
     # the worker's read of a range names the row in the file
-    f = corpus.InputFile(str(path), path.name, "parquet")
-    cols = corpus.columns_for(cfg(path, invalid_utf8="fail"), [], with_extra=False)
-    part = corpus.read_range(f, cols, "fail", 1, 2, None, None, None)
+    f = reading.InputFile(str(path), path.name, "parquet")
+    cols = reading.columns_for(cfg(path, invalid_utf8="fail"), [], with_extra=False)
+    part = reading.read_range(f, cols, "fail", 1, 2, None, None, None)
     assert part.column("_problem").to_pylist() == [None, "invalid_utf8: row 2, column 'doc', byte 3: invalid continuation byte"]
 
 
@@ -364,7 +365,7 @@ def test_jsonl_of_blank_lines_has_no_rows(tmp_path, content):
     path = tmp_path / "blank.jsonl"
     path.write_bytes(content)
     c = cfg(path)
-    corpus.check_columns([path], c, [])
+    reading.check_columns([path], c, [])
     table, _ = read(path, c)
     assert table.num_rows == 0 and table.schema.field("_text").type == pa.string()
     path.write_bytes(content + b'{"doc": "after the blanks"}\n')
@@ -383,7 +384,7 @@ def test_deeply_nested_json_fails_its_line(tmp_path, line):
     path = tmp_path / "deep.jsonl"
     path.write_bytes(b'{"doc": "first"}\n' + line + b'\n{"doc": "[[[[ in a string is text", "meta": [[1]]}\n')
     c = cfg(path)
-    corpus.check_columns([path], c, [])
+    reading.check_columns([path], c, [])
     table, _ = read(path, c)
     problems = col(table, "_problem")
     assert problems[0] is None and problems[2] is None
@@ -396,7 +397,7 @@ def test_json_nesting_depth_skips_brackets_in_strings():
     import numpy as np
 
     def depth(text):
-        return corpus._json_depth(np.frombuffer(text.encode(), np.uint8))
+        return jsonl._json_depth(np.frombuffer(text.encode(), np.uint8))
 
     assert depth('{"a": [1, {"b": [[]]}]}') == 5
     assert depth('{"a": "[[[[{{{{", "b": ["]]]]"]}') == 2

@@ -162,11 +162,11 @@ def test_workers_read_only_their_units_from_every_format(tmp_path, monkeypatch, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from shardinfer.inputs import corpus
+    from shardinfer.inputs import compressed
     from shardinfer.inputs.unit_reader import UnitReader
 
     if not indexed:
-        monkeypatch.setattr(corpus, "gzip_indexing", lambda: False)
+        monkeypatch.setattr(compressed, "gzip_indexing", lambda: False)
     records = [{"id": f"r{i}", "text": f"document {i} " + "word " * (i % 37), "n": i} for i in range(900)]
     records[100]["text"] = ""  # a bad row keeps its place
     (tmp_path / "in").mkdir()
@@ -304,7 +304,7 @@ def test_bad_rows_of_every_kind_plan_and_read_alike_unit_by_unit(tmp_path, inval
     rows only included: the same rows, the same reasons, text typed as text."""
     import pyarrow as pa
 
-    from shardinfer.inputs import corpus
+    from shardinfer.inputs import reading
     from shardinfer.inputs.unit_reader import UnitReader
 
     _bad_corpus(tmp_path / "in")
@@ -312,8 +312,8 @@ def test_bad_rows_of_every_kind_plan_and_read_alike_unit_by_unit(tmp_path, inval
                             "model": {"path": str(tmp_path / "m"), "max_model_len": 600},
                             "sampling": {"max_tokens": 50}, "run": {"unit_tokens": 2}})
     plan = make_plan(cfg, 1)
-    files = corpus.input_files(cfg.input)
-    whole = pa.concat_tables([t for t in (corpus.read_table(f, cfg.input) for f in files) if t.num_rows],
+    files = reading.input_files(cfg.input)
+    whole = pa.concat_tables([t for t in (reading.read_table(f, cfg.input) for f in files) if t.num_rows],
                              promote_options="permissive")
     assert plan.total_rows == whole.num_rows == 13 + 5 + 2 * 9 + 4 + 3
     assert [f["rows"] for f in plan.files] == [13, 0, 0, 5, 9, 9, 4, 3]

@@ -9,7 +9,7 @@ import pytest
 
 from shardinfer.config import config_from_dict
 from shardinfer.errors import ConfigError
-from shardinfer.inputs import corpus
+from shardinfer.inputs import reading
 from shardinfer.requests.builder import RequestBuilder, result_extras
 from shardinfer.requests.openai_batch import output_line, parse_request
 from shardinfer.requests.prompts import request_columns
@@ -59,12 +59,12 @@ def test_chat_columns_are_read_from_jsonl_and_parquet_lists(tmp_path):
     pq.write_table(pa.table({"chat": [chat, chat]}), parquet)
     for path in (jsonl, parquet):
         cfg = config_from_dict({"input": {"path": str(path), "messages_column": "chat"}, "model": {"path": "m"}})
-        f = corpus.input_files(cfg.input)[0]
-        table = corpus.read_table(f, cfg.input)
-        texts = table.column(corpus.TEXT).to_pylist()
+        f = reading.input_files(cfg.input)[0]
+        table = reading.read_table(f, cfg.input)
+        texts = table.column(reading.TEXT).to_pylist()
         assert json.loads(texts[0]) == chat and json.loads(texts[1]) == chat
         if path == jsonl:
-            assert table.column(corpus.PROBLEM).to_pylist()[2].startswith("empty_text: 'chat'")
+            assert table.column(reading.PROBLEM).to_pylist()[2].startswith("empty_text: 'chat'")
 
 
 def test_per_row_options_are_checked_row_by_row(tiny_model, tokenizer):
@@ -141,15 +141,15 @@ def test_openai_batch_lines_are_read_whole_and_known_by_custom_id(tmp_path):
     path = tmp_path / "requests.jsonl"
     path.write_text('{"custom_id": "a", "body": {}}\n\n{"custom_id": \n[1, 2]\n{"custom_id": 7}\n{"body": {}}\n')
     cfg = config_from_dict({"input": {"path": str(path), "format": "openai-batch"}, "model": {"path": "m"}})
-    f = corpus.input_files(cfg.input)[0]
-    cols = corpus.columns_for(cfg.input, [])
-    table = pa.concat_tables(corpus.scan(f, cols, "replace", corpus.ReadStats()))
-    assert table.column(corpus.ID).to_pylist() == ["a", "requests.jsonl:1", "requests.jsonl:2", "7", "requests.jsonl:4"]
-    problems = table.column(corpus.PROBLEM).to_pylist()
+    f = reading.input_files(cfg.input)[0]
+    cols = reading.columns_for(cfg.input, [])
+    table = pa.concat_tables(reading.scan(f, cols, "replace", reading.ReadStats()))
+    assert table.column(reading.ID).to_pylist() == ["a", "requests.jsonl:1", "requests.jsonl:2", "7", "requests.jsonl:4"]
+    problems = table.column(reading.PROBLEM).to_pylist()
     assert problems[0] is None and problems[3] is None
     assert problems[1].startswith("invalid_json: line 3") and problems[2].startswith("invalid_json: line 4 is a JSON list")
     assert problems[4].startswith("missing_id: column 'custom_id'")
-    assert json.loads(table.column(corpus.TEXT)[0].as_py()) == {"custom_id": "a", "body": {}}
+    assert json.loads(table.column(reading.TEXT)[0].as_py()) == {"custom_id": "a", "body": {}}
 
 
 def test_structured_checks_say_why_an_output_does_not_match():

@@ -14,7 +14,7 @@ import pytest
 from conftest import demo_docs, read_results, run_cli, write_config, write_jsonl
 from shardinfer.config import config_from_dict
 from shardinfer.errors import ConfigError, MissingDependency
-from shardinfer.inputs import corpus, storage
+from shardinfer.inputs import reading, storage
 from shardinfer.inputs.unit_reader import UnitReader, check_unchanged
 from shardinfer.planning.plan import make_plan
 
@@ -67,7 +67,7 @@ def test_s3_globs_read_like_local_files_and_units_fetch_only_their_ranges(s3, tm
     fs.pipe(f"{BUCKET}/docs/notes.txt", b"not a corpus file")
     cfg = config_from_dict({"input": {"path": f"s3://{BUCKET}/docs/*.parquet", "id_column": "id"},
                             "model": {"path": str(tiny_model), "max_model_len": 4096}, "run": {"max_unit_rows": 5}})
-    files = corpus.input_files(cfg.input)
+    files = reading.input_files(cfg.input)
     assert [f.path for f in files] == [f"s3://{BUCKET}/docs/a.parquet", f"s3://{BUCKET}/docs/b.parquet"]
     assert [f.source for f in files] == ["a.parquet", "b.parquet"]
     plan = make_plan(cfg, 2)
@@ -89,7 +89,7 @@ def test_s3_globs_read_like_local_files_and_units_fetch_only_their_ranges(s3, tm
     reader = UnitReader(plan, cfg)
     unit = plan.units[3]
     rows = reader.read(unit)
-    assert rows.column(corpus.ID).to_pylist() == table.column("id").to_pylist()[unit.first_row:unit.first_row + unit.rows]
+    assert rows.column(reading.ID).to_pylist() == table.column("id").to_pylist()[unit.first_row:unit.first_row + unit.rows]
     # a large file: one unit reads its row group and the footer, not the file
     import random
 
@@ -106,7 +106,7 @@ def test_s3_globs_read_like_local_files_and_units_fetch_only_their_ranges(s3, tm
     read["bytes"] = 0
     unit = plan.units[len(plan.units) // 2]
     rows = UnitReader(plan, cfg).read(unit)
-    assert rows.column(corpus.ID).to_pylist() == [f"big-{i}" for i in range(unit.first_row, unit.first_row + unit.rows)]
+    assert rows.column(reading.ID).to_pylist() == [f"big-{i}" for i in range(unit.first_row, unit.first_row + unit.rows)]
     assert plan.files[0]["bytes"] > 5e6 and read["bytes"] < plan.files[0]["bytes"] / 8
 
 
@@ -126,10 +126,10 @@ def test_store_errors_name_the_path_and_the_fix(s3, monkeypatch):
         says = "the bucket s3://no-such-bucket-here of .* does not exist"
         cfg = config_from_dict({"input": {"path": path}, "model": {"path": "m"}})
         with pytest.raises(ConfigError, match=says) as err:
-            corpus.input_files(cfg.input)
+            reading.input_files(cfg.input)
         assert "no-such-bucket-here" in str(err.value)
     with pytest.raises(MissingDependency, match=r"gcsfs is not installed.*pip install 'shardinfer\[gcs\]'"):
-        corpus.input_files(config_from_dict({"input": {"path": "gs://b/x.parquet"}, "model": {"path": "m"}}).input)
+        reading.input_files(config_from_dict({"input": {"path": "gs://b/x.parquet"}, "model": {"path": "m"}}).input)
     with pytest.raises(ConfigError, match="run.directory: s3://b/run is not a POSIX filesystem path"):
         config_from_dict({"input": {"path": "x"}, "model": {"path": "m"}, "run": {"directory": "s3://b/run"}})
 
@@ -147,7 +147,7 @@ def test_missing_credentials_are_named_with_the_fix(s3, monkeypatch, tmp_path):
     s3fs.S3FileSystem.clear_instance_cache()
     cfg = config_from_dict({"input": {"path": f"s3://{BUCKET}/private/a.parquet"}, "model": {"path": "m"}})
     with pytest.raises(ConfigError, match=r"no credentials for s3://corpus/private/a.parquet .*AWS_ACCESS_KEY_ID"):
-        corpus.input_files(cfg.input)
+        reading.input_files(cfg.input)
     s3fs.S3FileSystem.clear_instance_cache()
 
 
@@ -166,7 +166,7 @@ def test_a_corpus_on_a_web_server_reads_like_the_local_file(tmp_path, tiny_model
                                 "model": {"path": str(tiny_model), "max_model_len": 4096}, "run": {"max_unit_rows": 6}})
         plan = make_plan(cfg, 2)
         reader = UnitReader(plan, cfg)
-        ids = [i for u in plan.units for i in reader.read(u).column(corpus.ID).to_pylist()]
+        ids = [i for u in plan.units for i in reader.read(u).column(reading.ID).to_pylist()]
         assert ids == [r["id"] for r in records] and len(plan.units) >= 4
     finally:
         server.shutdown()
@@ -208,7 +208,7 @@ def test_denied_access_is_named_with_the_fix(monkeypatch):
         s3fs.S3FileSystem.clear_instance_cache()
         cfg = config_from_dict({"input": {"path": "s3://locked/a.jsonl"}, "model": {"path": "m"}})
         with pytest.raises(ConfigError, match=r"access to s3://locked/a.jsonl is denied .*Check the credentials"):
-            corpus.input_files(cfg.input)
+            reading.input_files(cfg.input)
     finally:
         server.terminate()
         s3fs.S3FileSystem.clear_instance_cache()
@@ -225,18 +225,18 @@ def test_compressed_jsonl_of_every_kind_reads_like_the_plain_file(tmp_path, tiny
                ".zst": zstandard.ZstdCompressor().compress}
     for suffix, compress in writers.items():
         (tmp_path / "z" / f"docs.jsonl{suffix}").write_bytes(compress(data))
-    expected = corpus.read_table(corpus.input_files(config_from_dict(
+    expected = reading.read_table(reading.input_files(config_from_dict(
         {"input": {"path": str(plain), "id_column": "id"}, "model": {"path": "m"}}).input)[0],
         config_from_dict({"input": {"path": str(plain), "id_column": "id"}, "model": {"path": "m"}}).input)
     for suffix in writers:
         cfg = config_from_dict({"input": {"path": str(tmp_path / "z" / f"docs.jsonl{suffix}"), "id_column": "id"},
                                 "model": {"path": str(tiny_model), "max_model_len": 4096}, "run": {"max_unit_rows": 7}})
-        [f] = corpus.input_files(cfg.input)
+        [f] = reading.input_files(cfg.input)
         assert f.compression == suffix and f.format == "jsonl"
         plan = make_plan(cfg, 2)
         reader = UnitReader(plan, cfg)
-        ids = [i for u in plan.units for i in reader.read(u).column(corpus.ID).to_pylist()]
-        assert ids == expected.column(corpus.ID).to_pylist(), suffix
+        ids = [i for u in plan.units for i in reader.read(u).column(reading.ID).to_pylist()]
+        assert ids == expected.column(reading.ID).to_pylist(), suffix
 
 
 def test_datasets_directories_read_as_arrow_by_split(tmp_path, tiny_model):
@@ -249,17 +249,17 @@ def test_datasets_directories_read_as_arrow_by_split(tmp_path, tiny_model):
     both.save_to_disk(str(tmp_path / "dict"))
     cfg = config_from_dict({"input": {"path": str(tmp_path / "one"), "id_column": "id"},
                             "model": {"path": str(tiny_model), "max_model_len": 4096}, "run": {"max_unit_rows": 4}})
-    files = corpus.input_files(cfg.input)
+    files = reading.input_files(cfg.input)
     assert len(files) == 3 and {f.format for f in files} == {"arrow"}
     plan = make_plan(cfg, 2)
     reader = UnitReader(plan, cfg)
-    ids = [i for u in plan.units for i in reader.read(u).column(corpus.ID).to_pylist()]
+    ids = [i for u in plan.units for i in reader.read(u).column(reading.ID).to_pylist()]
     assert ids == table.column("id").to_pylist()
     split = config_from_dict({"input": {"path": str(tmp_path / "dict"), "split": "test", "id_column": "id"},
                               "model": {"path": str(tiny_model), "max_model_len": 4096}})
     assert make_plan(split, 1).total_rows == 5
     with pytest.raises(ConfigError, match="holds the splits train, test; choose one"):
-        corpus.input_files(config_from_dict({"input": {"path": str(tmp_path / "dict")}, "model": {"path": "m"}}).input)
+        reading.input_files(config_from_dict({"input": {"path": str(tmp_path / "dict")}, "model": {"path": "m"}}).input)
 
 
 def test_a_dataset_loaded_by_the_datasets_library_is_read_from_its_cache(tmp_path, tiny_model, monkeypatch):
@@ -277,13 +277,13 @@ def test_a_dataset_loaded_by_the_datasets_library_is_read_from_its_cache(tmp_pat
     cfg = config_from_dict({"input": {"path": str(tmp_path / "my-dataset"), "format": "hf-dataset", "split": "train",
                                       "config": "default", "id_column": "id"},
                             "model": {"path": str(tiny_model), "max_model_len": 4096}})
-    files = corpus.input_files(cfg.input)
+    files = reading.input_files(cfg.input)
     assert files and all(f.format == "arrow" and str(tmp_path / "cache") in f.path for f in files)
     plan = make_plan(cfg, 1)
     reader = UnitReader(plan, cfg)
-    assert [i for u in plan.units for i in reader.read(u).column(corpus.ID).to_pylist()] == table.column("id").to_pylist()
+    assert [i for u in plan.units for i in reader.read(u).column(reading.ID).to_pylist()] == table.column("id").to_pylist()
     with pytest.raises(ConfigError, match="cannot be loaded"):
-        corpus.input_files(config_from_dict({"input": {"path": "org/not-in-the-cache", "format": "hf-dataset"},
+        reading.input_files(config_from_dict({"input": {"path": "org/not-in-the-cache", "format": "hf-dataset"},
                                              "model": {"path": "m"}}).input)
 
 

@@ -13,7 +13,7 @@ import warnings
 from types import ModuleType
 
 MOVED = {
-    "corpus": "inputs.corpus", "storage": "inputs.storage", "parquet_slice": "inputs.parquet_slice",
+    "corpus": "inputs.reading", "storage": "inputs.storage", "parquet_slice": "inputs.parquet_slice",
     "unit_reader": "inputs.unit_reader", "input_digest": "inputs.digest",
     "openai_batch": "requests.openai_batch", "prompts": "requests.prompts", "row_options": "requests.row_options",
     "row_requests": "requests.builder",

@@ -122,7 +122,7 @@ def _import_before_fork() -> None:
     """What every worker imports, imported once here: forked workers start with it instead of each
     importing it again (pyarrow's pandas shim alone takes ~0.3 s of CPU a process)."""
     import shardinfer.worker  # noqa: F401
-    from shardinfer.inputs.corpus import import_lazy_modules
+    from shardinfer.inputs.rows import import_lazy_modules
 
     import_lazy_modules()
 

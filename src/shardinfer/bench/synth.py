@@ -19,7 +19,7 @@ from typing import Any
 
 from shardinfer.config import InputConfig
 from shardinfer.errors import ConfigError
-from shardinfer.inputs import corpus
+from shardinfer.inputs import reading
 from shardinfer.requests.prompts import PromptBuilder
 
 BUNDLED = "python-docs.jsonl.gz"
@@ -50,9 +50,9 @@ def source_texts(path: str | None) -> list[str]:
         with bundled_corpus() as bundled:
             return source_texts(str(bundled))
     cfg = InputConfig(path=path)
-    [source] = corpus.input_files(cfg)
-    table = corpus.read_table(source, cfg)
-    texts = table.column(corpus.TEXT).filter(table.column(corpus.PROBLEM).is_null()).to_pylist()
+    [source] = reading.input_files(cfg)
+    table = reading.read_table(source, cfg)
+    texts = table.column(reading.TEXT).filter(table.column(reading.PROBLEM).is_null()).to_pylist()
     if not texts:
         raise ConfigError(f"--text-source {path}: no rows with a non-empty 'text' column")
     return texts

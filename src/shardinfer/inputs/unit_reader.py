@@ -17,8 +17,8 @@ import pyarrow.compute as pc
 
 from shardinfer.config import Config
 from shardinfer.errors import ConfigError
-from shardinfer.inputs import corpus, parquet_slice, storage
 from shardinfer.inputs import digest as input_digest
+from shardinfer.inputs import parquet_slice, reading, storage
 from shardinfer.inputs.digest import InputChanged, row_groups_digest
 from shardinfer.planning.plan import Plan, Segment, Unit
 from shardinfer.requests.prompts import request_columns
@@ -29,7 +29,7 @@ class UnitReader:
     def __init__(self, plan: Plan, cfg: Config, index_dir: Path | None = None):
         self.plan = plan
         self.cfg = cfg
-        self.cols = corpus.columns_for(cfg.input, request_columns(cfg))
+        self.cols = reading.columns_for(cfg.input, request_columns(cfg))
         self.files = [_input_file(info, cfg) for info in plan.files]
         self.indexes = [index_dir / info["gzip_index"] if index_dir and info.get("gzip_index") else None
                         for info in plan.files]
@@ -38,13 +38,13 @@ class UnitReader:
             self.offsets.append(self.offsets[-1] + info["rows"])
         self.crcs = [input_digest.load(index_dir / info["chunk_crcs"]) if index_dir and info.get("chunk_crcs") else None
                      for info in plan.files]
-        self._cursors: dict[int, corpus.ParquetCursor] = {}  # per Parquet file: where the last read ended
+        self._cursors: dict[int, reading.ParquetCursor] = {}  # per Parquet file: where the last read ended
         self._warm_up()
 
     def _warm_up(self) -> None:
         """Import now what the first read would import: pyarrow's lazy pandas shim (pandas, where
         installed: ~0.3 s) and, when units start deep in a local Parquet row group, polars."""
-        corpus.import_lazy_modules()
+        reading.import_lazy_modules()
         local = [f.format == "parquet" and not storage.is_remote(f.path) for f in self.files]
         if any(local[seg.file] and (seg.group_offset or 0) > parquet_slice.DEEP_ROWS
                for unit in self.plan.units for seg in unit.segments):
@@ -67,14 +67,14 @@ class UnitReader:
         check_unchanged(f.path, info)
         if info.get("row_group_digests"):
             _check_row_groups(f.path, info["row_group_digests"], seg)
-        cursor = self._cursors.setdefault(index, corpus.ParquetCursor()) if f.format == "parquet" else None
-        table = corpus.read_range(f, self.cols, self.cfg.input.invalid_utf8, start, rows, seg.begin, seg.stop,
+        cursor = self._cursors.setdefault(index, reading.ParquetCursor()) if f.format == "parquet" else None
+        table = reading.read_range(f, self.cols, self.cfg.input.invalid_utf8, start, rows, seg.begin, seg.stop,
                                   seg.line, self.indexes[index], cursor, self.crcs[index])
         if table.num_rows != rows:
             raise InputChanged(f.path, f"rows {start}-{start + rows - 1} read as {table.num_rows} rows, the plan "
                                        f"has {rows}")
-        table = table.set_column(table.column_names.index(corpus.ID), corpus.ID,
-                                 corpus.row_ids(table, f.source, start))
+        table = table.set_column(table.column_names.index(reading.ID), reading.ID,
+                                 reading.row_ids(table, f.source, start))
         first = self.offsets[index] + start
         return table.append_column(ROW, pa.array(range(first, first + rows), pa.int64()))
 
@@ -84,22 +84,22 @@ def keep_rows(table: pa.Table, rows: pa.Array) -> pa.Table:
     return table.filter(pc.is_in(table.column(ROW), value_set=rows))
 
 
-def _input_file(info: dict[str, Any], cfg: Config) -> corpus.InputFile:
+def _input_file(info: dict[str, Any], cfg: Config) -> reading.InputFile:
     path = str(info["path"])
-    fmt = info.get("format") or corpus.file_format(path, cfg.input.format)
+    fmt = info.get("format") or reading.file_format(path, cfg.input.format)
     compression = info["compression"] if "compression" in info else (".gz" if info.get("gzip") else None)
-    return corpus.InputFile(path, info["source"], fmt, compression)
+    return reading.InputFile(path, info["source"], fmt, compression)
 
 
-def _empty(cols: corpus.Columns) -> pa.Table:
-    fields = [(corpus.TEXT, pa.string()), (corpus.ID, pa.string()), (corpus.PROBLEM, pa.string())]
+def _empty(cols: reading.Columns) -> pa.Table:
+    fields = [(reading.TEXT, pa.string()), (reading.ID, pa.string()), (reading.PROBLEM, pa.string())]
     return pa.table({**{n: pa.array([], t) for n, t in fields}, **{c: pa.nulls(0) for c in cols.extra},
                      ROW: pa.array([], pa.int64())})
 
 
 def _check_row_groups(path: str, planned: list[str], seg: Segment) -> None:
     """The Parquet row groups a segment reads have the metadata the plan saw."""
-    metadata = corpus.parquet_metadata(path)
+    metadata = reading.parquet_metadata(path)
     starts = np.cumsum([0] + [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)])
     first = int(np.searchsorted(starts, seg.start, side="right") - 1)
     last = int(np.searchsorted(starts, max(seg.end - 1, seg.start), side="right") - 1)

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from shardinfer.config import Config
 from shardinfer.errors import ConfigError
-from shardinfer.inputs import corpus, storage
+from shardinfer.inputs import compressed, reading, storage
 from shardinfer.inputs import digest as input_digest
 from shardinfer.models.info import resolve_max_model_len, token_counter
 from shardinfer.requests.prompts import request_columns
@@ -172,7 +172,7 @@ class FileScan:
     row_group_digests: list[str] | None = None  # of each row group's metadata (local Parquet)
 
 
-def scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None, *, digest: bool = False) -> FileScan:
+def scan_file(f: reading.InputFile, cfg: Config, gz_index: Path | None = None, *, digest: bool = False) -> FileScan:
     """Stream one file batch by batch; memory stays that of a batch plus a few numbers per row. A
     file that cannot be read (truncated, not of its format) is a config error naming it. With
     ``digest``, what workers check the file against is computed too (a local file's checksums)."""
@@ -188,37 +188,37 @@ def scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None, *,
         ) from exc
 
 
-def _add_digests(out: FileScan, f: corpus.InputFile, gz_index: Path | None) -> None:
+def _add_digests(out: FileScan, f: reading.InputFile, gz_index: Path | None) -> None:
     """Chunk checksums of a CSV file (a JSONL scan computed them as it read), row group digests of
     a Parquet file."""
     if f.format == "csv":
-        out.crcs = input_digest.digest_stream(corpus.open_at(f, 0, gz_index))
+        out.crcs = input_digest.digest_stream(compressed.open_at(f, 0, gz_index))
     elif f.format == "parquet":
-        metadata = corpus.parquet_metadata(f.path)
+        metadata = reading.parquet_metadata(f.path)
         out.row_group_digests = [input_digest.row_groups_digest(metadata, [g]) for g in range(metadata.num_row_groups)]
 
 
-def _scan_file(f: corpus.InputFile, cfg: Config, gz_index: Path | None = None, digest: bool = False) -> FileScan:
-    cols = corpus.columns_for(cfg.input, [], with_extra=False)
-    stats = corpus.ReadStats(digest=input_digest.ChunkDigest() if digest and f.format in ("jsonl", "openai-batch")
+def _scan_file(f: reading.InputFile, cfg: Config, gz_index: Path | None = None, digest: bool = False) -> FileScan:
+    cols = reading.columns_for(cfg.input, [], with_extra=False)
+    stats = reading.ReadStats(digest=input_digest.ChunkDigest() if digest and f.format in ("jsonl", "openai-batch")
                              else None)
     chars, offsets, lines, hashes = [], [], [], []
     out = FileScan()
-    for batch in corpus.scan(f, cols, cfg.input.invalid_utf8, stats, gz_index):
-        ok = batch.column(corpus.PROBLEM).is_null()
-        chars.append(pc.if_else(ok, batch.column(corpus.CHARS), 0).to_numpy().astype(np.int32, copy=False))
+    for batch in reading.scan(f, cols, cfg.input.invalid_utf8, stats, gz_index):
+        ok = batch.column(reading.PROBLEM).is_null()
+        chars.append(pc.if_else(ok, batch.column(reading.CHARS), 0).to_numpy().astype(np.int32, copy=False))
         out.problem_rows += batch.num_rows - (pc.sum(ok.cast(pa.int64())).as_py() or 0)  # None: no rows
-        if corpus.OFFSET in batch.column_names:
-            offsets.append(batch.column(corpus.OFFSET).to_numpy())
-            lines.append(batch.column(corpus.LINE).to_numpy())
+        if reading.OFFSET in batch.column_names:
+            offsets.append(batch.column(reading.OFFSET).to_numpy())
+            lines.append(batch.column(reading.LINE).to_numpy())
         if cols.id:
-            hashes.append(id_hashes(batch.column(corpus.ID)))
+            hashes.append(id_hashes(batch.column(reading.ID)))
         _keep_longest(out, chars[-1], batch, f.source)
         _add_sample(out, batch, ok)
         out.rows += batch.num_rows
     out.chars = np.concatenate(chars) if chars else np.zeros(0, np.int32)
     if f.format == "parquet":
-        out.row_groups = corpus.parquet_row_groups(f.path)
+        out.row_groups = reading.parquet_row_groups(f.path)
     elif f.format != "arrow":
         out.offsets = np.concatenate(offsets) if offsets else np.zeros(0, np.int64)
         out.lines = np.concatenate(lines) if lines else np.zeros(0, np.int64)
@@ -237,7 +237,7 @@ def _keep_longest(out: FileScan, chars: np.ndarray, batch: pa.Table, source: str
     if not len(chars):
         return
     top = np.argpartition(chars, -min(_EXAMPLES, len(chars)))[-_EXAMPLES:]
-    ids = batch.column(corpus.ID).take(pa.array(top)).to_pylist()
+    ids = batch.column(reading.ID).take(pa.array(top)).to_pylist()
     found = [(int(chars[i]), out.rows + int(i), ident or f"{source}:{out.rows + int(i)}") for i, ident in zip(top, ids)]
     out.longest = sorted(out.longest + found, key=lambda t: (-t[0], t[1]))[:_EXAMPLES]
 
@@ -249,7 +249,7 @@ def _add_sample(out: FileScan, batch: pa.Table, ok: pa.ChunkedArray) -> None:
         return
     # The beginning of each text is enough to measure characters per token; a whole document of
     # tens of MB would cost the tokenizer gigabytes.
-    beginnings = pc.utf8_slice_codeunits(batch.column(corpus.TEXT), 0, _SAMPLE_TEXT_CHARS)
+    beginnings = pc.utf8_slice_codeunits(batch.column(reading.TEXT), 0, _SAMPLE_TEXT_CHARS)
     for text in beginnings.filter(ok).slice(0, room).to_pylist():
         if chars <= 0:
             break
@@ -260,9 +260,9 @@ def _add_sample(out: FileScan, batch: pa.Table, ok: pa.ChunkedArray) -> None:
 def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Plan:
     """Stream the corpus once and cut it into units for ``workers`` workers. Gzipped files are
     indexed for seeking (saved in ``index_dir``, the run directory's) when indexed_gzip is there."""
-    files = corpus.input_files(cfg.input)
+    files = reading.input_files(cfg.input)
     fields = request_columns(cfg)
-    corpus.check_columns([f.path for f in files], cfg.input, fields)
+    reading.check_columns([f.path for f in files], cfg.input, fields)
     max_model_len = resolve_max_model_len(cfg.model)
     limit = max_model_len - cfg.sampling.max_tokens
     indexes = _gzip_indexes(files, index_dir)
@@ -298,11 +298,11 @@ def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Pl
     )
 
 
-def _gzip_indexes(files: list[corpus.InputFile], index_dir: Path | None) -> list[Path | None]:
+def _gzip_indexes(files: list[reading.InputFile], index_dir: Path | None) -> list[Path | None]:
     """Build each gzipped file's seek index once, where the workers will find it."""
-    if index_dir is None or not corpus.gzip_indexing():
+    if index_dir is None or not compressed.gzip_indexing():
         return [None] * len(files)
-    return [corpus.index_gzip(f, index_dir / f"file-{i:05d}.gzidx") if f.gzip else None
+    return [compressed.index_gzip(f, index_dir / f"file-{i:05d}.gzidx") if f.gzip else None
             for i, f in enumerate(files)]
 
 
@@ -329,7 +329,7 @@ def _segment(scans: list[FileScan], f: int, lo: int, hi: int) -> Segment:
     return Segment(f, lo, hi, begin=int(s.offsets[lo]), stop=stop, line=int(s.lines[lo]))
 
 
-def _duplicates(scans: list[FileScan], files: list[corpus.InputFile]) -> dict[int, int]:
+def _duplicates(scans: list[FileScan], files: list[reading.InputFile]) -> dict[int, int]:
     """Rows whose id an earlier row already has -> that earlier row. Ids are compared by two
     64-bit hashes, sorted by the first; the few rows that share it are told apart by the second."""
     if not scans or scans[0].id_hashes is None:
@@ -408,7 +408,7 @@ def token_histogram(tokens: Sequence[int] | np.ndarray) -> list[tuple[str, int]]
     return [(f"{0 if b == 0 else 1 << (b + 5)}-{(1 << (b + 6)) - 1}", int(c)) for b, c in enumerate(counts)]
 
 
-def _file_info(i: int, f: corpus.InputFile, s: FileScan, gz_index: Path | None,
+def _file_info(i: int, f: reading.InputFile, s: FileScan, gz_index: Path | None,
                index_dir: Path | None) -> dict[str, Any]:
     path = f.path if not f.local else str(Path(f.path).resolve())
     info = {"path": path, "source": f.source, "format": f.format, "gzip": f.gzip, "compression": f.compression,
@@ -424,7 +424,7 @@ def _file_info(i: int, f: corpus.InputFile, s: FileScan, gz_index: Path | None,
     return info
 
 
-def _notes(files: list[corpus.InputFile], scans: list[FileScan], indexes: list[Path | None],
+def _notes(files: list[reading.InputFile], scans: list[FileScan], indexes: list[Path | None],
            units: list[Unit]) -> list[str]:
     """What reading the input will cost the workers, where the layout of a file makes it slow."""
     notes = []
