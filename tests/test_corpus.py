@@ -413,3 +413,16 @@ def test_openai_batch_line_nested_too_deep_is_invalid_json(tmp_path):
     table, _ = read(path, c)
     assert col(table, "_problem")[0] == "invalid_json: line 1 is nested too deep"
     assert col(table, "_problem")[1] is None and col(table, "_id")[1] == "b"
+
+
+def test_a_csv_field_of_invalid_utf8_fails_its_row_alone_when_asked(tmp_path):
+    from shardinfer.config import InputConfig
+    from shardinfer.inputs import reading
+
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"text,n\nfine,1\nbad \xff\xfe bytes,2\nalso fine,3\n")
+    f = reading.input_files(InputConfig(path=str(path)))[0]
+    table = reading.read_table(f, InputConfig(path=str(path), invalid_utf8="fail"), extra=["n"])
+    problems = table.column("_problem").to_pylist()
+    assert problems[0] is None and problems[2] is None
+    assert problems[1].startswith("invalid_utf8: line 3, column 'text'")

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from shardinfer.errors import Refused
 
 ROW = "_row"  # the global input row index, in parts (the reducer orders and checks by it)
-# The row shape the corpus readers give the worker (see shardinfer.corpus).
+# The row shape the corpus readers give the worker (see shardinfer.inputs.rows).
 TEXT, ID, PROBLEM, CHARS, OFFSET, LINE = "_text", "_id", "_problem", "_chars", "_offset", "_line"
 
 
