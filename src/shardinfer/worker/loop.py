@@ -1,6 +1,6 @@
 """The worker loop: claim a unit, build prompts, hand them to the engine, commit the part, next.
 
-Started once per rank (``python -m shardinfer.worker RUN_DIR --rank R --world W``). The engine is
+Started once per rank, by :mod:`shardinfer.worker.entry` (``python -m shardinfer.worker``). The engine is
 kept fed: while it works on the units in flight, the worker claims and prepares the next one as
 soon as the engine wants more, and commits each unit the moment its last row finishes. Every input
 row of a unit comes out as exactly one result row: rows that cannot be prompted or generated are
@@ -9,13 +9,11 @@ kept with status ``failed`` and the reason.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import resource
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,13 +23,13 @@ import pyarrow.compute as pc
 
 from shardinfer.engines import Completion, create_engine, get_engine
 from shardinfer.engines.base import Refused
-from shardinfer.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError, RunError, ShardinferError, disk_full, is_disk_full
+from shardinfer.errors import RunError
 from shardinfer.inputs.unit_reader import UnitReader, keep_rows
-from shardinfer.launch.env import RankEnv, check_allocation, detect
+from shardinfer.launch.env import RankEnv
 from shardinfer.launch.gpus import device_name, visible_gpus
-from shardinfer.launch.lock import die_with_parent, orphaned, stop_orphan
+from shardinfer.launch.lock import orphaned, stop_orphan
 from shardinfer.ledger.claims import Heartbeat, Ledger
-from shardinfer.ledger.rundir import FS, RunDir, restrict_umask
+from shardinfer.ledger.rundir import FS, RunDir
 from shardinfer.ledger.runstate import load_run
 from shardinfer.ledger.scheduler import Candidates, IdleWait
 from shardinfer.models.info import load_tokenizer
@@ -40,7 +38,6 @@ from shardinfer.requests.builder import RequestBuilder, result_extras
 from shardinfer.requests.prompts import Prompt, request_columns
 from shardinfer.results import ID, PROBLEM, ROW, TEXT, RowCounts, failed_rows, result_table
 from shardinfer.telemetry.live import write_run_prom, write_worker_prom
-from shardinfer.telemetry.logs import setup_logging
 from shardinfer.telemetry.metrics import WorkerMetrics
 from shardinfer.telemetry.progress import Progress
 from shardinfer.telemetry.timeline import Timeline
@@ -104,11 +101,15 @@ class Worker:
         self.draining = signal.Signals(signum).name
         log.warning("signal %s: finishing the current unit, then stopping", self.draining)
 
-    def run(self) -> WorkerMetrics:
-        os.environ.update(self.cfg.run.env)  # before the engine is imported
-        self._load()
+    def _catch_signals(self) -> None:
         for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.drain)
+
+    def run(self) -> WorkerMetrics:
+        os.environ.update(self.cfg.run.env)  # before the engine is imported
+        self._catch_signals()  # a signal during the model load drains too: no unit is claimed after it
+        self._load()
+        self._catch_signals()  # again: an engine may set handlers of its own while it loads
         reader = UnitReader(self.plan, self.cfg, self.run_dir.index)
         progress = Progress(rank=self.rank, total_rows=self.plan.total_rows,
                             interval_s=self.cfg.run.log_interval_s)
@@ -343,52 +344,8 @@ def _merge(previous: pa.Table, redone: pa.Table) -> pa.Table:
     return merged.sort_by(ROW)
 
 
-def run_worker(run_dir: RunDir, rank_env: RankEnv, *, launch: int, expect_world: int | None = None,
-               gpus_per_replica: int = 0) -> WorkerMetrics:
-    """Check the allocation, then work until no unit is left (or a signal drains this worker)."""
-    check_allocation(rank_env, expect_world, gpus_per_replica)
+def run_worker(run_dir: RunDir, rank_env: RankEnv, *, launch: int) -> WorkerMetrics:
+    """Work until no unit is left (or a signal drains this worker). Worker processes start in
+    :func:`shardinfer.worker.entry.start_worker`, which checks the allocation first."""
     log.info("starting %s", rank_env.describe())
     return Worker(run_dir, rank_env, launch=launch).run()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shardinfer.worker")
-    parser.add_argument("run_dir")
-    parser.add_argument("--rank", type=int, help="this worker's rank (local launcher); default: from SLURM")
-    parser.add_argument("--world", type=int, help="number of workers (local launcher); default: from SLURM")
-    parser.add_argument("--launch", type=int, default=0)
-    parser.add_argument("--expect-world", type=int, help="fail unless the job has this many workers")
-    parser.add_argument("--gpus-per-replica", type=int, default=0,
-                        help="pin this worker to its local rank's slice of the node's GPUs")
-    args = parser.parse_args(argv)
-    die_with_parent()
-    restrict_umask()
-    run_dir = RunDir(args.run_dir)
-    rank_env = detect(rank=args.rank, world=args.world)
-    setup_logging(rank=rank_env.rank, world=rank_env.world, log_file=run_dir.worker_log(rank_env.rank))
-    try:
-        run_worker(run_dir, rank_env, launch=args.launch, expect_world=args.expect_world,
-                   gpus_per_replica=args.gpus_per_replica)
-    except ConfigError as exc:
-        log.error("config error: %s", exc)
-        return EXIT_CONFIG
-    except ShardinferError as exc:
-        log.error("%s", exc)
-        return EXIT_FAILED
-    except KeyboardInterrupt:  # before the signal handlers were set (model load)
-        log.warning("interrupted")
-        return EXIT_FAILED
-    except OSError as exc:
-        if not is_disk_full(exc):
-            log.exception("worker failed")
-            raise
-        log.error("%s", disk_full(getattr(exc, "filename", None) or run_dir.path))
-        return EXIT_FAILED
-    except Exception:
-        log.exception("worker failed")
-        raise
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
