@@ -86,11 +86,11 @@ def _write_jsonl(path: Path, pool: pa.Array, first: int, rows: int, rng: np.rand
 
 
 def _config(path: str, **run: object) -> object:
-    from shardinfer.config import config_from_dict
+    from shardinfer.planning.validate import checked_from_dict
 
-    return config_from_dict({"input": {"path": path, "id_column": "id"},
-                             "model": {"path": "/nonexistent-model", "max_model_len": 4096},
-                             "sampling": {"max_tokens": 256}, "run": {"workers": 1000, **run}})
+    return checked_from_dict({"input": {"path": path, "id_column": "id"},
+                              "model": {"path": "/nonexistent-model", "max_model_len": 4096},
+                              "sampling": {"max_tokens": 256}, "run": {"workers": 1000, **run}})
 
 
 def _memory_mb(field: str) -> float:

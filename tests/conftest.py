@@ -76,12 +76,14 @@ def write_config(path: Path, *, corpus: Path, model_dir: Path, run_dir: Path, **
         "input": {"path": str(corpus), "text_column": "text"},
         "prompt": {"system": "Summarize.", "user": "{text}"},
         "model": {"path": str(model_dir), "engine": "vllm", "dtype": "float32", "max_model_len": 512,
-                  "vllm_args": {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}},
+                  "engine_args": {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20}},
         "sampling": {"max_tokens": 16, "temperature": 0.0, "seed": 0},
         "run": {"directory": str(run_dir), "workers": 1, "env": CPU_ENV},
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
+    if cfg["model"]["engine"] != "vllm" and "engine_args" not in sections.get("model", {}):
+        del cfg["model"]["engine_args"]  # the defaults above are vLLM's
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -93,7 +95,7 @@ def openai_batch_config(tmp: Path, model_dir: Path, name: str, **run: Any) -> Pa
     """The bundled OpenAI batch example (10 good requests, 2 that fail alone) on the tiny model."""
     return write_config(tmp / f"{name}.yaml", corpus=OPENAI_EXAMPLE, model_dir=model_dir, run_dir=tmp / name,
                         input={"path": str(OPENAI_EXAMPLE), "format": "openai-batch"}, prompt={},
-                        model={"max_model_len": 2048, "vllm_args": {
+                        model={"max_model_len": 2048, "engine_args": {
                             "enforce_eager": True, "kv_cache_memory_bytes": 64 << 20,
                             "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}},
                         run={"directory": str(tmp / name), "workers": 1, "unit_tokens": 600, **run})

@@ -35,7 +35,7 @@ def test_vllm_engine_is_fed_batch_after_batch_and_a_refused_row_fails_alone(tiny
     from shardinfer.engines.vllm_engine import VllmEngine
 
     model = ModelConfig(path=str(tiny_model), dtype="float32",
-                        vllm_args={"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20})
+                        engine_args={"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20})
     engine = VllmEngine(model, SamplingConfig(max_tokens=8, ignore_eos=True), 512, attempts=1)
     engine.load()
     texts = ["The os module provides", "Lists are mutable sequences", "A dictionary maps keys",
@@ -66,7 +66,7 @@ def test_vllm_engine_keeps_each_rows_adapter_when_rows_of_several_adapters_are_f
 
     adapter = build_tiny_lora(tiny_model, tmp_path / "lora")
     model = ModelConfig(path=str(tiny_model), dtype="float32", lora={"a": str(adapter)},
-                        vllm_args={"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20})
+                        engine_args={"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20})
     sampling = SamplingConfig(max_tokens=8, ignore_eos=True)
     engine = VllmEngine(model, sampling, 512, attempts=1)
     engine.load()
@@ -87,7 +87,7 @@ def test_vllm_engine_wants_more_work_until_it_holds_one_and_a_half_times_what_it
     from shardinfer.engines.vllm_engine import VllmEngine
 
     model = ModelConfig(path=str(tiny_model), dtype="float32",
-                        vllm_args={"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 4})
+                        engine_args={"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 4})
     engine = VllmEngine(model, SamplingConfig(max_tokens=4, ignore_eos=True), 512, attempts=1)
     engine.load()
     assert engine.max_requests == 6 and engine.max_tokens_queued

@@ -32,13 +32,15 @@ def _checks(cfg):
 
 
 def test_a_good_config_passes_every_check(tiny_model):
-    checks = _checks(_config(tiny_model, max_model_len=512, vllm_args={"enforce_eager": True}))
+    checks = _checks(_config(tiny_model, max_model_len=512, engine_args={"enforce_eager": True}))
     assert {c.status for c in checks.values()} == {"ok"}, checks
-    assert "known to vllm" in checks["model.vllm_args"].message
+    assert "known to vllm" in checks["model.engine_args"].message
 
 
 @pytest.mark.parametrize("model,name,says", [
-    ({"vllm_args": {"tensor_paralel_size": 2}}, "model.vllm_args", "tensor_paralel_size (did you mean tensor_parallel_size"),
+    ({"engine_args": {"tensor_paralel_size": 2}}, "model.engine_args", "tensor_paralel_size (did you mean tensor_parallel_size"),
+    # the earlier name of engine_args: its arguments are checked the same way
+    ({"vllm_args": {"tensor_paralel_size": 2}}, "model.engine_args", "tensor_paralel_size (did you mean tensor_parallel_size"),
     ({"max_model_len": 100000}, "model.max_model_len", "above the model's context length 8192"),
     ({"path": "/nowhere/model"}, "model.path", "not a model directory"),
     ({"path": "org/no-such-model-here"}, "model.path", "not in the Hugging Face cache, and the hub is off"),
@@ -62,12 +64,12 @@ def test_a_model_without_weights_or_tokenizer_fails(tiny_model, tmp_path):
 def test_plan_and_run_refuse_a_bad_engine_argument_at_once(tmp_path, tiny_model, engine_env):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello"}])
     config = write_config(tmp_path / "c.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / "run",
-                          model={"vllm_args": {"enforce_eager": True, "tensor_paralel_size": 1}})
+                          model={"engine_args": {"enforce_eager": True, "tensor_paralel_size": 1}})
     for command in ("plan", "run"):
         started = time.time()
         proc = run_cli([command, str(config)], engine_env)
         assert proc.returncode == 2, proc.stderr
-        assert "[fail] model.vllm_args" in proc.stdout + proc.stderr or "model.vllm_args" in proc.stderr
+        assert "[fail] model.engine_args" in proc.stdout + proc.stderr or "model.engine_args" in proc.stderr
         assert "tensor_parallel_size" in proc.stdout + proc.stderr
         assert time.time() - started < 30  # no engine was loaded
     assert not (tmp_path / "run").exists()
@@ -112,7 +114,7 @@ def test_plan_gives_token_totals_and_an_estimate_labelled_as_one(tmp_path, tiny_
     totals = re.search(r"tokens \(estimated\): ([\d,]+) prompt \+ up to ([\d,]+) output", proc.stdout)
     prompt, output = (int(v.replace(",", "")) for v in totals.groups())
     assert output == 20 * 16 and prompt + output == tokens
-    assert "[ok  ] model.vllm_args" in proc.stdout
+    assert "[ok  ] model.engine_args" in proc.stdout
     assert "# example request (text)" in proc.stdout
 
 

@@ -13,12 +13,13 @@ import pytest
 import shardinfer
 from conftest import CPU_ENV, demo_docs, read_results, run_cli, write_config, write_jsonl
 from shardinfer.config import ModelConfig, config_from_dict
-from shardinfer.engines.registry import engines, get_engine
+from shardinfer.engines.registry import create_engine, engines, get_engine
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.launch.base import LaunchRecord
 from shardinfer.launch.registry import get_launcher, launcher_choices
 from shardinfer.launch.start import launch, record_launch
 from shardinfer.ledger.rundir import RunDir
+from shardinfer.planning.validate import checked_from_dict
 from shardinfer.telemetry.metrics import WorkerMetrics
 
 PLUGINS = Path(__file__).parent / "plugins"
@@ -28,12 +29,12 @@ def test_engines_declare_extra_arguments_gpus_and_capabilities():
     known = engines()
     assert list(known)[:2] == ["vllm", "hf"]
     vllm, hf = known["vllm"], known["hf"]
-    assert (vllm.extra, vllm.args_field, vllm.modules) == ("vllm", "vllm_args", ("vllm",))
-    assert (hf.extra, hf.args_field, hf.modules) == ("hf", "hf_args", ("torch", "transformers"))
-    model = ModelConfig(path="m", vllm_args={"tensor_parallel_size": 2, "pipeline_parallel_size": 2})
+    assert (vllm.extra, vllm.takes_args, vllm.modules) == ("vllm", True, ("vllm",))
+    assert (hf.extra, hf.takes_args, hf.modules) == ("hf", True, ("torch", "transformers"))
+    model = ModelConfig(path="m", engine_args={"tensor_parallel_size": 2, "pipeline_parallel_size": 2})
     assert vllm.replica_gpus(model, 8) == 4 and hf.replica_gpus(model, 8) == 8  # hf spreads over the node
     assert vllm.capabilities.continuous and not hf.capabilities.continuous
-    assert vllm.args(model) == {"tensor_parallel_size": 2, "pipeline_parallel_size": 2} and hf.args(model) == {}
+    assert vllm.args(model) == hf.args(model) == {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}
     assert vllm.bench.baseline == "vllm" and hf.bench.baseline == "hf-static"
     with pytest.raises(ConfigError, match="'tgi' is not a registered engine. Valid choices: vllm, hf"):
         get_engine("tgi")
@@ -78,6 +79,10 @@ def test_a_plugin_adds_an_engine_and_a_launcher_without_touching_shardinfer(tmp_
     assert json.loads((tmp_path / "run" / "jobs.json").read_text())[0]["launcher"] == "serial"
     plan = run_cli(["plan", str(config), "--launcher", "serial"], plugin_env)
     assert plan.returncode == 0 and "(serial launcher)" in plan.stdout
+    plan = run_cli(["plan", str(config), "model.engine_args.reverse=false"], plugin_env)  # the plugin's own
+    assert plan.returncode == 0 and "[ok  ] model.engine_args: 1 argument(s) known to" in plan.stdout
+    typo = run_cli(["plan", str(config), "model.engine_args.revers=false"], plugin_env)
+    assert typo.returncode == 2 and "revers (did you mean reverse)" in typo.stdout + typo.stderr
     reference = run_cli(["config-reference"], plugin_env).stdout
     assert "(registered: vllm, hf, echo)" in reference
     without = run_cli(["run", str(config)], {k: v for k, v in plugin_env.items() if k != "SHARDINFER_PLUGINS"})
@@ -92,6 +97,9 @@ def test_python_api_runs_in_process_and_every_handle_has_the_same_methods(tmp_pa
         monkeypatch.setenv(key, plugin_env[key])
     monkeypatch.syspath_prepend(str(PLUGINS))
     __import__("toy_plugin")
+    echo = checked_from_dict({"input": {"path": "x"}, "model": {"path": str(tiny_model), "engine": "echo",
+                                                               "engine_args": {"reverse": False}}})
+    assert create_engine(echo, 512).reverse is False  # a plugin engine gets model.engine_args
     report = shardinfer.run(_echo_config(tmp_path, tiny_model, "api"), overrides=["run.workers=2"])
     assert report["rows"] == {"in": 7, "ok": 7, "truncated": 0, "failed": 0}
     assert sorted(w["rank"] for w in report["workers"]) == [0, 1]
@@ -133,7 +141,7 @@ def test_metrics_written_by_older_versions_still_load():
 
 
 def test_the_worker_job_count_is_the_launchers():
-    cfg = config_from_dict({"input": {"path": "x"}, "model": {"path": "m", "vllm_args": {"tensor_parallel_size": 2}},
+    cfg = config_from_dict({"input": {"path": "x"}, "model": {"path": "m", "engine_args": {"tensor_parallel_size": 2}},
                             "run": {"workers": 3}, "slurm": {"nodes": 2, "gpus_per_node": 8}})
     assert get_launcher("local").workers(cfg) == 3
     assert get_launcher("sbatch").workers(cfg) == get_launcher("submitit").workers(cfg) == 8

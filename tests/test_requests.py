@@ -42,7 +42,7 @@ def options_run(tmp_path_factory, tiny_model, adapter, engine_env):
     config = write_config(
         tmp / "options.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "run",
         input={"path": str(corpus), "id_column": "id"},
-        model={"lora": {"tiny": str(adapter)}, "lora_column": "lora", "vllm_args": VLLM_ARGS},
+        model={"lora": {"tiny": str(adapter)}, "lora_column": "lora", "engine_args": VLLM_ARGS},
         sampling={"max_tokens": 48, "n": 3, "logprobs": 2, "structured": {"json_schema": SCHEMA},
                   "per_row": {"temperature": "temp", "max_tokens": "budget"}},
     )
@@ -146,7 +146,7 @@ def batch_run(tmp_path_factory, tiny_model, adapter, engine_env):
     corpus = write_jsonl(tmp / "requests.jsonl", lines)
     config = write_config(tmp / "batch.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "run",
                           input={"path": str(corpus), "format": "openai-batch"}, prompt={},
-                          model={"lora": {"tiny-lora": str(adapter)}, "vllm_args": VLLM_ARGS},
+                          model={"lora": {"tiny-lora": str(adapter)}, "engine_args": VLLM_ARGS},
                           run={"directory": str(tmp / "run"), "workers": 2, "unit_tokens": 200})
     proc = run_cli(["run", str(config)], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]

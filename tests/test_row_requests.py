@@ -7,9 +7,9 @@ from dataclasses import replace
 import pyarrow as pa
 import pytest
 
-from shardinfer.config import config_from_dict
 from shardinfer.errors import ConfigError
 from shardinfer.inputs import reading
+from shardinfer.planning.validate import checked_from_dict
 from shardinfer.requests.builder import RequestBuilder, result_extras
 from shardinfer.requests.openai_batch import output_line, parse_request
 from shardinfer.requests.prompts import request_columns
@@ -23,7 +23,7 @@ def config(tiny_model, **sections):
            "sampling": {"max_tokens": 16}}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
-    return config_from_dict(raw)
+    return checked_from_dict(raw)
 
 
 def build(cfg, tokenizer, texts, columns=None):
@@ -58,7 +58,7 @@ def test_chat_columns_are_read_from_jsonl_and_parquet_lists(tmp_path):
 
     pq.write_table(pa.table({"chat": [chat, chat]}), parquet)
     for path in (jsonl, parquet):
-        cfg = config_from_dict({"input": {"path": str(path), "messages_column": "chat"}, "model": {"path": "m"}})
+        cfg = checked_from_dict({"input": {"path": str(path), "messages_column": "chat"}, "model": {"path": "m"}})
         f = reading.input_files(cfg.input)[0]
         table = reading.read_table(f, cfg.input)
         texts = table.column(reading.TEXT).to_pylist()
@@ -140,7 +140,7 @@ def test_a_request_that_cannot_run_is_refused_with_the_batch_api_code(tiny_model
 def test_openai_batch_lines_are_read_whole_and_known_by_custom_id(tmp_path):
     path = tmp_path / "requests.jsonl"
     path.write_text('{"custom_id": "a", "body": {}}\n\n{"custom_id": \n[1, 2]\n{"custom_id": 7}\n{"body": {}}\n')
-    cfg = config_from_dict({"input": {"path": str(path), "format": "openai-batch"}, "model": {"path": "m"}})
+    cfg = checked_from_dict({"input": {"path": str(path), "format": "openai-batch"}, "model": {"path": "m"}})
     f = reading.input_files(cfg.input)[0]
     cols = reading.columns_for(cfg.input, [])
     table = pa.concat_tables(reading.scan(f, cols, "replace", reading.ReadStats()))

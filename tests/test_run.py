@@ -177,8 +177,8 @@ def test_plan_shows_units_histogram_and_limits_without_a_model_load(bad_run, eng
 def test_a_setting_the_engine_refuses_exits_2_and_the_fixed_config_replans_the_run(tmp_path, tiny_model, engine_env):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": d["text"][:500]} for d in demo_docs(4)])
     bad = write_config(tmp_path / "bad.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp_path / "run",
-                       model={"vllm_args": {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20,
-                                            "kv_cache_dtype": "no-such-dtype"}},
+                       model={"engine_args": {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20,
+                                              "kv_cache_dtype": "no-such-dtype"}},
                        run={"directory": str(tmp_path / "run"), "workers": 2, "env": {"OMP_NUM_THREADS": "1"}})
     proc = run_cli(["run", str(bad)], engine_env)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -143,10 +143,10 @@ def test_submit_dry_run_catches_a_bad_engine_argument_without_a_job(cluster_env,
     config, tmp, _ = job
     before = _job_ids(cluster_env)
     for dry in (["--dry-run"], []):
-        proc = run_cli(["submit", str(config), *dry, "model.vllm_args.tensor_paralel_size=1",
+        proc = run_cli(["submit", str(config), *dry, "model.engine_args.tensor_paralel_size=1",
                         f"run.directory={tmp / 'typo'}"], cluster_env)
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert "model.vllm_args" in proc.stderr and "did you mean tensor_parallel_size" in proc.stderr
+        assert "model.engine_args" in proc.stderr and "did you mean tensor_parallel_size" in proc.stderr
     assert not (_job_ids(cluster_env) - before) and not (tmp / "typo").exists()
 
 

@@ -24,7 +24,7 @@ def cluster_raw(**slurm):
     return {
         "name": "summarize",
         "input": {"path": "/data/docs/*.parquet"},
-        "model": {"path": "/models/m", "vllm_args": {"tensor_parallel_size": 2}},
+        "model": {"path": "/models/m", "engine_args": {"tensor_parallel_size": 2}},
         "run": {"env": {"HF_HUB_OFFLINE": "1"}},
         "slurm": {"nodes": 4, "gpus_per_node": 8, "cpus_per_task": 16, "mem_gb": 400, "time_min": 720,
                   "partition": "gpu", "account": "proj-42", "qos": "high", "constraint": "h100",
@@ -78,7 +78,7 @@ def test_cpu_nodes_and_hf_engine_layouts():
 def test_gpus_per_node_must_hold_whole_replicas():
     with pytest.raises(ConfigError, match=r"slurm.gpus_per_node \(6\) is not a multiple .* \(4 = tensor"):
         layout(config_from_dict({"input": {"path": "x"},
-                                 "model": {"path": "m", "vllm_args": {"tensor_parallel_size": 4}},
+                                 "model": {"path": "m", "engine_args": {"tensor_parallel_size": 4}},
                                  "slurm": {"gpus_per_node": 6}}))
 
 
@@ -189,7 +189,7 @@ def test_dry_run_prints_what_each_launcher_would_submit(tiny_model):
     cfg = cluster_cfg()  # the model must pass the pre-flight checks on this machine: the tiny one
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(tiny_model)))
     mpi = dry_run(cfg, "mpi", on_cluster=True)
-    assert "[ok  ] model.vllm_args: 1 argument(s) known to vllm" in mpi
+    assert "[ok  ] model.engine_args: 1 argument(s) known to vllm" in mpi
     assert "srun --mpi=pmix" in mpi and "-m shardinfer.launch.mpi" in mpi and "shardinfer.worker" not in mpi
     assert "#SBATCH --nodes=4" in mpi and "no reduce job" in mpi
     sbatch = dry_run(cfg, "sbatch", on_cluster=True)

@@ -13,8 +13,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shardinfer import __version__
+from shardinfer.bench.measure import BenchOptions, replot, run_bench
+from shardinfer.bench.simulate import SimOptions, run_simulation
+from shardinfer.bench.synth import bundled_corpus
+from shardinfer.config import apply_override, dump_config, field_help
+from shardinfer.engines.registry import engine_names
 from shardinfer.errors import ConfigError, ShardinferError, disk_full, is_disk_full
+from shardinfer.launch.registry import get_launcher, launcher_choices
+from shardinfer.launch.start import dry_run, launch, resume
 from shardinfer.ledger.rundir import RunDir, restrict_umask
+from shardinfer.models.tiny import build_tiny_lora, build_tiny_model
+from shardinfer.planning.estimate import estimate
+from shardinfer.planning.examples import example_requests
+from shardinfer.planning.plan import describe, make_plan
+from shardinfer.planning.preflight import describe as describe_checks
+from shardinfer.planning.preflight import preflight
+from shardinfer.planning.validate import load_checked, reference_notes
+from shardinfer.reduce.merge import reduce_run
+from shardinfer.results import summary_line
+from shardinfer.telemetry.logs import setup_logging
+from shardinfer.telemetry.status import describe_status, run_status
 
 if TYPE_CHECKING:
     from shardinfer.launch.base import RunHandle
@@ -23,15 +41,7 @@ log = logging.getLogger("shardinfer")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from shardinfer.config import dump_config, load_config
-    from shardinfer.launch.registry import get_launcher
-    from shardinfer.planning.estimate import estimate
-    from shardinfer.planning.examples import example_requests
-    from shardinfer.planning.plan import describe, make_plan
-    from shardinfer.planning.preflight import describe as describe_checks
-    from shardinfer.planning.preflight import preflight
-
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_checked(args.config, args.overrides)
     workers = get_launcher(args.launcher).workers(cfg)
     print("# resolved config")
     print(dump_config(cfg))
@@ -49,16 +59,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from shardinfer.launch.start import launch
-
     handle = launch(args.config, launcher=args.launcher, overrides=args.overrides, on_cluster=False)
     _print_report(handle.run_dir, handle.result())
     return 0
 
 
 def _print_report(run_dir: RunDir, report: dict[str, Any]) -> None:
-    from shardinfer.results import summary_line
-
     rate = report["tokens_per_s"]
     print(f"\n{summary_line(report['rows'])}")
     print(f"throughput: {rate['total']:.0f} tokens/s ({rate['input']:.0f} in, {rate['output']:.0f} out) "
@@ -68,10 +74,7 @@ def _print_report(run_dir: RunDir, report: dict[str, Any]) -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from shardinfer.config import load_config
-    from shardinfer.launch.start import dry_run, launch
-
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_checked(args.config, args.overrides)
     if args.dry_run:
         print(dry_run(cfg, args.launcher, on_cluster=True))
         return 0
@@ -92,8 +95,6 @@ def _print_jobs(handle: RunHandle) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from shardinfer.telemetry.status import describe_status, run_status
-
     run_dir = RunDir(args.run_dir)
     if args.json:
         print(json.dumps(run_status(run_dir).to_json()))
@@ -115,9 +116,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from shardinfer.launch.registry import get_launcher
-    from shardinfer.launch.start import resume
-
     handle = resume(RunDir(args.run_dir), retry_failed=args.retry_failed, launcher=args.launcher)
     if get_launcher(handle.launcher).on_cluster:
         _print_jobs(handle)
@@ -127,9 +125,6 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _cmd_reduce(args: argparse.Namespace) -> int:
-    from shardinfer.reduce.merge import reduce_run
-    from shardinfer.results import summary_line
-
     run_dir = RunDir(args.run_dir)
     report = reduce_run(run_dir)
     print(f"{summary_line(report['rows'])}\nresults: {run_dir.results.absolute()}\nreport:  {run_dir.report_md.resolve()}")
@@ -137,9 +132,6 @@ def _cmd_reduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from shardinfer.bench.measure import BenchOptions, replot, run_bench
-    from shardinfer.config import apply_override
-
     if args.simulate:
         return _simulate(args)
     if args.replot:
@@ -165,8 +157,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from shardinfer.bench.simulate import SimOptions, run_simulation
-
     run_simulation(SimOptions(out=Path(args.out), workers=args.sim_workers, units=args.sim_units, rows=args.sim_rows,
                               tokens_per_s=args.sim_tokens_per_s, fs_latency_ms=args.fs_latency_ms,
                               lease_timeout_s=args.sim_lease_timeout_s, kill=args.sim_kill))
@@ -229,9 +219,6 @@ def _add_bench_parser(sub: Any, engines: list[str]) -> None:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from shardinfer.bench.synth import bundled_corpus
-    from shardinfer.models.tiny import build_tiny_lora, build_tiny_model
-
     if args.corpus:
         model = build_tiny_model(args.out_dir, corpus_path=args.corpus)
     else:
@@ -244,19 +231,14 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_reference(args: argparse.Namespace) -> int:
-    from shardinfer.config import field_help
-
     print("| key | default | meaning |\n|---|---|---|")
-    for key, default, text in field_help():
+    for key, default, text in field_help(notes=reference_notes()):
         cell = text.replace("|", r"\|")
         print(f"| `{key}` | `{default}` | {cell} |")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shardinfer.engines.registry import engine_names
-    from shardinfer.launch.registry import launcher_choices
-
     here, cluster = launcher_choices(on_cluster=False), launcher_choices(on_cluster=True)
     parser = argparse.ArgumentParser(prog="shardinfer", description=__doc__)
     parser.add_argument("--version", action="version", version=f"shardinfer {__version__}")
@@ -318,8 +300,6 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from shardinfer.telemetry.logs import setup_logging
-
     setup_logging()
     restrict_umask()
     if threading.current_thread() is threading.main_thread():

@@ -20,13 +20,15 @@ from shardinfer.reduce.merge import reduce_run
 
 
 class EchoEngine(BatchQueue):
-    """Answers each prompt with its last ``max_tokens`` tokens, reversed."""
+    """Answers each prompt with its last ``max_tokens`` tokens, reversed (``model.engine_args:
+    {reverse: false}``: in order)."""
 
     name = "echo"
 
     def __init__(self, cfg: Config, max_model_len: int):
         super().__init__(attempts=cfg.run.max_attempts)
         self.cfg = cfg
+        self.reverse = bool(cfg.model.engine_args.get("reverse", True))
         self.tokenizer: Any = None
 
     def load(self) -> None:
@@ -37,7 +39,8 @@ class EchoEngine(BatchQueue):
     def generate(self, prompts: list[Any]) -> list[Completion]:
         out = []
         for prompt in prompts:
-            tokens = list(reversed(prompt.token_ids[-self.cfg.sampling.max_tokens:]))
+            tokens = prompt.token_ids[-self.cfg.sampling.max_tokens:]
+            tokens = list(reversed(tokens)) if self.reverse else list(tokens)
             out.append(Completion(tokens, self.tokenizer.decode(tokens), "length"))
         return out
 
@@ -46,8 +49,8 @@ class EchoEngine(BatchQueue):
 
 
 register_engine(EngineSpec(name="echo", description="reverses the end of each prompt", create=EchoEngine,
-                           modules=("transformers",), extra="hf", args_field=None,
-                           replica_gpus=lambda model, node_gpus: 1))
+                           modules=("transformers",), extra="hf", replica_gpus=lambda model, node_gpus: 1,
+                           argument_names=lambda: {"reverse"}))
 
 
 class SerialLauncher(Launcher):

@@ -17,11 +17,13 @@ from typing import Any
 from shardinfer import __version__
 from shardinfer.bench.report import render_markdown, write_plots
 from shardinfer.bench.synth import make_docs, random_prompts, source_texts
-from shardinfer.config import Config, ModelConfig, config_from_dict, config_to_dict, load_config
+from shardinfer.config import Config, ModelConfig, config_to_dict
 from shardinfer.engines.registry import BenchSupport, EngineSpec, engines, get_engine
 from shardinfer.errors import ConfigError, RunError
+from shardinfer.launch.start import launch
 from shardinfer.ledger.rundir import RunDir, write_json_atomic
 from shardinfer.models.info import check_model_path, load_tokenizer, model_config_json, resolve_max_model_len
+from shardinfer.planning.validate import checked_from_dict, load_checked
 from shardinfer.reduce.report import run_timeline
 from shardinfer.requests.prompts import PromptBuilder
 from shardinfer.telemetry.metrics import load_metrics
@@ -61,7 +63,7 @@ def bench_config(opts: BenchOptions) -> Config:
     """The pipeline's config: the user's (or a default one) with the benchmark's corpus, sampling
     and engine arguments; the raw baseline is built from the very same config."""
     if opts.config:
-        raw = config_to_dict(load_config(opts.config, opts.overrides))
+        raw = config_to_dict(load_checked(opts.config, opts.overrides))
     elif opts.model:
         raw = {"model": {"path": opts.model}, "prompt": {"user": DEFAULT_PROMPT}}
     else:
@@ -71,12 +73,14 @@ def bench_config(opts: BenchOptions) -> Config:
         model["path"] = opts.model
     if opts.tokenizer:
         model["tokenizer"] = opts.tokenizer
-    if opts.engine:
-        model["engine"] = opts.engine
+    if opts.engine and opts.engine != model.get("engine", "vllm"):
+        if model.get("engine_args"):  # the config's engine arguments are its own engine's
+            log.info("--engine %s: model.engine_args of the config (engine %s) are left out", opts.engine,
+                     model.get("engine", "vllm"))
+        model["engine"], model["engine_args"] = opts.engine, {}
     check_model_path(ModelConfig(path=model["path"]))
     spec, support = _bench_engine(model.get("engine", "vllm"))
-    if spec.args_field:
-        model[spec.args_field] = {**model.get(spec.args_field, {}), **opts.engine_args}
+    model["engine_args"] = {**model.get("engine_args", {}), **opts.engine_args}
     if opts.dummy_weights:
         if support.dummy_weights is None:
             raise ConfigError(f"--dummy-weights: engine {spec.name} cannot load random weights")
@@ -89,7 +93,7 @@ def bench_config(opts: BenchOptions) -> Config:
         raw["run"]["workers"] = opts.workers
     raw["name"] = "bench"
     model["max_model_len"] = opts.max_model_len or model.get("max_model_len")
-    cfg = config_from_dict(raw)
+    cfg = checked_from_dict(raw)
     if cfg.model.max_model_len is None:
         cfg.model.max_model_len = min(resolve_max_model_len(cfg.model), _round_up(opts.input_len[1] + opts.output_len))
     return cfg
@@ -211,8 +215,6 @@ def _engine(settings: dict[str, Any] | None, scheduler: dict[str, Any] | None) -
 
 
 def _pipeline(cfg: Config) -> dict[str, Any]:
-    from shardinfer.launch.start import launch
-
     run_dir = RunDir(cfg.run.directory or "bench-run")
     if run_dir.path.exists():
         shutil.rmtree(run_dir.path)  # a benchmark always measures a fresh run

@@ -24,14 +24,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shardinfer.config import Config, config_from_dict
+from shardinfer.config import Config
+from shardinfer.engines.vllm_engine import engine_kwargs, sampling_kwargs
+from shardinfer.engines.vllm_stats import SchedulerStats, settings
+from shardinfer.planning.validate import checked_from_dict
+from shardinfer.requests.row_options import base_options
 from shardinfer.telemetry.timeline import Timeline
 
 _SPEED = re.compile(r"input:\s*([0-9.]+)\s*toks/s,\s*output:\s*([0-9.]+)\s*toks/s")
 
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    cfg = config_from_dict(spec["config"])
+    cfg = checked_from_dict(spec["config"])
     prompts = json.loads(Path(spec["prompts"]).read_text())
     started = spec.get("started_at", time.time())
     if spec["mode"] == "hf-static":
@@ -43,9 +47,6 @@ def _vllm(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], started: 
     import vllm
     from vllm.inputs import TokensPrompt
 
-    from shardinfer.engines.vllm_engine import engine_kwargs, sampling_kwargs
-    from shardinfer.engines.vllm_stats import SchedulerStats, settings
-    from shardinfer.requests.row_options import base_options
 
     llm = vllm.LLM(**{"disable_log_stats": False,
                       **engine_kwargs(cfg.model, cfg.sampling, spec["max_model_len"], vllm.EngineArgs)})

@@ -68,4 +68,4 @@ def _tokenizer(model: ModelConfig) -> WordTokenizer:
 
 SPEC = register_engine(EngineSpec(
     name="sim", description="simulation: sleeps as long as a real engine would take", create=SleepEngine,
-    modules=(), extra="", args_field=None, replica_gpus=lambda model, node_gpus: 1, tokenizer=_tokenizer))
+    modules=(), extra="", takes_args=False, replica_gpus=lambda model, node_gpus: 1, tokenizer=_tokenizer))

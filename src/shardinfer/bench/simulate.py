@@ -29,6 +29,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shardinfer.inputs.rows import import_lazy_modules
+from shardinfer.launch.env import RankEnv
+from shardinfer.launch.start import open_launch
+from shardinfer.ledger.claims import Ledger
+from shardinfer.ledger.rundir import FS
+from shardinfer.ledger.scheduler import IDLE_LOOK_S, JITTER
+from shardinfer.planning.validate import checked_from_dict
+from shardinfer.reduce.merge import reduce_run
+from shardinfer.telemetry.logs import setup_logging
+from shardinfer.telemetry.metrics import load_metrics
+from shardinfer.worker.loop import run_worker
+
 log = logging.getLogger(__name__)
 
 PROJECTED_WORKERS = 1000
@@ -55,14 +67,11 @@ class SimOptions:
 
 
 def run_simulation(opts: SimOptions) -> dict[str, Any]:
-    from shardinfer.bench import sim_engine
-    from shardinfer.config import config_from_dict
-    from shardinfer.launch.start import open_launch
-    from shardinfer.ledger.rundir import FS
+    from shardinfer.bench import sim_engine  # registers the sim engine (a plugin): only a simulation does
 
     opts.out.mkdir(parents=True, exist_ok=True)
     corpus = _corpus(opts)
-    cfg = config_from_dict(_config(opts, corpus))
+    cfg = checked_from_dict(_config(opts, corpus))
     started = time.time()
     run_dir, plan, launch = open_launch(cfg, opts.workers)
     planned = time.time()
@@ -74,8 +83,6 @@ def run_simulation(opts: SimOptions) -> dict[str, Any]:
     _wait(pids)
     workers_done = time.time()
     FS.latency_s = 0.0
-    from shardinfer.reduce.merge import reduce_run
-
     report = reduce_run(run_dir)
     reduced = time.time()
     result = _analyse(opts, run_dir, plan, report, killed,
@@ -119,11 +126,9 @@ def _config(opts: SimOptions, corpus: Path) -> dict[str, Any]:
 
 
 def _import_before_fork() -> None:
-    """What every worker imports, imported once here: forked workers start with it instead of each
-    importing it again (pyarrow's pandas shim alone takes ~0.3 s of CPU a process)."""
-    import shardinfer.worker  # noqa: F401
-    from shardinfer.inputs.rows import import_lazy_modules
-
+    """What the workers import when they first read input, imported once here: forked workers start
+    with it instead of each importing it again (pyarrow's pandas shim alone takes ~0.3 s of CPU a
+    process)."""
     import_lazy_modules()
 
 
@@ -133,11 +138,6 @@ def _fork_worker(run_dir: Any, rank: int, world: int, launch: int) -> int:
         return pid
     code = 0
     try:
-        from shardinfer.launch.env import RankEnv
-        from shardinfer.ledger.rundir import FS
-        from shardinfer.telemetry.logs import setup_logging
-        from shardinfer.worker.loop import run_worker
-
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
@@ -154,8 +154,6 @@ def _fork_worker(run_dir: Any, rank: int, world: int, launch: int) -> int:
 
 def _kill_some(run_dir: Any, pids: list[int], opts: SimOptions, units: int) -> list[int]:
     """SIGKILL ``opts.kill`` workers once a tenth of the units are committed."""
-    from shardinfer.ledger.claims import Ledger
-
     ledger = Ledger(run_dir)
     while len(ledger.done_set()) < units // 10:
         time.sleep(0.5)
@@ -173,9 +171,6 @@ def _wait(pids: list[int]) -> None:
 
 def _analyse(opts: SimOptions, run_dir: Any, plan: Any, report: dict[str, Any], killed: list[int],
              times: dict[str, float]) -> dict[str, Any]:
-    from shardinfer.ledger.claims import Ledger
-    from shardinfer.telemetry.metrics import load_metrics
-
     # killed workers never wrote their last counts: per-unit figures are those of the survivors,
     # over the units they committed
     metrics = [m for m in load_metrics(run_dir) if m.rank not in killed]
@@ -235,8 +230,6 @@ def _analyse(opts: SimOptions, run_dir: Any, plan: Any, report: dict[str, Any], 
 
 def _steady_idle_wait_s() -> float:
     """An idle worker's mean sleep between two looks once its backoff is at its longest (large runs)."""
-    from shardinfer.ledger.scheduler import IDLE_LOOK_S, JITTER
-
     return IDLE_LOOK_S * sum(JITTER) / 2
 
 

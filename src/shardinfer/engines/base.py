@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from shardinfer.engines.retry import generate_with_retries
 from shardinfer.errors import Refused
 
 __all__ = ["BatchQueue", "Completion", "Engine", "Finished", "Refused", "TokenLogprob"]
@@ -93,8 +94,6 @@ class BatchQueue:
         self._queue = deque(item for item in self._queue if item[0] != batch)
 
     def poll(self) -> list[Finished]:
-        from shardinfer.engines.retry import generate_with_retries
-
         if not self._queue:
             return []
         batch, prompts = self._queue.popleft()

@@ -15,6 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from shardinfer.bench.dummy import random_weights_copy
 from shardinfer.config import Config, ModelConfig, SamplingConfig
 from shardinfer.engines.base import BatchQueue, Completion
 from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec
@@ -49,7 +50,7 @@ class HfEngine(BatchQueue):
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError as exc:
             raise missing_dependency("torch and transformers", SPEC.extra, SPEC.install_hint) from exc
-        args = dict(self.model_cfg.hf_args)
+        args = dict(self.model_cfg.engine_args)
         if "device_map" not in args and torch.cuda.is_available():
             args["device_map"] = "auto"
         dtype = self.model_cfg.dtype if self.model_cfg.dtype == "auto" else getattr(torch, self.model_cfg.dtype)
@@ -57,7 +58,7 @@ class HfEngine(BatchQueue):
         try:
             self.model = AutoModelForCausalLM.from_pretrained(self.model_cfg.path, dtype=dtype, **args).eval()
         except TypeError as exc:
-            raise ConfigError(f"model.hf_args: {exc}. Remove or rename that argument.") from exc
+            raise ConfigError(f"model.engine_args: {exc}. Remove or rename that argument.") from exc
         except OSError as exc:  # no such directory or hub model, no weights
             raise ConfigError(f"model.path: transformers cannot load {self.model_cfg.path!r}: {exc}") from exc
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_cfg.tokenizer or self.model_cfg.path)
@@ -220,8 +221,6 @@ def _replica_gpus(model: ModelConfig, node_gpus: int) -> int:
 
 def _dummy_weights(model: dict[str, Any], out: Path) -> None:
     """transformers needs weights on disk: a random-weight copy, written once, loaded normally."""
-    from shardinfer.bench.dummy import random_weights_copy
-
     model["tokenizer"] = model.get("tokenizer") or model["path"]
     model["path"] = str(random_weights_copy(model["path"], out / "random-weights", model.get("dtype", "auto")))
 
@@ -233,6 +232,6 @@ def _create(cfg: Config, max_model_len: int) -> HfEngine:
 SPEC = EngineSpec(
     name="hf", description="transformers generate on length-sorted batches; device_map over all GPUs",
     create=_create, modules=("torch", "transformers"), extra="hf",
-    install_hint="CPU-only machine: pip install 'shardinfer[cpu]'", args_field="hf_args",
+    install_hint="CPU-only machine: pip install 'shardinfer[cpu]'",
     replica_gpus=_replica_gpus, capabilities=Capabilities(samples=True), bench=BenchSupport(baseline="hf-static", dummy_weights=_dummy_weights),
 )

@@ -1,10 +1,11 @@
 """The engine registry: one :class:`EngineSpec` per engine, the only place engines are told apart.
 
 Each engine module declares its spec (``SPEC``) next to its code: name, pip extra, the modules it
-imports, its argument field in ``model.*``, how many GPUs one replica takes, what it supports, and
-how the benchmark treats it. Config choices, dispatch, the fingerprint, the report, worker layouts
-and the benchmark read the spec; nothing else compares engine names. Engines from plugins
-(:mod:`shardinfer.plugins`) register with :func:`register_engine`.
+imports, whether it takes arguments (``model.engine_args``, passed to whichever engine runs), how
+many GPUs one replica takes, what it supports, and how the benchmark treats it. Config checks,
+dispatch, the fingerprint, the report, worker layouts and the benchmark read the spec; nothing else
+compares engine names. Engines from plugins (:mod:`shardinfer.plugins`) register with
+:func:`register_engine`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shardinfer.config import Config, ModelConfig
 from shardinfer.errors import ConfigError, missing_dependency
 from shardinfer.plugins import Registry
 
 if TYPE_CHECKING:
-    from shardinfer.config import Config, ModelConfig
     from shardinfer.engines.base import Engine
 
 _BUILTIN = ("shardinfer.engines.vllm_engine", "shardinfer.engines.hf_engine")
@@ -59,21 +60,22 @@ class EngineSpec:
     create: Callable[[Config, int], Engine]  # (config, max_model_len) -> an engine, not loaded yet
     modules: tuple[str, ...]  # imported by the engine: checked before any work starts
     extra: str  # pip install 'shardinfer[<extra>]'
-    args_field: str | None  # the model.* mapping passed through to the engine
     # GPUs one replica (one worker) takes, given the model config and the GPUs a node has.
     replica_gpus: Callable[[ModelConfig, int], int]
+    # Whether it takes model.engine_args (a config giving them to one that does not is refused).
+    takes_args: bool = True
     capabilities: Capabilities = field(default_factory=Capabilities)
     install_hint: str = ""  # said after the pip command when a module is missing
     bench: BenchSupport | None = None
     # An engine that brings its own tokenizer (else the model's, loaded with transformers).
     tokenizer: Callable[[ModelConfig], Any] | None = None
-    # The argument names the installed engine accepts in model.<args_field>, read without loading
+    # The argument names the installed engine accepts in model.engine_args, read without loading
     # it (None: it takes any, or it cannot tell).
     argument_names: Callable[[], set[str] | None] | None = None
 
     def args(self, model: ModelConfig) -> dict[str, Any]:
-        """The engine's own arguments from the config (``model.<args_field>``)."""
-        return dict(getattr(model, self.args_field)) if self.args_field else {}
+        """The engine's own arguments from the config (``model.engine_args``)."""
+        return dict(model.engine_args) if self.takes_args else {}
 
     def check_installed(self) -> None:
         """Fail before planning when a module is missing, naming the extra to install."""

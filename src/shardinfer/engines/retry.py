@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shardinfer.engines.base import Completion
+if TYPE_CHECKING:  # annotations only: the engines' base module runs its queue through these retries
+    from shardinfer.engines.base import Completion
 
 log = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ class VllmEngine:
             self.llm = vllm.LLM(**kwargs)
         except (ValueError, TypeError) as exc:  # pydantic's validation errors are ValueErrors
             raise ConfigError(f"vLLM refused the engine settings: {_first_lines(exc)}. Fix model.* or "
-                              f"model.vllm_args.") from exc
+                              f"model.engine_args.") from exc
         except OSError as exc:
             raise ConfigError(f"model.path: vLLM cannot load {self.model.path!r}: {_first_lines(exc)}") from exc
         self.max_requests, self.max_tokens_queued = _queue_limits(self.llm)
@@ -276,7 +276,7 @@ class VllmEngine:
 def engine_kwargs(model: ModelConfig, sampling: SamplingConfig, max_model_len: int,
                   engine_args_cls: type) -> dict[str, Any]:
     """The ``vllm.LLM`` arguments of a config (checked against ``vllm.EngineArgs``)."""
-    check_engine_args(model.vllm_args, engine_args_cls)
+    check_engine_args(model.engine_args, engine_args_cls)
     return {
         "model": model.path,
         "tokenizer": model.tokenizer or model.path,
@@ -284,7 +284,7 @@ def engine_kwargs(model: ModelConfig, sampling: SamplingConfig, max_model_len: i
         "max_model_len": max_model_len,
         **({"seed": sampling.seed} if sampling.seed is not None else {}),
         **lora_kwargs(model),
-        **model.vllm_args,
+        **model.engine_args,
     }
 
 
@@ -325,7 +325,7 @@ def check_engine_args(engine_args: dict[str, Any], engine_args_cls: type | set[s
     valid = engine_args_cls if isinstance(engine_args_cls, set) else {f.name for f in dataclasses.fields(engine_args_cls)}
     unknown = unknown_arguments(engine_args, valid)
     if unknown:
-        raise ConfigError(f"model.vllm_args: not arguments of this vLLM version: {'; '.join(unknown)}. "
+        raise ConfigError(f"model.engine_args: not arguments of this vLLM version: {'; '.join(unknown)}. "
                           f"See vllm.EngineArgs for the list.")
 
 
@@ -408,12 +408,12 @@ def _token_logprob(token: int, alternatives: dict[int, Any], top: int) -> TokenL
 
 def _replica_gpus(model: ModelConfig, node_gpus: int) -> int:
     """tensor_parallel_size x pipeline_parallel_size: independent replicas, never coupled."""
-    args = model.vllm_args
+    args = model.engine_args
     return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
 
 
 def _dummy_weights(model: dict[str, Any], out: Path) -> None:
-    model.setdefault("vllm_args", {})["load_format"] = "dummy"
+    model.setdefault("engine_args", {})["load_format"] = "dummy"
 
 
 def _create(cfg: Config, max_model_len: int) -> VllmEngine:
@@ -422,7 +422,7 @@ def _create(cfg: Config, max_model_len: int) -> VllmEngine:
 
 SPEC = EngineSpec(
     name="vllm", description="vllm.LLM in-process, fed continuously", create=_create, modules=("vllm",),
-    extra="vllm", install_hint="CPU-only machine: pip install 'shardinfer[cpu]'", args_field="vllm_args",
+    extra="vllm", install_hint="CPU-only machine: pip install 'shardinfer[cpu]'",
     replica_gpus=_replica_gpus,
     capabilities=Capabilities(continuous=True, structured_output=True, lora=True, samples=True, logprobs=True,
                               penalties=True),

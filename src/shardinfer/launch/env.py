@@ -113,7 +113,7 @@ def gpu_slice(rank_env: RankEnv, visible: list[str], per_replica: int) -> list[s
             f"{start}..{start + per_replica - 1} ({per_replica} per replica: tensor_parallel_size x "
             f"pipeline_parallel_size), but only {len(visible)} are visible (CUDA_VISIBLE_DEVICES="
             f"{','.join(visible) or 'empty'}). Fix: request slurm.gpus_per_node = replicas per node x "
-            f"{per_replica}, or lower model.vllm_args.tensor_parallel_size."
+            f"{per_replica}, or lower model.engine_args.tensor_parallel_size."
         )
     return visible[start:start + per_replica]
 

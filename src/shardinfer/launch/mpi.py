@@ -26,10 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer.config import Config
+from shardinfer.engines.registry import get_engine
 from shardinfer.errors import EXIT_CONFIG, ConfigError, RunError, ShardinferError, missing_dependency
 from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
+from shardinfer.launch.env import from_mpi
+from shardinfer.launch.local import _RUNNING_HERE, pid_alive, replica_gpu_groups
+from shardinfer.launch.lock import launch_lock
+from shardinfer.launch.start import open_launch, record_launch
 from shardinfer.ledger.rundir import RunDir, read_json, restrict_umask
+from shardinfer.ledger.runstate import load_run, run_dir_for
 from shardinfer.planning.plan import Plan
+from shardinfer.planning.validate import load_checked
+from shardinfer.reduce.merge import reduce_run
+from shardinfer.results import summary_line
+from shardinfer.telemetry.logs import setup_logging
+from shardinfer.worker.loop import run_worker
 
 log = logging.getLogger("shardinfer.mpi")
 
@@ -45,13 +56,9 @@ class MpirunLauncher(Launcher):
     on_cluster = False
 
     def workers(self, cfg: Config) -> int:
-        from shardinfer.launch.local import replica_gpu_groups
-
         return len(replica_gpu_groups(cfg))
 
     def check(self, cfg: Config) -> None:
-        from shardinfer.engines.registry import get_engine
-
         if shutil.which("mpirun") is None:
             raise RunError("mpirun not found: install an MPI (e.g. apt-get install openmpi-bin) and "
                            "pip install 'shardinfer[mpi]', or run without --launcher mpi")
@@ -69,13 +76,9 @@ class MpirunLauncher(Launcher):
         return MpirunHandle(run_dir, LaunchRecord(launch=launch, launcher=self.name), proc)
 
     def active(self, record: LaunchRecord) -> bool:
-        from shardinfer.launch.local import pid_alive
-
         return pid_alive(record)
 
     def _command(self, cfg: Config, run_dir: RunDir, launch: int) -> list[str]:
-        from shardinfer.launch.local import replica_gpu_groups
-
         groups = replica_gpu_groups(cfg)
         root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
         return ["mpirun", "-n", str(len(groups)), "--oversubscribe", *root, sys.executable, "-m", ENTRY,
@@ -86,7 +89,6 @@ class MpirunHandle(RunHandle):
     def __init__(self, run_dir: RunDir, record: LaunchRecord, proc: subprocess.Popen):
         super().__init__(run_dir, record)
         self.proc = proc
-        from shardinfer.launch.local import _RUNNING_HERE
 
         _RUNNING_HERE.add(record.submitted_at)
 
@@ -98,8 +100,6 @@ class MpirunHandle(RunHandle):
         return self.proc.poll() is not None
 
     def result(self, timeout_s: float | None = None) -> dict[str, Any]:
-        from shardinfer.launch.local import _RUNNING_HERE
-
         try:
             code = self.proc.wait(timeout=timeout_s)
         except KeyboardInterrupt:
@@ -116,11 +116,6 @@ class MpirunHandle(RunHandle):
 def _prepare(target: str, overrides: list[str], world: int, launch: int | None) -> tuple[str, str, int]:
     """Rank 0: plan or reopen the run and begin the launch when no launcher did; returns
     ("ok", run dir, launch) or ("error", message, 0)."""
-    from shardinfer.config import load_config
-    from shardinfer.launch.lock import launch_lock
-    from shardinfer.launch.start import open_launch, record_launch
-    from shardinfer.ledger.runstate import load_run, run_dir_for
-
     try:
         if launch is not None:
             return "ok", target, launch
@@ -128,7 +123,7 @@ def _prepare(target: str, overrides: list[str], world: int, launch: int | None) 
             cfg, _ = load_run(RunDir(target))
             cfg.run.directory = target
         else:
-            cfg = load_config(target, overrides)
+            cfg = load_checked(target, overrides)
         with launch_lock(run_dir_for(cfg)):
             run_dir, _, launch = open_launch(cfg, world)
             # The launch lasts as long as the process that started the ranks (mpirun, or srun's step).
@@ -139,8 +134,6 @@ def _prepare(target: str, overrides: list[str], world: int, launch: int | None) 
 
 
 def _work(run_dir: str, launch: int, rank_env: Any, gpus_per_replica: int) -> dict[str, Any]:
-    from shardinfer.worker.loop import run_worker
-
     return run_worker(RunDir(run_dir), rank_env, launch=launch, gpus_per_replica=gpus_per_replica).to_json()
 
 
@@ -155,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         from mpi4py import MPI
     except ImportError as exc:
         raise missing_dependency("mpi4py", "mpi") from exc
-    from shardinfer.launch.env import from_mpi
-    from shardinfer.telemetry.logs import setup_logging
 
     restrict_umask()
     comm = MPI.COMM_WORLD
@@ -182,9 +173,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reduce(run_dir: str, gathered: list[dict[str, Any]]) -> int:
-    from shardinfer.reduce.merge import reduce_run
-    from shardinfer.results import summary_line
-
     if any(m.get("drained") for m in gathered):
         log.warning("ranks were drained by a signal: not reducing; the requeued job or `resume` goes on")
         return 0

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from shardinfer.config import Config, load_config
+from shardinfer.config import Config
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.launch.base import LaunchRecord, RunHandle
 from shardinfer.launch.lock import launch_lock
@@ -27,6 +27,7 @@ from shardinfer.ledger.runstate import begin_launch, load_run, prepare_run, run_
 from shardinfer.planning.plan import Plan
 from shardinfer.planning.preflight import describe as describe_checks
 from shardinfer.planning.preflight import preflight, require
+from shardinfer.planning.validate import load_checked, validate
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 def launch(config: Config | str | Path, *, launcher: str = "local", overrides: list[str] | None = None,
            on_cluster: bool | None = None, retry_failed: bool = False) -> RunHandle:
     """Plan (or reopen) the run of ``config`` and start a launch of it with ``launcher``."""
-    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    cfg = validate(config) if isinstance(config, Config) else load_checked(config, overrides)
     chosen = get_launcher(launcher, on_cluster=on_cluster)
     require(preflight(cfg))
     chosen.check(cfg)

@@ -13,8 +13,9 @@ import time
 from typing import Any
 
 from shardinfer.config import Config
-from shardinfer.errors import RunError, missing_dependency
+from shardinfer.errors import RunError, ShardinferError, missing_dependency
 from shardinfer.launch.base import RunHandle
+from shardinfer.launch.env import detect
 from shardinfer.launch.layout import layout
 from shardinfer.launch.slurm import (
     SlurmLauncher,
@@ -27,15 +28,13 @@ from shardinfer.launch.slurm import (
 )
 from shardinfer.ledger.rundir import RunDir, restrict_umask
 from shardinfer.planning.plan import Plan
+from shardinfer.reduce.merge import reduce_run
+from shardinfer.telemetry.logs import setup_logging
+from shardinfer.worker.loop import run_worker
 
 
 def run_worker_task(run_dir: str, launch: int, expect_world: int, gpus_per_replica: int, requeue: bool) -> int:
     """Body of each submitit task: one worker (rank and GPUs come from the SLURM environment)."""
-    from shardinfer.errors import ShardinferError
-    from shardinfer.launch.env import detect
-    from shardinfer.telemetry.logs import setup_logging
-    from shardinfer.worker.loop import run_worker
-
     restrict_umask()
     rank_env = detect()
     directory = RunDir(run_dir)
@@ -52,9 +51,6 @@ def run_worker_task(run_dir: str, launch: int, expect_world: int, gpus_per_repli
 
 
 def reduce_task(run_dir: str) -> dict[str, Any]:
-    from shardinfer.reduce.merge import reduce_run
-    from shardinfer.telemetry.logs import setup_logging
-
     setup_logging()
     restrict_umask()
     return reduce_run(RunDir(run_dir))

@@ -25,6 +25,7 @@ from shardinfer.ledger.claims import Ledger
 from shardinfer.ledger.rundir import RunDir, read_json, write_json_atomic
 from shardinfer.planning.fingerprint import differences, fingerprint
 from shardinfer.planning.plan import Plan, make_plan
+from shardinfer.planning.validate import checked_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def begin_launch(run_dir: RunDir, plan: Plan, cfg: Config) -> int:
 def load_run(run_dir: RunDir) -> tuple[Config, Plan]:
     if not run_dir.run_json.is_file():
         raise RunError(f"{run_dir.path} is not a run directory (no run.json). Start one with `shardinfer run`.")
-    return config_from_dict(read_json(run_dir.run_json)["config"]), load_plan(run_dir)
+    return checked_from_dict(read_json(run_dir.run_json)["config"]), load_plan(run_dir)
 
 
 def load_plan(run_dir: RunDir) -> Plan:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer.config import ModelConfig
+from shardinfer.engines.registry import get_engine
 from shardinfer.errors import ConfigError, missing_dependency
 
 log = logging.getLogger(__name__)
@@ -110,15 +111,11 @@ def token_counter(cfg: ModelConfig) -> Callable[[list[str]], list[int]] | None:
 
 
 def _engine_tokenizer(cfg: ModelConfig) -> Any:
-    from shardinfer.engines.registry import get_engine
-
     return get_engine(cfg.engine).tokenizer
 
 
 def _trust_remote_code(cfg: ModelConfig) -> bool:
     """The engine's own ``trust_remote_code`` argument decides for its tokenizer too."""
-    from shardinfer.engines.registry import get_engine
-
     return bool(get_engine(cfg.engine).args(cfg).get("trust_remote_code"))
 
 

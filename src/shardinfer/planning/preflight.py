@@ -15,6 +15,7 @@ from shardinfer.config import Config
 from shardinfer.engines.registry import get_engine, unknown_arguments
 from shardinfer.errors import ConfigError, ShardinferError
 from shardinfer.models.info import looks_local, native_context_length, resolve_max_model_len, tokenizer_path
+from shardinfer.telemetry.trackers import check_trackers
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".gguf")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -61,7 +62,7 @@ def _model(cfg: Config) -> Check:
         return Check("model.path", "fail", f"{path!r} is not a model directory (no config.json there). Point it at a "
                                            f"Hugging Face style directory holding config.json and the weights.")
     weights = [p.name for p in root.iterdir() if p.suffix in _WEIGHTS]
-    if not weights and cfg.model.vllm_args.get("load_format") != "dummy":
+    if not weights and cfg.model.engine_args.get("load_format") != "dummy":
         return Check("model.path", "fail", f"{path} has a config.json but no weight files ({', '.join(_WEIGHTS)}); "
                                            f"copy the weights there")
     return Check("model.path", "ok", f"{root.resolve()} ({len(weights)} weight file(s))")
@@ -119,9 +120,9 @@ def _tokenizer(cfg: Config) -> Check:
 
 def _engine_args(cfg: Config) -> Check:
     spec = get_engine(cfg.model.engine)
-    if not spec.args_field:
+    if not spec.takes_args:
         return Check("engine", "ok", f"{spec.name} takes no arguments")
-    key = f"model.{spec.args_field}"
+    key = "model.engine_args"
     given = spec.args(cfg.model)
     try:
         spec.check_installed()
@@ -150,8 +151,6 @@ def _lora(cfg: Config) -> Check:
 
 
 def _trackers(cfg: Config) -> Check:
-    from shardinfer.telemetry.trackers import check_trackers
-
     try:
         check_trackers(cfg)
     except ShardinferError as exc:
