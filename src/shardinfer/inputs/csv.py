@@ -200,7 +200,7 @@ def _record(fields: list[str], header: list[str], line: int, invalid_utf8: str,
     if bad and invalid_utf8 == "fail":
         problem = problem or f"invalid_utf8: line {line}, column {bad[0]!r}"
         for k in bad:  # the row fails; its undecodable values are not kept
-            record[k] = None
+            record[k] = ""
     elif bad:
         stats.replaced_utf8 += 1
         for k in bad:
