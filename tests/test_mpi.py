@@ -33,15 +33,17 @@ def _outputs(run_dir):
 def test_mpirun_ranks_share_the_ledger_and_rank_0_reduces(mpi_job, engine_env, ranks):
     config, tmp, local = mpi_job
     run_dir = tmp / f"ranks-{ranks}"
-    proc = run_cli(["run", str(config), "--launcher", "mpi", f"run.workers={ranks}", f"run.directory={run_dir}"],
-                   engine_env)
+    proc = run_cli(["run", str(config), "--launcher", "mpirun", f"run.workers={ranks}",
+                    f"run.directory={run_dir}"], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"results: {run_dir.resolve() / 'results'}" in proc.stdout
     assert _outputs(run_dir) == local
     report = json.loads((run_dir / "report.json").read_text())
     assert sorted(w["rank"] for w in report["workers"]) == list(range(ranks))
     metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
-    assert {m["launcher"] for m in metrics} == {"mpi"} and {m["world"] for m in metrics} == {ranks}
+    assert {m["launcher"] for m in metrics} == {"mpirun"} and {m["world"] for m in metrics} == {ranks}
+    [record] = json.loads((run_dir / "jobs.json").read_text())
+    assert record["launcher"] == "mpirun"
 
 
 def test_a_failing_rank_aborts_all_ranks_and_resume_finishes(mpi_job, engine_env):
@@ -56,9 +58,12 @@ def test_a_failing_rank_aborts_all_ranks_and_resume_finishes(mpi_job, engine_env
     out = proc.stdout + proc.stderr
     assert "rank 1 failed; aborting all 2 ranks" in out and "allocation mismatch" in out
     assert not (run_dir / "results").exists()
+    assert json.loads((run_dir / "jobs.json").read_text())[0]["launcher"] == "mpirun"  # ranks started by hand
+    # the name of earlier versions still works
     proc = run_cli(["run", str(config), "--launcher", "mpi", "run.workers=2", f"run.directory={run_dir}"],
                    engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launcher name 'mpi' is deprecated: use 'mpirun'" in proc.stderr
     assert _outputs(run_dir) == local
 
 
@@ -67,7 +72,7 @@ def test_an_openai_batch_file_gives_the_same_output_file_under_mpi(tmp_path, tin
     proc = run_cli(["run", str(local)], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     mpi = openai_batch_config(tmp_path, tiny_model, "mpi")
-    proc = run_cli(["run", str(mpi), "--launcher", "mpi", "run.workers=2"], engine_env)
+    proc = run_cli(["run", str(mpi), "--launcher", "mpirun", "run.workers=2"], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = openai_output(tmp_path / "local")
     assert len(expected) == 12 and [o["error"]["code"] for o in expected if o["error"]] == ["invalid_url", "model_not_found"]

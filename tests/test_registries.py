@@ -16,8 +16,8 @@ from shardinfer.config import ModelConfig, config_from_dict
 from shardinfer.engines.registry import create_engine, engines, get_engine
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.launch.base import LaunchRecord
-from shardinfer.launch.registry import get_launcher, launcher_choices
-from shardinfer.launch.start import launch, record_launch
+from shardinfer.launch.registry import get_launcher, launcher_choices, launcher_of, launcher_type
+from shardinfer.launch.start import last_launcher, launch, record_launch
 from shardinfer.ledger.rundir import RunDir
 from shardinfer.planning.validate import checked_from_dict
 from shardinfer.telemetry.metrics import WorkerMetrics
@@ -40,14 +40,45 @@ def test_engines_declare_extra_arguments_gpus_and_capabilities():
         get_engine("tgi")
 
 
-def test_run_and_submit_choose_among_their_own_launchers():
-    assert launcher_choices(on_cluster=False) == ["local", "mpirun", "mpi"]
-    assert launcher_choices(on_cluster=True) == ["sbatch", "mpi", "submitit"]
-    assert get_launcher("mpi", on_cluster=False).name == "mpirun"  # `run --launcher mpi`: mpirun here
-    assert get_launcher("mpi", on_cluster=True).name == "mpi"  # `submit --launcher mpi`: one SLURM job
-    assert get_launcher("mpi").name == "mpi"  # runs recorded before mpirun was its own launcher
-    with pytest.raises(ConfigError, match="'slurm' is not one of the launchers that run here: local, mpirun"):
+def test_run_and_submit_choose_among_their_own_launchers(caplog):
+    assert launcher_choices(on_cluster=False) == ["local", "mpirun"]
+    assert launcher_choices(on_cluster=True) == ["sbatch", "slurm-mpi", "submitit"]
+    assert launcher_choices() == ["local", "mpirun", "sbatch", "slurm-mpi", "submitit"]
+    for name in launcher_choices():
+        assert get_launcher(name).name == name
+    assert not caplog.records
+    with pytest.raises(ConfigError, match="'slurm' is not one of the launchers that run here: local, mpirun$"):
         get_launcher("slurm", on_cluster=False)
+
+
+def test_the_old_launcher_names_still_work_with_a_deprecation_line(caplog):
+    assert get_launcher("mpi", on_cluster=False).name == "mpirun"  # `run --launcher mpi`: mpirun here
+    assert get_launcher("mpi", on_cluster=True).name == "slurm-mpi"  # `submit --launcher mpi`: one SLURM job
+    assert get_launcher("mpi").name == "slurm-mpi"  # earlier versions recorded only the SLURM job as mpi
+    assert [r.getMessage() for r in caplog.records] == [
+        "launcher name 'mpi' is deprecated: use 'mpirun'",
+        "launcher name 'mpi' is deprecated: use 'slurm-mpi'",
+        "launcher name 'mpi' is deprecated: use 'slurm-mpi' (shardinfer submit) or 'mpirun' (shardinfer run); "
+        "taking 'slurm-mpi'"]
+    assert all(r.levelname == "WARNING" for r in caplog.records)
+    assert launcher_type(on_cluster=False)("mpi") == "mpirun" and launcher_type(on_cluster=True)("mpi") == "slurm-mpi"
+    assert launcher_type()("nope") == "nope"  # for argparse to refuse among the choices
+
+
+def test_run_and_submit_help_offer_the_new_names_and_accept_the_old(capsys):
+    from shardinfer.cli import build_parser
+
+    parser = build_parser()
+    for command, shown in (("run", "{local,mpirun}"), ("submit", "{sbatch,slurm-mpi,submitit}")):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        assert f"--launcher {shown}" in capsys.readouterr().out
+    assert parser.parse_args(["run", "c.yaml", "--launcher", "mpi"]).launcher == "mpirun"
+    assert parser.parse_args(["submit", "c.yaml", "--launcher", "mpi"]).launcher == "slurm-mpi"
+    assert parser.parse_args(["resume", "r", "--launcher", "mpirun"]).launcher == "mpirun"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "c.yaml", "--launcher", "sbatch"])
+    assert "invalid choice: 'sbatch' (choose from 'local', 'mpirun')" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -147,8 +178,52 @@ def test_the_worker_job_count_is_the_launchers():
     assert get_launcher("sbatch").workers(cfg) == get_launcher("submitit").workers(cfg) == 8
 
 
-def test_launch_records_of_older_runs_load():
+def test_launch_records_of_older_runs_load(tmp_path, caplog):
     old = {"launch": 2, "launcher": "mpi", "worker_job": "41", "reduce_job": "41", "submitted_at": 5.0}
     record = LaunchRecord.from_json(old)
     assert (record.job_ids, record.worker_job, record.reduce_job, record.pid) == (["41"], "41", "41", 0)
     assert not get_launcher("local").active(record) and time.time() > record.submitted_at
+    # `resume` finds the launcher that made a launch recorded as "mpi": the SLURM MPI job (job ids),
+    # or mpirun on the launching machine (none)
+    assert launcher_of(record).name == "slurm-mpi"
+    assert launcher_of(LaunchRecord(launch=0, launcher="mpi", pid=7)).name == "mpirun"
+    assert launcher_of(LaunchRecord(launch=0, launcher="sbatch", job_ids=["3", "4"])).name == "sbatch"
+    run_dir = RunDir(tmp_path)
+    record_launch(run_dir, LaunchRecord(launch=0, launcher="local"))
+    assert last_launcher(run_dir) == "local"
+    jobs = json.loads(run_dir.jobs_json.read_text())
+    run_dir.jobs_json.write_text(json.dumps([*jobs, old]))
+    assert last_launcher(run_dir) == "slurm-mpi"
+    run_dir.jobs_json.write_text(json.dumps([*jobs, {**old, "worker_job": None, "reduce_job": None, "pid": 9}]))
+    assert last_launcher(run_dir) == "mpirun"
+    assert not caplog.records  # nothing for the user to change in a run's records
+
+
+@pytest.mark.processes
+def test_every_worker_starts_alike_and_exits_with_the_code_of_its_error(tmp_path):
+    """`python -m shardinfer.worker` (local and sbatch workers; submitit and MPI ranks call the same
+    start_worker): rank from the named launcher, log in the run's worker log, exit code without a traceback."""
+    run_dir = tmp_path / "run"
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}")  # enough to get as far as the allocation check
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SHARDINFER_", "OMPI_", "PMI"))}
+    slurm = {**clean, "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_NODEID": "0",
+             "SLURM_JOB_ID": "77"}
+
+    def worker(*args, env=clean):
+        proc = subprocess.run([sys.executable, "-m", "shardinfer.worker", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc.returncode, proc.stderr
+
+    code, err = worker(run_dir, "--launcher", "nope")
+    assert code == 2 and "config error: launcher 'nope' is not one of the launchers: local, mpirun" in err
+    code, err = worker(run_dir, "--launcher", "sbatch")
+    assert code == 1 and "SLURM_PROCID is not set: the sbatch launcher's workers are SLURM tasks" in err
+    code, err = worker(tmp_path / "nothing", "--launcher", "local", "--rank", "0", "--world", "1")
+    assert code == 1 and "is not a run directory (no run.json)" in err
+    code, err = worker(run_dir, "--launcher", "sbatch", "--expect-world", "4", env=slurm)
+    assert code == 1 and "[rank 1/2 " in err and "allocation mismatch: the config asks for 4 workers, the job has 2" in err
+    assert "allocation mismatch" in (run_dir / "logs" / "worker-00001.log").read_text()
+    code, err = worker(run_dir, "--expect-world", "4", env={**slurm, "SHARDINFER_LAUNCHER": "submitit"})
+    assert code == 1 and "(submitit)" in err

@@ -93,7 +93,7 @@ def test_array_of_workers_with_one_fake_gpu_each(cluster_env, job):
     assert _outputs(run_dir) == local
     metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
     assert sorted(m["gpus"] for m in metrics) == ["0", "1"]  # each task pinned to its own GPU
-    assert {m["launcher"] for m in metrics} == {"slurm-array"}
+    assert {m["launcher"] for m in metrics} == {"sbatch"}
     assert "#SBATCH --array=0-1" in (run_dir / "slurm" / "launch-000-worker.sbatch").read_text()
 
 
@@ -237,18 +237,18 @@ def test_a_requeued_job_continues_by_itself(cluster_env, long_job, how):
 def test_mpi_job_over_srun_pmix_on_two_nodes_plans_infers_and_reduces(cluster_env, job):
     config, tmp, local = job
     run_dir = tmp / "mpi"
-    proc = run_cli(["submit", str(config), "--launcher", "mpi", "slurm.nodes=2", f"run.directory={run_dir}",
+    proc = run_cli(["submit", str(config), "--launcher", "slurm-mpi", "slurm.nodes=2", f"run.directory={run_dir}",
                     "--wait"], cluster_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _outputs(run_dir) == local
     report = _report(run_dir)
     assert sorted(w["host"] for w in report["workers"]) == ["node1", "node2"]
     metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
-    assert {m["launcher"] for m in metrics} == {"mpi"}
+    assert {m["launcher"] for m in metrics} == {"slurm-mpi"}
     script = (run_dir / "slurm" / "launch-000-mpi.sbatch").read_text()
     assert "srun --mpi=pmix" in script and "shardinfer.launch.mpi" in script
     [record] = json.loads((run_dir / "jobs.json").read_text())
-    assert record["launcher"] == "mpi" and record["worker_job"] == record["reduce_job"]  # one allocation
+    assert record["launcher"] == "slurm-mpi" and record["worker_job"] == record["reduce_job"]  # one allocation
 
 
 def test_resubmitting_with_more_nodes_continues_the_same_run(cluster_env, long_job):

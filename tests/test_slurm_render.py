@@ -9,8 +9,20 @@ import pytest
 
 from shardinfer.config import config_from_dict
 from shardinfer.errors import ConfigError, RunError
-from shardinfer.launch.env import RankEnv, check_world, detect, gpu_slice, visible_gpu_ids
+from shardinfer.launch.env import (
+    FROM_ARGUMENTS,
+    FROM_MPI,
+    FROM_SLURM,
+    LAUNCHER_VAR,
+    MpiRanks,
+    RankEnv,
+    check_allocation,
+    check_world,
+    gpu_slice,
+    visible_gpu_ids,
+)
 from shardinfer.launch.layout import layout
+from shardinfer.launch.registry import worker_launcher
 from shardinfer.launch.sbatch import render_scripts
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -56,7 +68,7 @@ def test_job_shape_counts_come_from_one_place():
     worker = render_scripts(cfg, lay, run_dir="/r", launch=0, python="py").worker
     assert "#SBATCH --nodes=4\n#SBATCH --ntasks-per-node=4\n" in worker
     assert "#SBATCH --gpus-per-node=8" in worker
-    assert "--expect-world 16 --gpus-per-replica 2" in worker
+    assert "-m shardinfer.worker /r --launcher sbatch --launch 0 --expect-world 16 --gpus-per-replica 2" in worker
 
 
 def test_array_shape_gives_each_task_one_replica():
@@ -89,19 +101,118 @@ SLURM_ARRAY = {"SLURM_ARRAY_TASK_ID": "13", "SLURM_ARRAY_TASK_COUNT": "4", "SLUR
                "SLURM_NTASKS": "1"}
 
 
-@pytest.mark.parametrize("env,expect", [
-    (SLURM_STEP, (5, 8, 1, 2, "slurm", "77")),
-    (SLURM_ARRAY, (3, 4, 0, 0, "slurm-array", "90")),
-    ({}, (0, 1, 0, 0, "local", None)),
+@pytest.mark.parametrize("launcher,env,given,expect", [
+    ("sbatch", SLURM_STEP, {}, (5, 8, 1, 2, "sbatch", "77", "slurm", 8)),
+    ("submitit", SLURM_STEP, {}, (5, 8, 1, 2, "submitit", "77", "slurm", 8)),
+    ("sbatch", SLURM_ARRAY, {}, (3, 4, 0, 0, "sbatch", "90", "slurm-array", 1)),
+    ("local", {}, {"rank": 1, "world": 2}, (1, 2, 0, 0, "local", None, "arguments", 2)),
+    ("local", {}, {}, (0, 1, 0, 0, "local", None, "arguments", 1)),
 ])
-def test_rank_detection_table(env, expect):
-    r = detect(env)
-    assert (r.rank, r.world, r.local_rank, r.node, r.launcher, r.job_id) == expect
+def test_each_launcher_says_how_its_workers_find_their_rank(launcher, env, given, expect):
+    chosen = worker_launcher(launcher, {})
+    r = chosen.ranks.find(env, launcher=chosen.name, **given)
+    assert (r.rank, r.world, r.local_rank, r.node, r.launcher, r.job_id, r.source, r.tasks_in_job) == expect
+    assert r.describe().startswith(f"rank {expect[0]}/{expect[1]} (local rank {expect[2]}, node {expect[3]}, "
+                                   f"{launcher} launcher, rank from {expect[6]}")
 
 
-def test_explicit_rank_wins_over_the_environment():
-    r = detect(SLURM_STEP, rank=1, world=2)
-    assert (r.rank, r.world, r.launcher) == (1, 2, "local")
+def test_the_launcher_is_named_never_guessed_from_the_environment():
+    assert worker_launcher("local", SLURM_STEP).ranks is FROM_ARGUMENTS  # a local run inside a SLURM job
+    r = worker_launcher("local", SLURM_STEP).ranks.find(SLURM_STEP, launcher="local", rank=1, world=2)
+    assert (r.rank, r.world, r.launcher, r.slurm_job_id) == (1, 2, "local", None)
+    assert worker_launcher(None, {LAUNCHER_VAR: "submitit"}).name == "submitit"  # named by the environment
+    assert worker_launcher("sbatch", {LAUNCHER_VAR: "submitit"}).name == "sbatch"  # --launcher first
+    assert worker_launcher(None, {}, ranked=True).name == "local"  # plugins of earlier versions: --rank R
+    assert worker_launcher(None, {}).name == "sbatch"  # batch scripts of earlier versions name no launcher
+    for name, source in (("mpirun", FROM_MPI), ("slurm-mpi", FROM_MPI), ("sbatch", FROM_SLURM),
+                         ("submitit", FROM_SLURM), ("local", FROM_ARGUMENTS)):
+        assert worker_launcher(name, {}).ranks is source
+    with pytest.raises(ConfigError, match="launcher 'nope' is not one of the launchers: local, mpirun, sbatch"):
+        worker_launcher("nope", {})
+
+
+def test_a_source_refuses_a_worker_its_launcher_did_not_start():
+    with pytest.raises(RunError, match="SLURM_PROCID is not set: the sbatch launcher's workers are SLURM tasks"):
+        FROM_SLURM.find({}, launcher="sbatch")
+    with pytest.raises(RunError, match="starts each worker with --rank R --world W .* got --rank 2 --world 2"):
+        FROM_ARGUMENTS.find({}, launcher="local", rank=2, world=2)
+    with pytest.raises(RunError, match="SLURM_NTASKS='x' is not an integer"):
+        FROM_SLURM.find({**SLURM_STEP, "SLURM_NTASKS": "x"}, launcher="sbatch")
+
+
+class FakeWorld:
+    """COMM_WORLD as one rank sees it, its ranks placed on nodes (``nodes[rank]``)."""
+
+    def __init__(self, rank, nodes):
+        self.rank, self.nodes = rank, nodes
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return len(self.nodes)
+
+    def Split_type(self, kind):
+        assert kind == "shared"
+        return FakeNode(self.rank, self._peers(self.rank))
+
+    def allgather(self, value):  # each rank gives its own rank if it leads its node
+        leaders = [r if self._peers(r)[0] == r else None for r in range(len(self.nodes))]
+        assert value == leaders[self.rank]
+        return leaders
+
+    def _peers(self, rank):
+        return [r for r, n in enumerate(self.nodes) if n == self.nodes[rank]]
+
+
+class FakeNode:
+    """The ranks sharing one node's memory."""
+
+    def __init__(self, rank, peers):
+        self.rank, self.peers = rank, peers
+
+    def Get_rank(self):
+        return self.peers.index(self.rank)
+
+    def bcast(self, value, root):
+        return self.peers[root] if self.Get_rank() != root else value
+
+
+def _mpi_source(rank, nodes):
+    return MpiRanks(lambda: (FakeWorld(rank, nodes), "shared"))
+
+
+@pytest.mark.parametrize("rank,expect", [(0, (0, 0)), (1, (0, 1)), (2, (1, 0)), (3, (1, 1)), (4, (2, 0))])
+def test_mpi_ranks_take_rank_and_world_from_the_communicator_and_nodes_from_shared_memory(rank, expect):
+    nodes = ["a", "a", "b", "b", "c"]  # two ranks on node a, two on b, one on c
+    r = _mpi_source(rank, nodes).find({"SLURM_JOB_ID": "12", "SLURM_RESTART_COUNT": "1"}, launcher="slurm-mpi")
+    assert (r.rank, r.world, r.node, r.local_rank) == (rank, 5, *expect)
+    assert (r.launcher, r.source, r.job_id, r.restart, r.tasks_in_job) == ("slurm-mpi", "mpi", "12", 1, 5)
+
+
+def test_mpi_local_rank_comes_from_the_mpi_launchers_variables():
+    source = _mpi_source(3, ["a", "a", "b", "b"])
+    assert source.find({"OMPI_COMM_WORLD_LOCAL_RANK": "0"}, launcher="mpirun").local_rank == 0
+    assert source.find({"MPI_LOCALRANKID": "5"}, launcher="mpirun").local_rank == 5  # MPICH, Intel MPI
+    # not SLURM_LOCALID: under mpirun in a SLURM job every rank would inherit its daemon's
+    assert source.find({"SLURM_LOCALID": "0"}, launcher="mpirun").local_rank == 1
+
+
+def test_each_launcher_says_which_gpus_its_workers_use(monkeypatch):
+    on_node = {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    step = FROM_SLURM.find({**SLURM_STEP, **on_node}, launcher="sbatch")  # local rank 1
+    assert FROM_SLURM.devices(step, 2, on_node) == ["2", "3"]
+    assert FROM_SLURM.devices(step, 0, on_node) is None  # CPU workers: nothing to pin
+    no_cgroup = {**SLURM_STEP, "SLURM_JOB_GPUS": "4,5,6,7"}  # SLURM did not set CUDA_VISIBLE_DEVICES
+    assert FROM_SLURM.devices(step, 2, no_cgroup) == ["6", "7"]
+    assert FROM_SLURM.devices(step, 2, {**no_cgroup, "SLURM_STEP_GPUS": "1,3,5,7"}) == ["5", "7"]
+    local = FROM_ARGUMENTS.find({}, launcher="local", rank=1, world=2)
+    assert FROM_ARGUMENTS.devices(local, 2, {"CUDA_VISIBLE_DEVICES": "6,7"}) is None  # set by the launcher
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    check_allocation(FROM_SLURM, step, 8, 2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
+    check_allocation(FROM_ARGUMENTS, local, 2, 2)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"
 
 
 def test_gpu_slices_per_local_rank():
@@ -125,9 +236,9 @@ def test_allocation_mismatches_say_what_was_asked_found_and_the_fix():
 
 @pytest.mark.parametrize("start,line", [
     ("srun", "srun --mpi=pmix --unbuffered --cpus-per-task=16 /opt/venv/bin/python -m shardinfer.launch.mpi "
-             "/shared/runs/summarize --launch 0 --gpus-per-replica 2 &"),
+             "/shared/runs/summarize --launch 0 --gpus-per-replica 2 --launcher slurm-mpi &"),
     ("mpirun", "mpirun /opt/venv/bin/python -m shardinfer.launch.mpi /shared/runs/summarize --launch 0 "
-               "--gpus-per-replica 2 &"),
+               "--gpus-per-replica 2 --launcher slurm-mpi &"),
 ])
 def test_mpi_job_starts_ranks_with_srun_pmix_or_mpirun(start, line):
     cfg = cluster_cfg(mpi_start=start)
@@ -181,17 +292,20 @@ def test_sbatch_and_submitit_ask_for_the_same_resources(tmp_path, shape, monkeyp
     assert "no-requeue" in _sbatch_options(ours.worker) and "exclusive" in _sbatch_options(ours.worker)
 
 
-def test_dry_run_prints_what_each_launcher_would_submit(tiny_model):
+def test_dry_run_prints_what_each_launcher_would_submit(tiny_model, caplog):
     import dataclasses
 
     from shardinfer.launch.start import dry_run
 
     cfg = cluster_cfg()  # the model must pass the pre-flight checks on this machine: the tiny one
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(tiny_model)))
-    mpi = dry_run(cfg, "mpi", on_cluster=True)
+    mpi = dry_run(cfg, "slurm-mpi", on_cluster=True)
     assert "[ok  ] model.engine_args: 1 argument(s) known to vllm" in mpi
     assert "srun --mpi=pmix" in mpi and "-m shardinfer.launch.mpi" in mpi and "shardinfer.worker" not in mpi
-    assert "#SBATCH --nodes=4" in mpi and "no reduce job" in mpi
+    assert "--launcher slurm-mpi" in mpi and "#SBATCH --nodes=4" in mpi and "no reduce job" in mpi
+    assert not caplog.records
+    assert dry_run(cfg, "mpi", on_cluster=True) == mpi  # `submit --launcher mpi` of earlier versions
+    assert [r.getMessage() for r in caplog.records] == ["launcher name 'mpi' is deprecated: use 'slurm-mpi'"]
     sbatch = dry_run(cfg, "sbatch", on_cluster=True)
     assert "-m shardinfer.worker" in sbatch and "--dependency=afterany:<worker job>" in sbatch
     submitit = dry_run(cfg, "submitit", on_cluster=True)

@@ -19,7 +19,7 @@ from shardinfer.bench.synth import bundled_corpus
 from shardinfer.config import apply_override, dump_config, field_help
 from shardinfer.engines.registry import engine_names
 from shardinfer.errors import ConfigError, ShardinferError, disk_full, is_disk_full
-from shardinfer.launch.registry import get_launcher, launcher_choices
+from shardinfer.launch.registry import get_launcher, launcher_choices, launcher_type
 from shardinfer.launch.start import dry_run, launch, resume
 from shardinfer.ledger.rundir import RunDir, restrict_umask
 from shardinfer.models.tiny import build_tiny_lora, build_tiny_model
@@ -244,15 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"shardinfer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = _config_command(sub, "plan", _cmd_plan, "show the resolved config and the work units; loads no model")
-    p.add_argument("--launcher", choices=[*here, *cluster], default="local",
+    p.add_argument("--launcher", choices=[*here, *cluster], type=launcher_type(), default="local",
                    help="cut the plan for this launcher's workers (default local)")
     p = _config_command(sub, "run", _cmd_run, "run the job here (local worker processes or mpirun), then reduce")
-    p.add_argument("--launcher", choices=here, default="local",
-                   help="local: worker processes; mpi: one mpirun of run.workers ranks that plans, infers and reduces")
+    p.add_argument("--launcher", choices=here, type=launcher_type(on_cluster=False), default="local",
+                   help="local: worker processes; mpirun: one mpirun of run.workers ranks that plans, infers and "
+                        "reduces")
     p = _config_command(sub, "submit", _cmd_submit,
                         "plan the run and submit it to SLURM: worker job(s) + a dependent reduce job")
-    p.add_argument("--launcher", choices=cluster, default="sbatch",
-                   help="sbatch scripts, submitit, or mpi: one job whose MPI ranks plan, infer and reduce "
+    p.add_argument("--launcher", choices=cluster, type=launcher_type(on_cluster=True), default="sbatch",
+                   help="sbatch scripts, submitit, or slurm-mpi: one job whose MPI ranks plan, infer and reduce "
                         "(slurm.mpi_start: srun or mpirun)")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; plan and submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the reduce job and print the outcome")
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="run only what is not done in RUN_DIR, with its config and launcher")
     p.add_argument("run_dir")
     p.add_argument("--retry-failed", action="store_true", help="also redo the rows whose status is failed")
-    p.add_argument("--launcher", choices=launcher_choices(),
+    p.add_argument("--launcher", choices=launcher_choices(), type=launcher_type(),
                    help="default: the run's last launcher (local when it was never launched)")
     p.set_defaults(fn=_cmd_resume)
     p = sub.add_parser("reduce", help="merge committed parts into results/ and write the report")
@@ -329,7 +330,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()  # reads the registries: plugins load here
     args, extra = parser.parse_known_args(argv)
     args.command_line = argv
-    # overrides may also follow options: `run CONFIG --launcher mpi run.workers=4`
+    # overrides may also follow options: `run CONFIG --launcher mpirun run.workers=4`
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardinfer.config import Config
+from shardinfer.launch.env import FROM_ARGUMENTS, RankSource
 from shardinfer.ledger.rundir import RunDir
 from shardinfer.planning.plan import Plan
 
@@ -98,6 +99,10 @@ class Launcher(abc.ABC):
     description: str
     on_cluster: bool  # submits to a scheduler (`shardinfer submit`) rather than running here (`run`)
     aliases: tuple[str, ...] = ()  # other names it answers to in its own command
+    former_names: tuple[str, ...] = ()  # names of earlier versions: still answered to, with a deprecation line
+    # How each of its workers finds its rank, world size, local rank, node and GPUs. A worker is
+    # started with ``--launcher NAME`` (or SHARDINFER_LAUNCHER=NAME) and asks this launcher's source.
+    ranks: RankSource = FROM_ARGUMENTS
 
     @abc.abstractmethod
     def workers(self, cfg: Config) -> int:

@@ -18,18 +18,16 @@ from shardinfer.config import Config
 from shardinfer.engines.registry import get_engine
 from shardinfer.errors import EXIT_CONFIG, ConfigError, RunError
 from shardinfer.launch.base import Launcher, LaunchRecord, RunHandle
+from shardinfer.launch.env import FROM_ARGUMENTS
 from shardinfer.launch.gpus import gpu_groups, visible_gpus
 from shardinfer.launch.lock import PARENT_ENV, inherited_fds
+from shardinfer.launch.running import ended_here, pid_alive, started_here
 from shardinfer.ledger.claims import Ledger
 from shardinfer.ledger.rundir import RunDir
 from shardinfer.planning.plan import Plan
 from shardinfer.reduce.merge import reduce_run
 
 log = logging.getLogger(__name__)
-
-# Launches started by this process that have not ended (by their records' submission time): their
-# records name this very pid, so the pid alone cannot tell.
-_RUNNING_HERE: set[float] = set()
 
 
 def replica_gpu_groups(cfg: Config) -> list[list[str]]:
@@ -44,25 +42,11 @@ def replica_gpu_groups(cfg: Config) -> list[list[str]]:
         raise ConfigError(f"run.workers: {exc}. Lower run.workers or make more GPUs visible.") from exc
 
 
-def pid_alive(record: LaunchRecord) -> bool:
-    """Whether the process that made a launch on this machine still runs (unknown elsewhere: no)."""
-    if record.host != socket.gethostname() or record.pid <= 0:
-        return False
-    if record.pid == os.getpid():
-        return record.submitted_at in _RUNNING_HERE
-    try:
-        os.kill(record.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class LocalLauncher(Launcher):
     name = "local"
     description = "worker processes on this machine, one per model replica on the visible GPUs; then the reduce"
     on_cluster = False
+    ranks = FROM_ARGUMENTS  # each worker is started with --rank R --world W and its CUDA_VISIBLE_DEVICES
 
     def workers(self, cfg: Config) -> int:
         return len(replica_gpu_groups(cfg))
@@ -100,7 +84,7 @@ class LocalHandle(RunHandle):
     def __init__(self, run_dir: RunDir, record: LaunchRecord, procs: list[subprocess.Popen]):
         super().__init__(run_dir, record)
         self.procs = procs
-        _RUNNING_HERE.add(record.submitted_at)
+        started_here(record)
 
     def states(self) -> dict[str, str]:
         codes = [p.poll() for p in self.procs]
@@ -115,7 +99,7 @@ class LocalHandle(RunHandle):
             codes = self._wait_all(timeout_s)
         finally:
             if self.done():
-                _RUNNING_HERE.discard(self.record.submitted_at)
+                ended_here(self.record)
         failures = {rank: code for rank, code in enumerate(codes) if code != 0}
         try:
             report = reduce_run(self.run_dir)
@@ -159,8 +143,8 @@ class LocalHandle(RunHandle):
 
 
 def _worker_command(run_dir: RunDir, rank: int, world: int, launch: int) -> list[str]:
-    return [sys.executable, "-m", "shardinfer.worker", str(run_dir.path), "--rank", str(rank),
-            "--world", str(world), "--launch", str(launch)]
+    return [sys.executable, "-m", "shardinfer.worker", str(run_dir.path), "--launcher", LocalLauncher.name,
+            "--rank", str(rank), "--world", str(world), "--launch", str(launch)]
 
 
 def _spawn(run_dir: RunDir, cfg: Config, rank: int, world: int, gpus: list[str], launch: int) -> subprocess.Popen:

@@ -1,7 +1,11 @@
 """sbatch launchers: batch scripts rendered from the templates in ``slurm/``.
 
-- ``sbatch``: a worker job (multi-node srun, or a job array) plus a dependent reduce job;
-- ``mpi``: one job whose MPI ranks (srun --mpi=pmix, or mpirun) plan, infer and reduce.
+- ``sbatch``: a worker job (multi-node srun, or a job array) plus a dependent reduce job; its
+  workers are SLURM tasks (:data:`shardinfer.launch.env.FROM_SLURM`);
+- ``slurm-mpi`` (``mpi`` in earlier versions): one job whose MPI ranks (srun --mpi=pmix, or mpirun)
+  plan, infer and reduce (:data:`shardinfer.launch.env.FROM_MPI`).
+
+Each worker is started with ``--launcher NAME``: how it finds its rank is its launcher's.
 
 The scripts are pure functions of the config and the resource request (:mod:`shardinfer.launch.slurm`),
 saved in the run directory before anything is submitted.
@@ -20,7 +24,9 @@ from pathlib import Path
 from shardinfer import __version__
 from shardinfer.config import Config
 from shardinfer.launch.base import RunHandle
+from shardinfer.launch.env import FROM_MPI, FROM_SLURM, RankSource
 from shardinfer.launch.layout import Layout, layout
+from shardinfer.launch.mpi import rank_arguments
 from shardinfer.launch.slurm import (
     SlurmLauncher,
     one_line,
@@ -43,32 +49,36 @@ class Scripts:
     reduce: str
 
 
-def render_scripts(cfg: Config, lay: Layout, *, run_dir: str, launch: int, python: str, mpi: bool = False) -> Scripts:
+def render_scripts(cfg: Config, lay: Layout, *, run_dir: str, launch: int, python: str, mpi: bool = False,
+                   launcher: str | None = None) -> Scripts:
+    """The scripts of a launch; ``mpi``: of the SLURM MPI job. ``launcher``: the name its workers are
+    started with (by default the built-in launcher's)."""
     one_line("run directory", run_dir)
     one_line("slurm.python", python)
+    launcher = one_line("launcher", launcher or (SlurmMpiLauncher.name if mpi else SbatchLauncher.name))
     worker_opts = sbatch_options(worker_request(cfg, lay), f"{run_dir}/slurm/%x-%j.out")
     reduce_opts = sbatch_options(reduce_request(cfg), f"{run_dir}/slurm/%x-%j.out")
-    launch_line = (_mpi_line if mpi else _launch_line)(cfg, lay, run_dir, launch, python)
+    launch_line = (_mpi_line if mpi else _launch_line)(cfg, lay, run_dir, launch, python, launcher)
     requeue = 'scontrol requeue "$SLURM_JOB_ID"' if cfg.slurm.requeue else ": # slurm.requeue is off"
     return Scripts(worker=_render("worker.sbatch", cfg, run_dir=run_dir, python=python,
                                   sbatch_lines=sbatch_lines(worker_opts), launch=str(launch),
                                   workers=str(lay.workers), shape=lay.shape, requeue_line=requeue,
-                                  launch_line=launch_line),
+                                  launch_line=launch_line, launcher=launcher),
                    reduce=_render("reduce.sbatch", cfg, run_dir=run_dir, python=python,
                                   sbatch_lines=sbatch_lines(reduce_opts)))
 
 
-def _launch_line(cfg: Config, lay: Layout, run_dir: str, launch: int, python: str) -> str:
+def _launch_line(cfg: Config, lay: Layout, run_dir: str, launch: int, python: str, launcher: str) -> str:
     # --kill-on-bad-exit=0: a worker that dies does not take the others down; they finish the units.
     srun = f"srun --unbuffered --kill-on-bad-exit=0 --cpus-per-task={cfg.slurm.cpus_per_task}"
-    worker = (f"{shlex.quote(python)} -m shardinfer.worker {shlex.quote(run_dir)} --launch {launch} "
-              f"--expect-world {lay.workers} --gpus-per-replica {lay.gpus_per_replica}")
+    worker = (f"{shlex.quote(python)} -m shardinfer.worker {shlex.quote(run_dir)} --launcher {shlex.quote(launcher)} "
+              f"--launch {launch} --expect-world {lay.workers} --gpus-per-replica {lay.gpus_per_replica}")
     return f"{srun} {worker}"
 
 
-def _mpi_line(cfg: Config, lay: Layout, run_dir: str, launch: int, python: str) -> str:
-    entry = (f"{shlex.quote(python)} -m shardinfer.launch.mpi {shlex.quote(run_dir)} --launch {launch} "
-             f"--gpus-per-replica {lay.gpus_per_replica}")
+def _mpi_line(cfg: Config, lay: Layout, run_dir: str, launch: int, python: str, launcher: str) -> str:
+    entry = shlex.join([python, "-m", "shardinfer.launch.mpi",
+                        *rank_arguments(run_dir, launch, lay.gpus_per_replica, launcher)])
     if cfg.slurm.mpi_start == "mpirun":  # mpirun takes its slots from the allocation
         return f"mpirun {entry}"
     return f"srun --mpi=pmix --unbuffered --cpus-per-task={cfg.slurm.cpus_per_task} {entry}"
@@ -105,11 +115,12 @@ def write_script(path: Path, text: str) -> Path:
 class SbatchLauncher(SlurmLauncher):
     name = "sbatch"
     description = "sbatch: a worker job (multi-node srun or a job array) and a dependent reduce job"
+    ranks: RankSource = FROM_SLURM
     mpi = False
 
     def scripts(self, cfg: Config, run_dir: RunDir, launch: int) -> Scripts:
         return render_scripts(cfg, layout(cfg), run_dir=str(run_dir.path.resolve()), launch=launch,
-                              python=node_python(cfg), mpi=self.mpi)
+                              python=node_python(cfg), mpi=self.mpi, launcher=self.name)
 
     def preview(self, cfg: Config, run_dir: RunDir) -> str:
         scripts = self.scripts(cfg, run_dir, 0)
@@ -130,8 +141,10 @@ class SbatchLauncher(SlurmLauncher):
 class SlurmMpiLauncher(SbatchLauncher):
     """One job: its MPI ranks claim units and rank 0 reduces at the end, so no reduce job."""
 
-    name = "mpi"
+    name = "slurm-mpi"
+    former_names = ("mpi",)  # `shardinfer submit --launcher mpi`, and the launch records of earlier versions
     description = "one SLURM job whose MPI ranks (srun --mpi=pmix, or mpirun) plan, infer and reduce"
+    ranks = FROM_MPI
     mpi = True
 
     def preview(self, cfg: Config, run_dir: RunDir) -> str:

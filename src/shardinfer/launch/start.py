@@ -20,7 +20,7 @@ from shardinfer.config import Config
 from shardinfer.errors import ConfigError, RunError
 from shardinfer.launch.base import LaunchRecord, RunHandle
 from shardinfer.launch.lock import launch_lock
-from shardinfer.launch.registry import get_launcher
+from shardinfer.launch.registry import get_launcher, launcher_of
 from shardinfer.ledger.claims import Ledger
 from shardinfer.ledger.rundir import RunDir, read_json, write_json_atomic
 from shardinfer.ledger.runstate import begin_launch, load_run, prepare_run, run_dir_for
@@ -94,8 +94,9 @@ def record_launch(run_dir: RunDir, record: LaunchRecord) -> None:
 
 
 def last_launcher(run_dir: RunDir) -> str:
+    """The name of the run's last launcher (now: a record of an earlier version may name it otherwise)."""
     records = launch_records(run_dir)
-    return records[-1].launcher if records else "local"
+    return launcher_of(records[-1]).name if records else "local"
 
 
 def refuse_if_active(run_dir: RunDir) -> None:
@@ -105,7 +106,7 @@ def refuse_if_active(run_dir: RunDir) -> None:
         return
     last = records[-1]
     try:
-        launcher = get_launcher(last.launcher)
+        launcher = launcher_of(last)
     except ConfigError:  # a plugin launcher that is not installed any more
         return
     if launcher.active(last):

@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 from shardinfer.config import Config
-from shardinfer.errors import RunError, ShardinferError, missing_dependency
+from shardinfer.errors import RunError, missing_dependency
 from shardinfer.launch.base import RunHandle
-from shardinfer.launch.env import detect
+from shardinfer.launch.env import FROM_SLURM, RankEnv
 from shardinfer.launch.layout import layout
 from shardinfer.launch.slurm import (
     SlurmLauncher,
@@ -30,24 +30,32 @@ from shardinfer.ledger.rundir import RunDir, restrict_umask
 from shardinfer.planning.plan import Plan
 from shardinfer.reduce.merge import reduce_run
 from shardinfer.telemetry.logs import setup_logging
-from shardinfer.worker.loop import run_worker
+from shardinfer.telemetry.metrics import WorkerMetrics
+from shardinfer.worker.entry import WorkerHooks, WorkerStart, start_worker
 
 
 def run_worker_task(run_dir: str, launch: int, expect_world: int, gpus_per_replica: int, requeue: bool) -> int:
-    """Body of each submitit task: one worker (rank and GPUs come from the SLURM environment)."""
-    restrict_umask()
-    rank_env = detect()
-    directory = RunDir(run_dir)
-    setup_logging(rank=rank_env.rank, world=rank_env.world, log_file=directory.worker_log(rank_env.rank))
-    try:
-        metrics = run_worker(directory, rank_env, launch=launch, expect_world=expect_world,
-                             gpus_per_replica=gpus_per_replica)
-    except ShardinferError as exc:
-        raise RunError(f"worker {rank_env.rank} failed: {exc}; see {run_dir}/logs") from exc
-    if metrics.drained_by == "SIGUSR2" and requeue and rank_env.slurm_job_id:
-        requeue_after_drain(directory, rank_env.slurm_job_id, rank_env.restart, rank_env.rank,
-                            rank_env.tasks_in_job)
+    """Body of each submitit task: one worker, its rank and GPUs from the SLURM environment."""
+    code = start_worker(WorkerStart(run_dir=run_dir, launcher=SubmititLauncher.name, launch=launch,
+                                    expect_world=expect_world, gpus_per_replica=gpus_per_replica),
+                        RequeueAfterDrain(requeue))
+    if code:
+        raise RunError(f"the worker exited with code {code}; its error is in {run_dir}/logs")
     return 0
+
+
+class RequeueAfterDrain(WorkerHooks):
+    """submitit signals the tasks themselves: a worker drained by USR2 marks itself, and the last
+    task of the job to drain requeues it (``slurm.requeue``), as the sbatch job's shell does."""
+
+    def __init__(self, requeue: bool):
+        self.requeue = requeue
+
+    def finished(self, run_dir: RunDir, rank_env: RankEnv, metrics: WorkerMetrics) -> int:
+        if metrics.drained_by == "SIGUSR2" and self.requeue and rank_env.slurm_job_id:
+            requeue_after_drain(run_dir, rank_env.slurm_job_id, rank_env.restart, rank_env.rank,
+                                rank_env.tasks_in_job)
+        return 0
 
 
 def reduce_task(run_dir: str) -> dict[str, Any]:
@@ -74,6 +82,7 @@ def executor(cfg: Config, run_dir: RunDir, req: SlurmRequest, **more: Any) -> An
 class SubmititLauncher(SlurmLauncher):
     name = "submitit"
     description = "submitit from Python: the same worker and reduce jobs as sbatch"
+    ranks = FROM_SLURM  # its tasks are SLURM tasks, or the tasks of a job array, as sbatch's are
 
     def preview(self, cfg: Config, run_dir: RunDir) -> str:
         lay = layout(cfg)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardinfer.errors import ConfigError
-from shardinfer.launch.registry import get_launcher
+from shardinfer.launch.registry import launcher_of
 from shardinfer.launch.start import launch_records
 from shardinfer.ledger.claims import Ledger
 from shardinfer.ledger.rundir import RunDir
@@ -94,7 +94,7 @@ def _jobs(run_dir: RunDir) -> list[dict[str, Any]]:
     out = []
     for record in launch_records(run_dir):
         try:
-            states = get_launcher(record.launcher).states(record)
+            states = launcher_of(record).states(record)
         except ConfigError:
             states = {}
         out.append({**record.to_json(), "states": states})

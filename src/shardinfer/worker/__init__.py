@@ -6,4 +6,4 @@ from shardinfer import _moved
 
 
 def __getattr__(name: str) -> Any:  # the names of the earlier module shardinfer.worker
-    return _moved.forward("worker", "loop", name)
+    return _moved.forward("worker", "entry" if name in ("main", "start_worker") else "loop", name)

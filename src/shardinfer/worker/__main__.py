@@ -1,7 +1,7 @@
-"""``python -m shardinfer.worker RUN_DIR --rank R --world W``: one worker (see :mod:`shardinfer.worker.loop`)."""
+"""``python -m shardinfer.worker RUN_DIR --launcher NAME ...``: one worker (see :mod:`shardinfer.worker.entry`)."""
 
 import sys
 
-from shardinfer.worker.loop import main
+from shardinfer.worker.entry import main
 
 sys.exit(main())
