@@ -191,7 +191,7 @@ class SlurmConfig:
     setup: list[str] = _f([], help="shell lines run before the workers and the reduce: module load, venv activation")
     python: str | None = _f(None, help="python on the nodes; default: the one running shardinfer submit")
     mpi_start: Literal["srun", "mpirun"] = _f(
-        "srun", help="submit --launcher mpi: start the ranks with srun --mpi=pmix, or mpirun inside the job"
+        "srun", help="submit --launcher slurm-mpi: start the ranks with srun --mpi=pmix, or mpirun inside the job"
     )
     signal_grace_s: int = _f(
         300, help="SLURM sends USR2 this long before the time limit: workers commit their unit, the job requeues"
