@@ -31,6 +31,7 @@ from shardinfer.planning.preflight import preflight
 from shardinfer.planning.validate import load_checked, reference_notes
 from shardinfer.reduce.merge import reduce_run
 from shardinfer.results import summary_line
+from shardinfer.telemetry.console import choose_mode, follow
 from shardinfer.telemetry.logs import setup_logging
 from shardinfer.telemetry.status import describe_status, run_status
 
@@ -59,8 +60,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    choose_mode(verbose=args.verbose)
     handle = launch(args.config, launcher=args.launcher, overrides=args.overrides, on_cluster=False)
-    _print_report(handle.run_dir, handle.result())
+    _print_report(handle.run_dir, follow(handle))
     return 0
 
 
@@ -74,6 +76,7 @@ def _print_report(run_dir: RunDir, report: dict[str, Any]) -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
+    choose_mode(verbose=args.verbose)
     cfg = load_checked(args.config, args.overrides)
     if args.dry_run:
         print(dry_run(cfg, args.launcher, on_cluster=True))
@@ -81,7 +84,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     handle = launch(cfg, launcher=args.launcher, on_cluster=True)
     _print_jobs(handle)
     if args.wait:
-        report = handle.result()
+        report = follow(handle)
         print(f"rows: {report['rows']}\nresults: {report['results']}")
     return 0
 
@@ -116,11 +119,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
+    choose_mode(verbose=args.verbose)
     handle = resume(RunDir(args.run_dir), retry_failed=args.retry_failed, launcher=args.launcher)
     if get_launcher(handle.launcher).on_cluster:
         _print_jobs(handle)
     else:
-        _print_report(handle.run_dir, handle.result())
+        _print_report(handle.run_dir, follow(handle))
     return 0
 
 
@@ -250,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=here, type=launcher_type(on_cluster=False), default="local",
                    help="local: worker processes; mpirun: one mpirun of run.workers ranks that plans, infers and "
                         "reduces")
+    _verbose_option(p)
     p = _config_command(sub, "submit", _cmd_submit,
                         "plan the run and submit it to SLURM: worker job(s) + a dependent reduce job")
     p.add_argument("--launcher", choices=cluster, type=launcher_type(on_cluster=True), default="sbatch",
@@ -257,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(slurm.mpi_start: srun or mpirun)")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; plan and submit nothing")
     p.add_argument("--wait", action="store_true", help="wait for the reduce job and print the outcome")
+    _verbose_option(p)
     p = sub.add_parser("status", help="units done / running / pending, rows, tokens, speed, ETA, SLURM jobs, "
                                       "workers (recent tok/s, last seen, stalled)")
     p.add_argument("run_dir")
@@ -269,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="also redo the rows whose status is failed")
     p.add_argument("--launcher", choices=launcher_choices(), type=launcher_type(),
                    help="default: the run's last launcher (local when it was never launched)")
+    _verbose_option(p)
     p.set_defaults(fn=_cmd_resume)
     p = sub.add_parser("reduce", help="merge committed parts into results/ and write the report")
     p.add_argument("run_dir")
@@ -282,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-reference", help="print every config key with its default and meaning")
     p.set_defaults(fn=_cmd_config_reference)
     return parser
+
+
+def _verbose_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="the workers' own output (engine start-up, library warnings) on the console as it comes, "
+                        "instead of in logs/worker-N.log under a live display or progress lines")
 
 
 def _config_command(sub: Any, name: str, fn: Any, text: str) -> argparse.ArgumentParser:

@@ -26,6 +26,9 @@ from shardinfer.ledger.claims import Ledger
 from shardinfer.ledger.rundir import RunDir
 from shardinfer.planning.plan import Plan
 from shardinfer.reduce.merge import reduce_run
+from shardinfer.telemetry import console
+from shardinfer.telemetry.console import ConsoleRelay, log_tail
+from shardinfer.telemetry.logs import CONSOLE_FD_ENV, CONSOLE_LEVEL_ENV
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +74,32 @@ class LocalLauncher(Launcher):
         if todo:
             log.info("%d units to do (%d rows in the run); starting %d worker(s)", len(todo), plan.total_rows,
                      len(groups))
-        procs = [_spawn(run_dir, cfg, rank, len(groups), gpus, launch) for rank, gpus in enumerate(groups)]
-        return LocalHandle(run_dir, LaunchRecord(launch=launch, launcher=self.name), procs)
+        quiet = console.mode() != console.VERBOSE
+        relays: list[ConsoleRelay] = []
+        procs = []
+        for rank, gpus in enumerate(groups):
+            relay = ConsoleRelay() if quiet else None
+            procs.append(_spawn(run_dir, cfg, rank, len(groups), gpus, launch, relay))
+            if relay is not None:
+                relays.append(relay)
+        return LocalHandle(run_dir, LaunchRecord(launch=launch, launcher=self.name), procs, relays)
 
     def active(self, record: LaunchRecord) -> bool:
         return pid_alive(record)
 
 
 class LocalHandle(RunHandle):
-    """Worker processes of this machine; ``result()`` waits for them and reduces."""
+    """Worker processes of this machine; ``result()`` waits for them and reduces. With ``relays``
+    (one per worker) the workers' output is in their log files, and a worker that fails has the end
+    of its log shown on the console."""
 
-    def __init__(self, run_dir: RunDir, record: LaunchRecord, procs: list[subprocess.Popen]):
+    def __init__(self, run_dir: RunDir, record: LaunchRecord, procs: list[subprocess.Popen],
+                 relays: list[ConsoleRelay] | None = None):
         super().__init__(run_dir, record)
         self.procs = procs
+        self.relays = relays or []
+        self.workers_in_logs = bool(relays)  # this console is free for a live display
+        self._errors_shown: dict[str, int] = {}  # a failed worker's last error -> the rank whose log was shown
         started_here(record)
 
     def states(self) -> dict[str, str]:
@@ -100,6 +116,8 @@ class LocalHandle(RunHandle):
         finally:
             if self.done():
                 ended_here(self.record)
+                for relay in self.relays:
+                    relay.join(2.0)
         failures = {rank: code for rank, code in enumerate(codes) if code != 0}
         try:
             report = reduce_run(self.run_dir)
@@ -125,6 +143,7 @@ class LocalHandle(RunHandle):
                         seen.add(rank)
                         if p.returncode != 0:
                             self._give_back(rank, p)
+                            self._show_log_end(rank, p.returncode)
                 if deadline is not None and time.monotonic() > deadline:
                     raise subprocess.TimeoutExpired(str(self.procs[0].args), timeout_s or 0)
                 time.sleep(0.2)
@@ -141,15 +160,39 @@ class LocalHandle(RunHandle):
         if units:
             log.warning("worker %d died holding units %s; they are given back to the others", rank, units)
 
+    def _show_log_end(self, rank: int, code: int) -> None:
+        """The last lines of a failed worker's log, whose output went there rather than to the
+        console; once per way of failing (workers that all died of one config error show one log)."""
+        if not self.relays:
+            return  # --verbose: its output was on the console
+        self.relays[rank].join(1.0)  # its own last words first
+        path = self.run_dir.worker_log(rank)
+        error = _last_error(path)
+        if error and error in self._errors_shown:
+            log.error("worker %d exited with %s%s, as worker %d did (log: %s)", rank, _exit_text(code), error,
+                      self._errors_shown[error], path)
+            return
+        self._errors_shown[error] = rank
+        lines = log_tail(path)
+        if not lines:
+            log.error("worker %d exited with %s; its log %s is empty", rank, _exit_text(code), path)
+            return
+        log.error("worker %d exited with %s; the last %d lines of %s:\n%s", rank, _exit_text(code), len(lines),
+                  path, "\n".join(f"  | {line}" for line in lines))
+
 
 def _worker_command(run_dir: RunDir, rank: int, world: int, launch: int) -> list[str]:
     return [sys.executable, "-m", "shardinfer.worker", str(run_dir.path), "--launcher", LocalLauncher.name,
             "--rank", str(rank), "--world", str(world), "--launch", str(launch)]
 
 
-def _spawn(run_dir: RunDir, cfg: Config, rank: int, world: int, gpus: list[str], launch: int) -> subprocess.Popen:
+def _spawn(run_dir: RunDir, cfg: Config, rank: int, world: int, gpus: list[str], launch: int,
+           relay: ConsoleRelay | None = None) -> subprocess.Popen:
+    """Start one worker. With a ``relay``, its stdout and stderr (engine start-up messages, library
+    warnings) are appended to its log file, and the lines of shardinfer's own loggers that a person
+    should see come to the console through the relay; without, its output is on this console."""
     env = {**os.environ, **cfg.run.env, "PYTHONUNBUFFERED": "1"}
-    if rank > 0:  # one rank shows the engine's start-up details; the others only its warnings
+    if rank > 0 and relay is None:  # on the console, one rank shows the engine's start-up details
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
@@ -158,7 +201,20 @@ def _spawn(run_dir: RunDir, cfg: Config, rank: int, world: int, gpus: list[str],
     log.debug("starting worker %d: %s", rank, " ".join(cmd))
     # Its own session: a Ctrl-C at the terminal reaches this process only, which drains the workers;
     # the launch lock is inherited, so the run directory stays locked while the worker lives.
-    return subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=inherited_fds(run_dir))
+    if relay is None:
+        return subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=inherited_fds(run_dir))
+    env[CONSOLE_FD_ENV] = str(relay.write_fd)
+    if console.mode() == console.LIVE and "SHARDINFER_LOG_LEVEL" not in os.environ:
+        env[CONSOLE_LEVEL_ENV] = "WARNING"  # above the live display: what a person must see
+    try:
+        with open(run_dir.worker_log(rank), "ab") as out:
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, pass_fds=(*inherited_fds(run_dir), relay.write_fd))
+    except BaseException:
+        relay.abandon()
+        raise
+    relay.start()
+    return proc
 
 
 def died_text(died: int, workers: int) -> str:

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("shardinfer.progress")  # the name progress lines are known by (scripts look for it)
 
 
 class Progress:
