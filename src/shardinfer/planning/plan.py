@@ -19,18 +19,21 @@ import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BeforeValidator, TypeAdapter, ValidationError
 
 from shardinfer.config import Config
-from shardinfer.errors import ConfigError
+from shardinfer.errors import ConfigError, RunError
 from shardinfer.inputs import compressed, reading, storage
 from shardinfer.inputs import digest as input_digest
 from shardinfer.models.info import resolve_max_model_len, token_counter
+from shardinfer.records import describe_errors
 from shardinfer.requests.prompts import request_columns
 
 DEFAULT_UNITS_PER_WORKER = 8
@@ -71,12 +74,37 @@ class Segment:
 
     @classmethod
     def from_json(cls, data: Sequence[Any]) -> Segment:
-        f, start, end, *pos = data
-        if pos and pos[0] == "rg":
-            return cls(f, start, end, row_group=pos[1], group_offset=pos[2])
-        if pos:
-            return cls(f, start, end, begin=pos[0], stop=pos[1], line=pos[2])
-        return cls(f, start, end)
+        """A segment as plan.json keeps it, checked (ValidationError)."""
+        return _segment_adapter().validate_python(data)
+
+
+def _segment_fields(data: Any) -> Any:
+    """A segment's compact list, ``[file, start, end]`` with ``begin, stop, line`` or ``"rg", row_group,
+    group_offset`` after it, as its fields by name (pydantic then checks their types)."""
+    if not isinstance(data, (list, tuple)):
+        return data  # a Segment, or what pydantic names as wrong
+    if len(data) == 3:
+        return {"file": data[0], "start": data[1], "end": data[2]}
+    if len(data) == 6 and data[3] == "rg":
+        return {"file": data[0], "start": data[1], "end": data[2], "row_group": data[4], "group_offset": data[5]}
+    if len(data) == 6:
+        return {"file": data[0], "start": data[1], "end": data[2], "begin": data[3], "stop": data[4], "line": data[5]}
+    raise ValueError("expected [file, start, end], optionally followed by 3 positions")
+
+
+def _pairs(data: Any) -> Any:
+    """Duplicates as plan.json keeps them, ``[[row, first row], ...]``, as a dict."""
+    if isinstance(data, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in data):
+        try:
+            return dict(data)
+        except TypeError:  # a key that is a list or an object: pydantic names the field
+            pass
+    return data
+
+
+@cache
+def _segment_adapter() -> TypeAdapter[Segment]:
+    return TypeAdapter(Annotated[Segment, BeforeValidator(_segment_fields)])
 
 
 @dataclass
@@ -85,7 +113,7 @@ class Unit:
     first_row: int  # global index of the unit's first row
     rows: int
     cost: int
-    segments: list[Segment]
+    segments: list[Annotated[Segment, BeforeValidator(_segment_fields)]]
 
 
 @dataclass
@@ -97,7 +125,8 @@ class Plan:
     prompt_limit: int
     chars_per_token: float
     estimate: str
-    duplicates: dict[int, int] = field(default_factory=dict)  # global row -> first row with that id
+    # global row -> first row with that id
+    duplicates: Annotated[dict[int, int], BeforeValidator(_pairs)] = field(default_factory=dict)
     histogram: list[tuple[str, int]] = field(default_factory=list)
     over_limit: int = 0
     over_limit_ids: list[str] = field(default_factory=list)
@@ -114,13 +143,50 @@ class Plan:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Plan:
-        data = dict(data)
-        data["units"] = [Unit(**{**u, "segments": [Segment.from_json(s) for s in u["segments"]]})
-                         for u in data["units"]]
-        data["duplicates"] = {int(k): int(v) for k, v in data["duplicates"]}
-        data["histogram"] = [tuple(h) for h in data["histogram"]]
-        return cls(**data)
+    def from_json(cls, data: Any, where: str = "plan.json") -> Plan:
+        """The plan saved in ``where``, checked: a field of the wrong type, missing or out of range
+        (a damaged or foreign file) is a :class:`RunError` naming it. Fields unknown to this
+        version are ignored; those added since a run was planned take their defaults."""
+        try:
+            plan = _plan_adapter().validate_python(data)
+        except ValidationError as exc:
+            raise _damaged(where, describe_errors(exc)) from None
+        problem = _inconsistency(plan)
+        if problem:
+            raise _damaged(where, problem)
+        return plan
+
+
+@cache
+def _plan_adapter() -> TypeAdapter[Plan]:
+    return TypeAdapter(Plan)
+
+
+def _damaged(where: str, problem: str) -> RunError:
+    return RunError(f"{where} cannot be read as a plan (damaged, foreign, or of another shardinfer version): "
+                    f"{problem}. Restore the file, or start the run anew in another directory (run.directory=NEW_DIR)")
+
+
+def _inconsistency(plan: Plan) -> str | None:
+    """What in a plan of well-typed fields cannot be: units out of order, rows outside their files."""
+    files = []
+    for i, info in enumerate(plan.files):
+        for key, kind in (("path", str), ("source", str), ("rows", int)):
+            if not isinstance(info.get(key), kind):
+                return f"files[{i}].{key}: {'missing' if key not in info else f'found {info[key]!r}'}"
+        files.append(info["rows"])
+    for i, u in enumerate(plan.units):
+        if u.unit != i:
+            return f"units[{i}].unit: {u.unit}, not its place in the list"
+        rows = 0
+        for j, seg in enumerate(u.segments):
+            if not (0 <= seg.file < len(files) and 0 <= seg.start <= seg.end <= files[seg.file]):
+                return (f"units[{i}].segments[{j}]: rows {seg.start}-{seg.end} of file {seg.file}, which is not "
+                        f"among the {len(files)} file(s) or has fewer rows")
+            rows += seg.rows
+        if rows != u.rows:
+            return f"units[{i}].rows: {u.rows}, but its segments hold {rows}"
+    return None
 
 
 def cut_units(costs: Sequence[int] | np.ndarray, target: int, max_rows: int) -> list[tuple[int, int]]:

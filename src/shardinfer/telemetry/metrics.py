@@ -1,20 +1,31 @@
 """Worker metrics: one typed record per worker and launch, saved in ``<run dir>/metrics/``.
 
 Written by the worker (at start, after the model loads, on a timer while it works and at the end),
-read by the report, ``status`` and the benchmark. Files written by older versions load too: a
-missing field takes its default.
+read by the report, ``status`` and the benchmark. A record is checked (pydantic) as it is read.
+Files written by older versions load too: a missing field takes its default, a field no longer
+written is ignored. A damaged file (not JSON, a field of the wrong type) is left out with a warning,
+so that ``status`` and the report still show the other workers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from shardinfer.ledger.rundir import FS, RunDir, read_json, write_json_atomic
+from shardinfer.records import describe_errors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,9 +93,9 @@ class WorkerMetrics:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> WorkerMetrics:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_json(cls, data: Any) -> WorkerMetrics:
+        """A saved record, checked: raises pydantic's ValidationError (a ValueError) naming the wrong fields."""
+        return _metrics_adapter().validate_python(data)
 
     def save(self, run_dir: RunDir) -> None:
         self.saved_at = time.time()
@@ -92,5 +103,31 @@ class WorkerMetrics:
             write_json_atomic(run_dir.worker_metrics(self.launch, self.rank, self.restart), self.to_json(), fsync=False)
 
 
+@cache
+def _metrics_adapter() -> TypeAdapter[WorkerMetrics]:
+    return TypeAdapter(WorkerMetrics)  # unknown fields are ignored (a dataclass's default)
+
+
+_warned: set[Path] = set()  # damaged files already warned about (status reads them again and again)
+
+
 def load_metrics(run_dir: RunDir) -> list[WorkerMetrics]:
-    return [WorkerMetrics.from_json(read_json(p)) for p in sorted(run_dir.metrics.glob("launch-*-worker-*.json"))]
+    """The records of every worker and launch; damaged ones are left out, with a warning."""
+    loaded = (read_metrics(p) for p in sorted(run_dir.metrics.glob("launch-*-worker-*.json")))
+    return [m for m in loaded if m is not None]
+
+
+def read_metrics(path: Path) -> WorkerMetrics | None:
+    """One worker's record, or None (and a warning, once) when the file is damaged."""
+    try:
+        return WorkerMetrics.from_json(read_json(path))
+    except FileNotFoundError:
+        return None  # removed since it was listed
+    except ValidationError as exc:
+        problem = describe_errors(exc)
+    except (ValueError, OSError) as exc:  # not JSON (json.JSONDecodeError), not UTF-8, unreadable
+        problem = f"not JSON: {exc}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+    if path not in _warned:
+        _warned.add(path)
+        log.warning("worker metrics %s are damaged (%s): left out of the status and report", path, problem)
+    return None
