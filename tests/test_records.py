@@ -325,3 +325,13 @@ def test_a_chat_output_line_is_what_vllm_run_batch_writes():
     parsed = BatchRequestOutput.model_validate(line)
     assert type(parsed.response.body).__name__ == "ChatCompletionResponse"
     assert json.loads(parsed.model_dump_json(exclude_unset=True)) == line
+
+
+def test_a_truncated_plan_json_is_a_clear_error(tmp_path):
+    from shardinfer.errors import RunError
+    from shardinfer.ledger.rundir import RunDir
+    from shardinfer.ledger.runstate import load_plan
+
+    (tmp_path / "plan.json").write_text('{"files": [{"path"')
+    with pytest.raises(RunError, match=r"plan.json is not JSON .*the run's plan is damaged"):
+        load_plan(RunDir(tmp_path))

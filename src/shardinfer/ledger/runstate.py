@@ -124,7 +124,12 @@ def load_run(run_dir: RunDir) -> tuple[Config, Plan]:
 
 
 def load_plan(run_dir: RunDir) -> Plan:
-    return Plan.from_json(read_json(run_dir.plan_json))
+    try:
+        data = read_json(run_dir.plan_json)
+    except ValueError as exc:  # truncated or garbled: the typed loader says what else can be wrong
+        raise RunError(f"{run_dir.plan_json} is not JSON ({exc}): the run's plan is damaged. Restore the file, or "
+                       f"start the run anew in another directory (run.directory=NEW_DIR)") from None
+    return Plan.from_json(data)
 
 
 def changed_settings(run_dir: RunDir, cfg: Config) -> list[str]:
