@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +35,55 @@ CPU_ENV = {
 }
 
 
+SETUP_MODEL = REPO / ".cache" / "tiny-qwen3"  # what jobs/setup.sh builds
+# vLLM's cache of what it learnt about a model class (keyed by the hash of its source): without it,
+# the first engine of every test session spends ~10 s of CPU inspecting the class in a subprocess.
+VLLM_CACHE = REPO / ".cache" / "vllm-tests"
+
+
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory of this test session that every pytest-xdist worker of it sees."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (across processes: pytest-xdist workers)."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def shared_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Any]) -> Path:
+    """``make(directory)`` once per test session, whichever xdist worker asks first; the others wait
+    for it and get the same directory."""
+    root = shared_root(tmp_path_factory)
+    directory, finished = root / f"shared-{name}", root / f"shared-{name}.done"
+    with locked(root / f"shared-{name}.lock"):
+        if not finished.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            make(directory)
+            finished.touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from shardinfer.models.tiny import build_tiny_model
+    """Built once per session; a copy of setup's model where its stamp matches (the build is
+    byte-identical), else built here."""
+    from shardinfer.models.tiny import STAMP_NAME, build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-qwen3", corpus_path=DEMO_CORPUS)
+    def make(directory: Path) -> None:
+        if (SETUP_MODEL / STAMP_NAME).is_file():
+            shutil.copytree(SETUP_MODEL, directory / "tiny-qwen3")
+        build_tiny_model(directory / "tiny-qwen3", corpus_path=DEMO_CORPUS)  # at once when the copy is complete
+
+    return shared_once(tmp_path_factory, "model", make) / "tiny-qwen3"
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +94,9 @@ def tokenizer(tiny_model: Path) -> Any:
 
 
 @pytest.fixture(scope="session")
-def engine_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("vllm-cache")
-    return {**os.environ, **CPU_ENV, "VLLM_CACHE_ROOT": str(cache), "PYTHONUNBUFFERED": "1"}
+def engine_env() -> dict[str, str]:
+    VLLM_CACHE.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, **CPU_ENV, "VLLM_CACHE_ROOT": str(VLLM_CACHE), "PYTHONUNBUFFERED": "1"}
 
 
 def demo_docs(n: int, *, offset: int = 0) -> list[dict[str, Any]]:
@@ -120,3 +169,151 @@ def run_cli(args: list[str], env: dict[str, str], *, timeout: float = 600) -> su
 
 def read_results(run_dir: Path) -> list[dict[str, Any]]:
     return pq.read_table(run_dir / "results").to_pylist()
+
+
+@pytest.fixture(scope="session")
+def openai_batch_local(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
+                       engine_env: dict[str, str]) -> list[dict[str, Any]]:
+    """The output file of the bundled OpenAI batch example run here on one worker, once per session:
+    what its runs under MPI and SLURM must give."""
+    def make(directory: Path) -> None:
+        proc = run_cli(["run", str(openai_batch_config(directory, tiny_model, "local"))], engine_env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return openai_output(shared_once(tmp_path_factory, "openai-batch", make) / "local")
+
+
+@pytest.fixture(scope="session")
+def small_job(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
+              engine_env: dict[str, str]) -> tuple[Path, list[tuple[Any, ...]]]:
+    """A small job (30 documents; 1 CPU per task when submitted) and the (id, status, output) of its rows
+    from a run here on one worker, once per session: what its runs under MPI and SLURM must give."""
+    def make(directory: Path) -> None:
+        docs = demo_docs(30, offset=100)
+        corpus = write_jsonl(directory / "docs.jsonl", [{"id": d["id"], "text": d["text"][:1500]} for d in docs])
+        config = write_config(directory / "job.yaml", corpus=corpus, model_dir=tiny_model, run_dir=directory / "local",
+                              input={"path": str(corpus), "id_column": "id"},
+                              run={"directory": str(directory / "local"), "workers": 1, "unit_tokens": 2000,
+                                   "env": {"OMP_NUM_THREADS": "1"}},
+                              slurm={"cpus_per_task": 1, "time_min": 10, "reduce_time_min": 10, "reduce_cpus": 1})
+        proc = run_cli(["run", str(config)], engine_env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    directory = shared_once(tmp_path_factory, "small-job", make)
+    return directory / "job.yaml", [(r["id"], r["status"], r["output"]) for r in read_results(directory / "local")]
+
+
+# Under pytest-xdist (tests/run.sh: -n 2 --dist loadgroup) the tests that share a module-scoped
+# fixture (a job run once, several tests asserting on it) or an xdist_group mark go to one worker as
+# one group, so the job runs once there; groups start longest first (how long each test took last
+# time, in pytest's cache, else a guess from its marks), so that no worker is left alone with a long
+# group at the end. The workers find the groups when they collect and write them to a file that the
+# controller's scheduler reads (xdist's own loadgroup needs a test id that pytest 9 no longer lets
+# a plugin change).
+DURATIONS = "shardinfer/durations"
+GUESS_S = {"cluster": 100.0, "engine": 30.0, "processes": 10.0}
+_took: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _took[report.nodeid] = _took.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    cache = getattr(session.config, "cache", None)
+    if cache is None or not _took or hasattr(session.config, "workerinput"):
+        return  # the controller keeps what its workers report
+    cache.set(DURATIONS, {**cache.get(DURATIONS, {}), **{k: round(v, 2) for k, v in _took.items()}})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "dist", "no") == "loadgroup" and not hasattr(config, "workerinput"):
+        fd, name = tempfile.mkstemp(prefix="shardinfer-test-groups-", suffix=".json")
+        os.close(fd)
+        config.stash[GROUPS] = Path(name)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if GROUPS in config.stash:
+        config.stash[GROUPS].unlink(missing_ok=True)
+
+
+GROUPS = pytest.StashKey[Path]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    if GROUPS in node.config.stash:
+        node.workerinput["shardinfer_groups"] = str(node.config.stash[GROUPS])
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if GROUPS not in config.stash:
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        """Work units are the groups the workers wrote, in the order they collected them."""
+
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                self.groups = json.loads(config.stash[GROUPS].read_text() or "{}")
+            return self.groups.get(nodeid, nodeid)
+
+    config.option.loadscopereorder = False
+    return Groups(config, log)
+
+
+@pytest.hookimpl(wrapper=True)  # before the other implementations: xdist sends what is collected after them
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
+    workerinput = getattr(config, "workerinput", {})
+    if "shardinfer_groups" in workerinput:
+        groups = _group_and_order(config, items)
+        path = Path(workerinput["shardinfer_groups"])
+        part = path.with_name(f"{path.name}.{os.getpid()}")
+        part.write_text(json.dumps(groups))
+        part.replace(path)  # every worker writes the same
+    return (yield)
+
+
+def _group_and_order(config: pytest.Config, items: list[pytest.Item]) -> dict[str, str]:
+    """Order ``items`` group by group, longest first; return the group of each test in one."""
+    group = list(range(len(items)))  # union-find: items joined by a module-scoped fixture or a mark
+    names: dict[int, str] = {}
+
+    def root(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}
+    for i, item in enumerate(items):
+        keys = [("xdist_group", str(m.args[0] if m.args else m.kwargs.get("name", "default")))
+                for m in item.iter_markers("xdist_group")]
+        if isinstance(item, pytest.Function):
+            defs = item._fixtureinfo.name2fixturedefs
+            keys += [(str(item.path), name) for name in item.fixturenames
+                     if name in defs and defs[name][-1].scope in ("module", "package", "class")]
+        for key in keys:
+            j = root(first.setdefault(key, i))
+            names.setdefault(j, f"{Path(key[0]).stem}.{key[1]}")
+            group[root(i)] = j
+    members: dict[int, list[int]] = {}
+    for i in range(len(items)):
+        members.setdefault(root(i), []).append(i)
+    cache = getattr(config, "cache", None)
+    took: dict[str, float] = cache.get(DURATIONS, {}) if cache is not None else {}
+
+    def seconds(item: pytest.Item) -> float:
+        guess = max([GUESS_S[m.name] for m in item.iter_markers() if m.name in GUESS_S], default=1.0)
+        return took.get(item.nodeid, guess)
+
+    ordered = sorted(members.items(), key=lambda kv: -sum(seconds(items[i]) for i in kv[1]))
+    groups = {items[i].nodeid: names.get(r, f"group-{r}") for r, indices in ordered if len(indices) > 1
+              for i in indices}
+    items[:] = [items[i] for _, indices in ordered for i in indices]
+    return groups

@@ -11,9 +11,13 @@ bash jobs/setup.sh
 echo "checks: ruff, mypy"
 .venv/bin/ruff check src tests jobs
 .venv/bin/mypy
+# Tests run on SHARDINFER_TEST_WORKERS pytest-xdist workers (default 2; 0: in this process). Tests that
+# share a job stay on one worker and the longest start first (tests/conftest.py).
+xdist=(-n "${SHARDINFER_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder)
 if [ "$fast" = 1 ]; then
-  exec .venv/bin/python -m pytest tests -m "not engine and not processes" "$@"
+  exec .venv/bin/python -m pytest tests -m "not engine and not processes and not cluster" "${xdist[@]}" "$@"
 fi
-# The SLURM integration tests start a real 2-node cluster on this machine: install its packages.
+# The SLURM integration tests start a real 2-node cluster on this machine (one per xdist worker that
+# runs some): install its packages.
 bash tests/cluster/install-packages.sh
-exec .venv/bin/python -m pytest tests "$@"
+exec .venv/bin/python -m pytest tests "${xdist[@]}" "$@"

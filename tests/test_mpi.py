@@ -6,23 +6,16 @@ import sys
 
 import pytest
 
-from conftest import demo_docs, openai_batch_config, openai_output, read_results, run_cli, write_config, write_jsonl
+from conftest import openai_batch_config, openai_output, read_results, run_cli
 
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def mpi_job(tmp_path_factory, tiny_model, engine_env):
-    tmp = tmp_path_factory.mktemp("mpi")
-    docs = demo_docs(24, offset=200)
-    corpus = write_jsonl(tmp / "docs.jsonl", [{"id": d["id"], "text": d["text"][:1500]} for d in docs])
-    config = write_config(tmp / "mpi.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "local",
-                          input={"path": str(corpus), "id_column": "id"},
-                          run={"directory": str(tmp / "local"), "workers": 1, "unit_tokens": 1500,
-                               "env": {"OMP_NUM_THREADS": "1"}})
-    proc = run_cli(["run", str(config)], engine_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return config, tmp, _outputs(tmp / "local")
+@pytest.fixture
+def mpi_job(small_job, tmp_path):
+    """The shared small job, its outputs from a run on one worker, and this test's own directory."""
+    config, local = small_job
+    return config, tmp_path, local
 
 
 def _outputs(run_dir):
@@ -67,13 +60,11 @@ def test_a_failing_rank_aborts_all_ranks_and_resume_finishes(mpi_job, engine_env
     assert _outputs(run_dir) == local
 
 
-def test_an_openai_batch_file_gives_the_same_output_file_under_mpi(tmp_path, tiny_model, engine_env):
-    local = openai_batch_config(tmp_path, tiny_model, "local")
-    proc = run_cli(["run", str(local)], engine_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_an_openai_batch_file_gives_the_same_output_file_under_mpi(tmp_path, tiny_model, engine_env,
+                                                                   openai_batch_local):
     mpi = openai_batch_config(tmp_path, tiny_model, "mpi")
     proc = run_cli(["run", str(mpi), "--launcher", "mpirun", "run.workers=2"], engine_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = openai_output(tmp_path / "local")
+    expected = openai_batch_local  # the same file run here on one worker
     assert len(expected) == 12 and [o["error"]["code"] for o in expected if o["error"]] == ["invalid_url", "model_not_found"]
     assert openai_output(tmp_path / "mpi") == expected

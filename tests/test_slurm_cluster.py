@@ -1,4 +1,7 @@
-"""Against a real 2-node SLURM cluster (accounting, fake GPUs) that this module brings up itself."""
+"""Against a real 2-node SLURM cluster (accounting, fake GPUs) that these tests bring up themselves.
+
+Each test runs its own jobs in its own directory, so pytest-xdist may spread the tests over its
+workers: each worker that runs some starts its own cluster (once), and no test sees another's jobs."""
 
 import json
 import os
@@ -10,20 +13,34 @@ from pathlib import Path
 
 import pytest
 
-from conftest import demo_docs, openai_batch_config, openai_output, read_results, run_cli, write_config, write_jsonl
+from conftest import (
+    demo_docs,
+    openai_batch_config,
+    openai_output,
+    read_results,
+    run_cli,
+    shared_once,
+    write_config,
+    write_jsonl,
+)
 
 CLUSTER = Path(__file__).parent / "cluster"
 pytestmark = [pytest.mark.engine, pytest.mark.cluster]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster_env(engine_env):
     """Start the cluster (installing SLURM if needed), yield an environment that reaches it, stop it."""
     directory = Path(tempfile.mkdtemp(prefix="si-slurm-", dir="/tmp"))  # short: munge socket path limit
     directory.chmod(0o755)  # munged wants every directory above its socket searchable
-    env = {**engine_env, "SLURM_TEST_PORT": str(20000 + (os.getpid() % 100) * 200)}
-    up = subprocess.run(["bash", str(CLUSTER / "slurm-up.sh"), str(directory)], env=env, capture_output=True,
-                        text=True, timeout=900)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    for attempt in range(3):  # ports apart from the other xdist worker's cluster; another if taken
+        block = ((os.getpid() + 7 * attempt) % 50) * 2 + worker % 2
+        env = {**engine_env, "SLURM_TEST_PORT": str(20000 + block * 200)}
+        up = subprocess.run(["bash", str(CLUSTER / "slurm-up.sh"), str(directory)], env=env, capture_output=True,
+                            text=True, timeout=900)
+        if up.returncode == 0 or "already in use" not in up.stderr:
+            break
     if up.returncode != 0:
         pytest.fail(f"the test cluster did not start:\n{up.stderr[-4000:]}")
     exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines()
@@ -33,20 +50,12 @@ def cluster_env(engine_env):
                    capture_output=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_model, engine_env):
-    """A small job, and its results from a local run to compare the cluster runs with."""
-    tmp = tmp_path_factory.mktemp("cluster-job")
-    docs = demo_docs(30, offset=100)
-    corpus = write_jsonl(tmp / "docs.jsonl", [{"id": d["id"], "text": d["text"][:1500]} for d in docs])
-    config = write_config(tmp / "job.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "local",
-                          input={"path": str(corpus), "id_column": "id"},
-                          run={"directory": str(tmp / "local"), "workers": 1, "unit_tokens": 2000,
-                               "env": {"OMP_NUM_THREADS": "1"}},
-                          slurm={"cpus_per_task": 1, "time_min": 10, "reduce_time_min": 10, "reduce_cpus": 1})
-    proc = run_cli(["run", str(config)], engine_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return config, tmp, _outputs(tmp / "local")
+@pytest.fixture
+def job(small_job, tmp_path):
+    """A small job, its results from a local run to compare the cluster runs with, and this test's
+    own directory."""
+    config, local = small_job
+    return config, tmp_path, local
 
 
 def _outputs(run_dir: Path) -> list[tuple]:
@@ -126,17 +135,15 @@ def test_impossible_requests_fail_at_once_with_the_fix(cluster_env, job, overrid
     assert not run_dir.exists()
 
 
-def test_an_openai_batch_file_on_two_nodes_gives_the_local_output_file(cluster_env, job, tiny_model):
+def test_an_openai_batch_file_on_two_nodes_gives_the_local_output_file(cluster_env, job, tiny_model,
+                                                                       openai_batch_local):
     _, tmp, _ = job
-    local = openai_batch_config(tmp, tiny_model, "openai-local")
-    proc = run_cli(["run", str(local)], cluster_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     config = openai_batch_config(tmp, tiny_model, "openai-sbatch")
     proc = run_cli(["submit", str(config), "slurm.nodes=2", "slurm.cpus_per_task=1", "slurm.time_min=10",
                     "slurm.reduce_time_min=10", "slurm.reduce_cpus=1", "run.env.OMP_NUM_THREADS=1", "--wait"],
                    cluster_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert openai_output(tmp / "openai-sbatch") == openai_output(tmp / "openai-local")
+    assert openai_output(tmp / "openai-sbatch") == openai_batch_local
 
 
 def test_submit_dry_run_catches_a_bad_engine_argument_without_a_job(cluster_env, job):
@@ -156,22 +163,30 @@ def _job_ids(env) -> set[str]:
     return set(out.split())
 
 
-@pytest.fixture(scope="module")
-def long_job(tmp_path_factory, tiny_model, engine_env):
-    """A job long enough to interrupt on the cluster, and its outputs from a local run."""
-    tmp = tmp_path_factory.mktemp("cluster-long")
-    docs = demo_docs(100, offset=60)
-    corpus = write_jsonl(tmp / "docs.jsonl", [{"id": d["id"], "text": d["text"]} for d in docs])
-    config = write_config(tmp / "long.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "local",
-                          input={"path": str(corpus), "id_column": "id"},
-                          sampling={"max_tokens": 96, "ignore_eos": True},
-                          run={"directory": str(tmp / "local"), "workers": 1, "unit_tokens": 4000,
-                               "lease_timeout_s": 5, "env": {"OMP_NUM_THREADS": "1"}},
-                          slurm={"nodes": 2, "cpus_per_task": 1, "time_min": 10, "reduce_time_min": 10,
-                                 "reduce_cpus": 1})
-    proc = run_cli(["run", str(config)], engine_env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return config, tmp, _outputs(tmp / "local")
+@pytest.fixture(scope="session")
+def long_reference(tmp_path_factory, tiny_model, engine_env):
+    """A job long enough to interrupt on the cluster, and its outputs from a local run (once per session)."""
+    def make(tmp):
+        docs = demo_docs(100, offset=60)
+        corpus = write_jsonl(tmp / "docs.jsonl", [{"id": d["id"], "text": d["text"]} for d in docs])
+        config = write_config(tmp / "long.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "local",
+                              input={"path": str(corpus), "id_column": "id"},
+                              sampling={"max_tokens": 96, "ignore_eos": True},
+                              run={"directory": str(tmp / "local"), "workers": 1, "unit_tokens": 4000,
+                                   "lease_timeout_s": 5, "env": {"OMP_NUM_THREADS": "1"}},
+                              slurm={"nodes": 2, "cpus_per_task": 1, "time_min": 10, "reduce_time_min": 10,
+                                     "reduce_cpus": 1})
+        proc = run_cli(["run", str(config)], engine_env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    tmp = shared_once(tmp_path_factory, "cluster-long", make)
+    return tmp / "long.yaml", _outputs(tmp / "local")
+
+
+@pytest.fixture
+def long_job(long_reference, tmp_path):
+    config, local = long_reference
+    return config, tmp_path, local
 
 
 def _submit_and_wait_for_progress(config, run_dir: Path, env: dict) -> dict:
@@ -192,7 +207,7 @@ def _wait_gone(env: dict, *job_ids: str, timeout: float = 600) -> None:
                              text=True).stdout
         if not out.strip():
             return
-        time.sleep(1)
+        time.sleep(0.2)
     raise AssertionError(f"jobs {job_ids} still queued")
 
 

@@ -5,6 +5,7 @@ set -euo pipefail
 ACCT=${SHARDINFER_TEST_ACCOUNTING:-${SLURM_TEST_ACCOUNTING:-1}}
 log() { echo "[install-packages] $(date +%T) $*" >&2; }
 [ "$(id -u)" = 0 ] || { log "must run as root to install packages"; exit 1; }
+exec 9>/tmp/shardinfer-install-packages.lock; flock 9  # clusters started side by side: one apt at a time
 pkgs=()
 for c in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge; do
   command -v "${c%%:*}" >/dev/null || pkgs+=("${c#*:}")
