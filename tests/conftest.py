@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny real model, corpus writers, configs and the real CLI in subprocesses."""
+"""Shared fixtures: the tiny real model, corpus writers, configs and the real CLI in subprocesses;
+reference runs made once per session; how pytest-xdist workers share the tests (see the end)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ CPU_ENV = {
 
 
 SETUP_MODEL = REPO / ".cache" / "tiny-qwen3"  # what jobs/setup.sh builds
-# vLLM's cache of what it learnt about a model class (keyed by the hash of its source): without it,
-# the first engine of every test session spends ~10 s of CPU inspecting the class in a subprocess.
+# vLLM's cache of what it learnt about a model class (keyed by the hash of its source), kept between
+# sessions: without it the first engine of every session (of every xdist worker) spends ~10 s of CPU
+# inspecting the class in a subprocess.
 VLLM_CACHE = REPO / ".cache" / "vllm-tests"
 
 
@@ -312,8 +314,20 @@ def _group_and_order(config: pytest.Config, items: list[pytest.Item]) -> dict[st
         guess = max([GUESS_S[m.name] for m in item.iter_markers() if m.name in GUESS_S], default=1.0)
         return took.get(item.nodeid, guess)
 
-    ordered = sorted(members.items(), key=lambda kv: -sum(seconds(items[i]) for i in kv[1]))
-    groups = {items[i].nodeid: names.get(r, f"group-{r}") for r, indices in ordered if len(indices) > 1
-              for i in indices}
-    items[:] = [items[i] for _, indices in ordered for i in indices]
+    # Longest first, but the tests of a module keep their order (one may rely on what an earlier
+    # one left in the process): the next group is the first left of the module whose longest
+    # group left is the longest.
+    queues: dict[Path, list[list[int]]] = {}
+    for indices in members.values():
+        queues.setdefault(items[indices[0]].path, []).append(indices)
+    cost = {indices[0]: sum(seconds(items[i]) for i in indices) for indices in members.values()}
+    ordered: list[list[int]] = []
+    while queues:
+        path = max(queues, key=lambda m: max(cost[g[0]] for g in queues[m]))  # ties: the earlier module
+        ordered.append(queues[path].pop(0))
+        if not queues[path]:
+            del queues[path]
+    groups = {items[i].nodeid: names.get(root(indices[0]), f"group-{indices[0]}") for indices in ordered
+              if len(indices) > 1 for i in indices}
+    items[:] = [items[i] for indices in ordered for i in indices]
     return groups
