@@ -475,7 +475,7 @@ def test_a_damaged_done_record_is_set_aside_and_its_unit_redone(planned, damage,
     for unit in plan.units:
         _commit(run_dir, unit)
     run_dir.done_record(1).write_bytes(damage)
-    assert 1 not in Ledger(run_dir).done_units(repair=False)
+    assert run_dir.done_record(1).exists() and 1 not in set(Ledger(run_dir).done_units(repair=False))
     assert run_status(run_dir).done == len(plan.units) - 1  # status looks, changes nothing
     assert run_dir.done_record(1).read_bytes() == damage
     with pytest.raises(RunError, match=r"1 of \d+ units are not done \(units 1\)"):
