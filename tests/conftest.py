@@ -331,3 +331,19 @@ def _group_and_order(config: pytest.Config, items: list[pytest.Item]) -> dict[st
               if len(indices) > 1 for i in indices}
     items[:] = [items[i] for indices in ordered for i in indices]
     return groups
+
+
+@pytest.fixture
+def planned(tmp_path: Path) -> Any:
+    """A run directory planned (no model needed) over 40 small JSONL rows: (RunDir, Plan)."""
+    from shardinfer.config import config_from_dict
+    from shardinfer.ledger.runstate import prepare_run
+
+    with open(tmp_path / "c.jsonl", "w") as fh:
+        for i in range(40):
+            fh.write(json.dumps({"text": f"document {i} " * (5 + i % 7), "id": f"d{i}"}) + "\n")
+    cfg = config_from_dict({"input": {"path": str(tmp_path / "c.jsonl"), "id_column": "id"},
+                            "model": {"path": str(tmp_path / "m"), "max_model_len": 256},
+                            "sampling": {"max_tokens": 8}, "run": {"directory": str(tmp_path / "run"),
+                                                                    "unit_tokens": 200}})
+    return prepare_run(cfg, 2)

@@ -14,7 +14,6 @@ from shardinfer.engines.retry import generate_isolating, generate_with_retries
 from shardinfer.errors import RunError
 from shardinfer.ledger.claims import Heartbeat, Ledger
 from shardinfer.ledger.rundir import RunDir
-from shardinfer.ledger.runstate import prepare_run
 from shardinfer.reduce.merge import reduce_run
 from shardinfer.requests.prompts import Prompt
 from shardinfer.results import result_table
@@ -43,19 +42,6 @@ def test_racing_processes_never_claim_a_unit_twice(tmp_path):
         p.join()
     flat = sorted(u for c in claimed for u in c)
     assert flat == list(range(300))
-
-
-@pytest.fixture
-def planned(tmp_path):
-    with open(tmp_path / "c.jsonl", "w") as fh:
-        for i in range(40):
-            fh.write(json.dumps({"text": f"document {i} " * (5 + i % 7), "id": f"d{i}"}) + "\n")
-    cfg = config_from_dict({"input": {"path": str(tmp_path / "c.jsonl"), "id_column": "id"},
-                            "model": {"path": str(tmp_path / "m"), "max_model_len": 256},
-                            "sampling": {"max_tokens": 8}, "run": {"directory": str(tmp_path / "run"),
-                                                                    "unit_tokens": 200}})
-    run_dir, plan = prepare_run(cfg, 2)
-    return run_dir, plan
 
 
 def _commit(run_dir, unit, rows=None):

@@ -11,12 +11,11 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import run_cli
-from shardinfer.config import config_from_dict
 from shardinfer.engines import Completion
 from shardinfer.errors import RunError
 from shardinfer.ledger.claims import Ledger
 from shardinfer.ledger.rundir import RunDir
-from shardinfer.ledger.runstate import load_plan, load_run, prepare_run
+from shardinfer.ledger.runstate import load_plan, load_run
 from shardinfer.planning.plan import Plan, Segment
 from shardinfer.records import describe_errors, field_path
 from shardinfer.reduce.merge import reduce_run
@@ -153,18 +152,6 @@ def test_an_output_line_is_checked():
 
 
 # ---- plan.json --------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def planned(tmp_path):
-    with open(tmp_path / "c.jsonl", "w") as fh:
-        for i in range(40):
-            fh.write(json.dumps({"text": f"document {i} " * (5 + i % 7), "id": f"d{i}"}) + "\n")
-    cfg = config_from_dict({"input": {"path": str(tmp_path / "c.jsonl"), "id_column": "id"},
-                            "model": {"path": str(tmp_path / "m"), "max_model_len": 256},
-                            "sampling": {"max_tokens": 8}, "run": {"directory": str(tmp_path / "run"),
-                                                                    "unit_tokens": 200}})
-    return prepare_run(cfg, 2)
 
 
 def _saved(run_dir: RunDir) -> dict:
