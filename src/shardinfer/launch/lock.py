@@ -31,7 +31,6 @@ from shardinfer.ledger.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".launch.lock"
 PARENT_ENV = "SHARDINFER_PARENT_PID"  # set by the local launcher for its workers
 _UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 _HELD: dict[Path, int] = {}  # run directory -> the descriptor of its lock held by this process
@@ -43,7 +42,7 @@ def launch_lock(run_dir: RunDir, wait_s: float = 10.0) -> Iterator[None]:
     """Hold the run directory's launch lock; RunError when another process still holds it after
     ``wait_s`` (the workers of a launcher that was just killed take a moment to stop)."""
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    path = run_dir.path / LOCK_NAME
+    path = run_dir.launch_lock
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         _lock(fd, wait_s)

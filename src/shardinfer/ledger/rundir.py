@@ -202,6 +202,12 @@ class RunDir:
     fingerprint_json = property(lambda self: self.path / "fingerprint.json")
     slurm = property(lambda self: self.path / "slurm")
     index = property(lambda self: self.path / "index")  # seek indexes of gzipped input
+    launch_lock = property(lambda self: self.path / ".launch.lock")  # one launching process at a time
+    results_lock = property(lambda self: self.path / ".results.lock")  # reduces take turns
+
+    def is_lock(self, path: Path) -> bool:
+        """A lock file: held by the processes using the directory, never removed."""
+        return path in (self.launch_lock, self.results_lock)
 
     def make(self, units: int = 0) -> None:
         for sub in (self.claims, self.parts, self.done, self.released, self.metrics, self.logs, self.slurm):

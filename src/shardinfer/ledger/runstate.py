@@ -29,7 +29,6 @@ from shardinfer.planning.validate import checked_from_dict
 
 log = logging.getLogger(__name__)
 
-_LOCKS = (".launch.lock", ".results.lock")  # held by the processes using the directory: never removed
 
 
 def run_dir_for(cfg: Config) -> RunDir:
@@ -68,7 +67,7 @@ def prepare_run(cfg: Config, workers: int) -> tuple[RunDir, Plan]:
             log.info("continuing the run in %s", run_dir.path)
             return run_dir, plan
     log.info("planning %s", run_dir.path)
-    existed = run_dir.path.exists() and any(p.name not in _LOCKS for p in run_dir.path.iterdir())
+    existed = run_dir.path.exists() and any(not run_dir.is_lock(p) for p in run_dir.path.iterdir())
     try:
         plan = make_plan(cfg, workers, index_dir=run_dir.index)
     except BaseException:
@@ -93,7 +92,7 @@ def clear_uncommitted(run_dir: RunDir) -> None:
     again: everything but the logs and the cluster jobs' output, which say what went wrong."""
     kept = {run_dir.logs, run_dir.slurm}
     for path in run_dir.path.iterdir():
-        if path in kept or path.name in _LOCKS:
+        if path in kept or run_dir.is_lock(path):
             continue
         if path.is_dir():
             shutil.rmtree(path)

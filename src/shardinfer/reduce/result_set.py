@@ -39,7 +39,7 @@ def results_lock(run_dir: RunDir) -> Iterator[bool]:
     """Hold the run's results lock (waiting for another reduce to finish); yields whether the
     filesystem supports the lock (without it, reduces are not serialized but still publish whole)."""
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.path / ".results.lock", "a") as fh:
+    with open(run_dir.results_lock, "a") as fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         except OSError as exc:
