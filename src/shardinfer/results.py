@@ -12,6 +12,10 @@
 | ...optional columns (:data:`OPTIONAL`), only in runs that ask for what they hold (:class:`ResultExtras`) |
 | ...pass-through columns from the input |
 
+Pooling tasks (``task: embed | classify | score | reward``) have ``id, status, error, prompt_tokens``
+and then their own columns (:func:`pooled_columns`): ``embedding`` (a fixed-size list of float32 or
+float16), ``label`` and ``probs`` (a struct of one float per label), or ``score`` (float64).
+
 Parts also carry ``_row`` (the global input row index) which the reducer uses to order and check.
 This module is the one place that names the columns, the statuses and the reserved names; counts of
 rows by status and token sums (a unit's done record, a run's totals) are :class:`RowCounts`.
@@ -61,8 +65,20 @@ OPTIONAL: dict[str, pa.DataType] = {
     "model": pa.string(),  # OpenAI batch files: the request's model
     "adapter": pa.string(),  # runs with model.lora: the adapter a row ran with (null: the base model)
 }
+POOLED_CONTRACT = ["id", "status", "error", "prompt_tokens"]  # the contract of pooling tasks, before their columns
 # Names an input column may not take in the results (pass-through columns).
-RESERVED = frozenset({*COLUMNS, *OPTIONAL, ROW, TEXT, ID, PROBLEM, CHARS, OFFSET, LINE})
+RESERVED = frozenset({*COLUMNS, *OPTIONAL, ROW, TEXT, ID, PROBLEM, CHARS, OFFSET, LINE, "embedding", "label", "probs",
+                      "score"})
+
+
+def pooled_columns(shape: Any) -> dict[str, pa.DataType]:
+    """A pooling task's result columns, from its :class:`~shardinfer.models.tasks.PooledShape`."""
+    if shape.task == "embed":
+        value = pa.float16() if shape.dtype == "float16" else pa.float32()
+        return {"embedding": pa.list_(value, shape.dim) if shape.dim else pa.list_(value)}
+    if shape.task == "classify":
+        return {"label": pa.string(), "probs": pa.struct([(name, pa.float32()) for name in shape.labels])}
+    return {"score": pa.float64()}
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,16 @@ class ResultExtras:
     openai: bool = False
     adapters: bool = False
     base: Any = None  # RowOptions of rows without their own
+    pooled: Any = None  # PooledShape of a pooling task (None: generate)
+
+    def contract(self) -> list[str]:
+        """The contract's columns after ``id`` (a pooling task's own included)."""
+        if self.pooled is None:
+            return CONTRACT[1:]
+        return POOLED_CONTRACT[1:] + list(pooled_columns(self.pooled))
+
+    def types(self) -> dict[str, pa.DataType]:
+        return {**_TYPES, **(pooled_columns(self.pooled) if self.pooled is not None else {})}
 
     def columns(self) -> list[str]:
         groups = {"samples": ["outputs", "finish_reasons"], "logprobs": ["logprobs"],
@@ -98,6 +124,7 @@ class RowCounts:
 
     @classmethod
     def of(cls, table: pa.Table) -> RowCounts:
+        """Counts of a results table (no ``output_tokens`` column: a pooling task's, 0)."""
         by_status = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(table.column("status")).to_pylist()}
         return cls(rows=table.num_rows, **{s: by_status.get(s, 0) for s in STATUSES},
                    prompt_tokens=_sum(table, "prompt_tokens"), output_tokens=_sum(table, "output_tokens"))
@@ -148,6 +175,8 @@ class Totals(RowCounts):
 
 
 def _sum(table: pa.Table, column: str) -> int:
+    if column not in table.column_names:
+        return 0
     return int(pc.sum(table.column(column)).as_py() or 0)
 
 
@@ -162,10 +191,12 @@ def result_table(rows: pa.Table, problems: list[str | None], prompts: list[Any],
     """A unit's results: every input row (a row of ``rows``, the corpus's row shape) gets exactly
     one result row; ids and pass-through columns go across as they are, in Arrow."""
     extras = extras or ResultExtras()
-    records = [_record(problems[i], prompts[i], completions[i], extras) for i in range(rows.num_rows)]
+    record = _record if extras.pooled is None else _pooled_record
+    records = [record(problems[i], prompts[i], completions[i], extras) for i in range(rows.num_rows)]
     out: dict[str, Any] = {ROW: rows.column(ROW), "id": rows.column(ID)}
-    for name in CONTRACT[1:] + extras.columns():
-        out[name] = pa.array([r.get(name) for r in records], type=_TYPES[name])
+    types = extras.types()
+    for name in extras.contract() + extras.columns():
+        out[name] = pa.array([r.get(name) for r in records], type=types[name])
     for name in passthrough:
         out[name] = rows.column(name)
     return pa.table(out)
@@ -202,6 +233,31 @@ def _record(problem: str | None, prompt: Any, completion: Any, extras: ResultExt
     return record
 
 
+def _pooled_record(problem: str | None, prompt: Any, pooled: Any, extras: ResultExtras) -> dict[str, Any]:
+    """A pooling task's result: the embedding, the label and its probabilities, or the score."""
+    request = {"endpoint": prompt.endpoint, "model": prompt.model} if prompt is not None else {}
+    if problem is not None:
+        return _failed(problem)
+    if prompt.problem is not None:
+        return {**_failed(prompt.problem), **request}
+    if isinstance(pooled, Exception):
+        error = (f"invalid_request: {pooled}" if isinstance(pooled, Refused)
+                 else f"engine_error: {type(pooled).__name__}: {pooled}")
+        return {**_failed(error), "prompt_tokens": len(prompt.token_ids), **request}
+    record = {"status": (Status.TRUNCATED if prompt.truncated else Status.OK).value,
+              "prompt_tokens": len(prompt.token_ids), **request}
+    shape, values = extras.pooled, pooled.values
+    if shape.task == "embed":
+        record["embedding"] = values
+    elif shape.task == "classify":
+        labels = shape.labels or tuple(f"LABEL_{i}" for i in range(len(values)))
+        best = max(range(len(values)), key=values.__getitem__)
+        record["label"], record["probs"] = labels[best], dict(zip(labels, values))
+    else:
+        record["score"] = values[0]
+    return record
+
+
 def _failed(error: str) -> dict[str, Any]:
     return {"status": Status.FAILED.value, "error": error}
 
@@ -215,5 +271,9 @@ def schema_from_record(text: str) -> pa.Schema:
     return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
 
 
-def empty_result_schema(passthrough: list[str]) -> pa.Schema:
-    return pa.schema(list(COLUMNS.items()) + [(name, pa.null()) for name in passthrough])
+def empty_result_schema(passthrough: list[str], extras: ResultExtras | None = None) -> pa.Schema:
+    """The schema of the results of a run without rows: the contract's columns (and the task's)."""
+    extras = extras or ResultExtras()
+    types = extras.types()
+    contract = [("id", pa.string())] + [(name, types[name]) for name in extras.contract()]
+    return pa.schema(contract + [(name, pa.null()) for name in passthrough])

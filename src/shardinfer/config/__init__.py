@@ -25,10 +25,13 @@ from shardinfer.config.load import (
 )
 from shardinfer.config.schema import (
     OLD_ENGINE_ARGS,
+    POOLING_TASKS,
+    TASKS,
     Config,
     InputConfig,
     ModelConfig,
     OutputConfig,
+    PoolingConfig,
     PromptConfig,
     RunConfig,
     SamplingConfig,
@@ -42,8 +45,8 @@ from shardinfer.config.schema import (
 from shardinfer.config.values import CONTROL, DTYPES, MAX_SEED, MAX_WORKERS, check_values
 
 __all__ = [
-    "CONTROL", "DTYPES", "MAX_SEED", "MAX_WORKERS", "MAX_YAML_DEPTH", "MAX_YAML_NODES", "OLD_ENGINE_ARGS", "Config",
-    "InputConfig", "ModelConfig", "OutputConfig", "PromptConfig", "RunConfig", "SamplingConfig", "SlurmConfig",
+    "CONTROL", "DTYPES", "MAX_SEED", "MAX_WORKERS", "MAX_YAML_DEPTH", "MAX_YAML_NODES", "OLD_ENGINE_ARGS", "POOLING_TASKS", "TASKS", "Config",
+    "InputConfig", "ModelConfig", "OutputConfig", "PoolingConfig", "PromptConfig", "RunConfig", "SamplingConfig", "SlurmConfig",
     "StructuredConfig", "apply_override", "check_values", "config_from_dict", "config_to_dict", "default_name",
     "dump_config", "field_help", "load_config", "load_yaml", "results_settings", "text_settings",
 ]

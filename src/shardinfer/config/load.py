@@ -28,7 +28,7 @@ from shardinfer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_SECTIONS = ("prompt", "sampling", "run", "slurm", "output")
+_DEFAULT_SECTIONS = ("prompt", "sampling", "pooling", "run", "slurm", "output")
 MAX_YAML_DEPTH = 100  # nesting levels of a config file or override value
 MAX_YAML_NODES = 100_000  # values of a config file or override value, aliases expanded
 _WARNED: set[str] = set()  # old keys already warned about in this process
@@ -147,11 +147,19 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
         apply_override(raw, item, text_keys=text_settings())
     for section in _DEFAULT_SECTIONS:
         raw.setdefault(section, {})
+    _task_defaults(raw)
     _engine_args(raw)
     config = _build(Config, raw, "")
     check_values(config)
     return config
 
+
+
+def _task_defaults(raw: dict[str, Any]) -> None:
+    """Pooling tasks read each row's text as it is (``prompt.mode: raw``, what ``LLM.embed`` and
+    ``LLM.classify`` do with a text) unless the config asks for the chat template."""
+    if raw.get("task", "generate") != "generate" and isinstance(raw["prompt"], dict):
+        raw["prompt"].setdefault("mode", "raw")
 
 
 def _engine_args(raw: dict[str, Any]) -> None:

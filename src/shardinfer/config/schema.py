@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", *, results: bool = True) -> Any:
+def _f(default: Any = dataclasses.MISSING, help: str = "", *, results: bool = True, added: bool = False) -> Any:
     """A dataclass field with a help text and whether it changes results. Mutable defaults go
-    through ``default_factory``."""
-    metadata = {"help": help, "results": results}
+    through ``default_factory``. ``added``: a setting newer than some run directories, left out of
+    :func:`results_settings` while it has its default, so those runs still compare equal."""
+    metadata = {"help": help, "results": results, "added": added}
     if isinstance(default, type) and dataclasses.is_dataclass(default):  # a sub-section with its defaults
         return field(default_factory=default, metadata=metadata)
     if isinstance(default, (list, dict)):
@@ -49,6 +50,10 @@ class InputConfig:
     system_column: str | None = _f(None, help="column holding a per-row system message (chat mode); "
                                               "null values fall back to prompt.system")
     id_column: str | None = _f(None, help="column holding a unique row id; default '<file>:<row>'")
+    pair_column: str | None = _f(
+        None, help="task score: column holding the document scored against the row's text (the query); task "
+                   "reward: column holding the response to the row's text (the prompt)", added=True
+    )
     passthrough: list[str] = _f([], help="input columns copied unchanged into the results")
     invalid_utf8: Literal["replace", "fail"] = _f(
         "replace", help="JSONL/CSV rows with invalid UTF-8: decode with U+FFFD (counted) or fail the row"
@@ -132,6 +137,21 @@ class SamplingConfig:
 
 
 @dataclass(kw_only=True)
+class PoolingConfig:
+    normalize: bool | None = _f(None, help="task embed: L2-normalise embeddings; null: what the model's pooling does "
+                                           "(sentence-transformers Normalize module, vLLM's default: on)")
+    dimensions: int | None = _f(None, help="task embed: keep the first N dimensions (Matryoshka models), "
+                                           "renormalised; null: all")
+    embedding_dtype: Literal["float32", "float16"] = _f("float32", help="task embed: type of the embedding column")
+    query: str | None = _f(None, help="task score: one query scored against every row's text (instead of "
+                                      "input.pair_column)")
+    activation: bool | None = _f(
+        None, help="classify/score: apply the model's activation (softmax for classes, sigmoid for one logit); "
+                   "null: on for classify and score, off for reward (the raw logit)"
+    )
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     directory: str | None = _f(None, help="run directory, on a POSIX filesystem (local or shared: the ledger needs "
                                           "atomic create and rename); default runs/<config name> (runs/<name>-<config "
@@ -210,12 +230,22 @@ class OutputConfig:
     )
 
 
+TASKS = ("generate", "embed", "classify", "score", "reward")
+POOLING_TASKS = TASKS[1:]
+
+
 @dataclass(kw_only=True)
 class Config:
+    task: Literal["generate", "embed", "classify", "score", "reward"] = _f(
+        "generate", help="generate: text out per row; embed: an embedding per row; classify: a label and its "
+                         "probabilities; score: a relevance score of (query, document) pairs (a cross-encoder); "
+                         "reward: a reward model's score of (prompt, response)", added=True
+    )
     input: InputConfig = _f(help="what to read")
     prompt: PromptConfig = _f(help="how rows become prompts")
     model: ModelConfig = _f(help="which model and engine")
     sampling: SamplingConfig = _f(help="generation parameters")
+    pooling: PoolingConfig = _f(PoolingConfig, help="embed, classify, score and reward settings", added=True)
     run: RunConfig = _f(help="where and how wide to run", results=False)
     slurm: SlurmConfig = _f(help="cluster resources for shardinfer submit", results=False)
     output: OutputConfig = _f(help="extra result files written by the reduce", results=False)
@@ -276,7 +306,8 @@ def _results_part(node: Any) -> Any:
     if not dataclasses.is_dataclass(node) or isinstance(node, type):
         return deep_copy(node)
     return {f.name: _results_part(getattr(node, f.name)) for f in dataclasses.fields(node)
-            if f.metadata.get("results", True)}
+            if f.metadata.get("results", True)
+            and not (f.metadata.get("added") and getattr(node, f.name) == default_of(f))}
 
 
 def deep_copy(value: Any) -> Any:

@@ -55,12 +55,53 @@ def check_values(config: Config) -> None:
         raise ConfigError(f"sampling.temperature: must be >= 0, got {config.sampling.temperature}")
     if not 0 < config.sampling.top_p <= 1:
         raise ConfigError(f"sampling.top_p: must be in (0, 1], got {config.sampling.top_p}")
+    _check_task(config)
     max_len = config.model.max_model_len
-    if max_len is not None and config.sampling.max_tokens >= max_len:
+    if config.task == "generate" and max_len is not None and config.sampling.max_tokens >= max_len:
         raise ConfigError(
             f"sampling.max_tokens ({config.sampling.max_tokens}) must be below model.max_model_len "
             f"({max_len}): no room is left for the prompt. Lower max_tokens or raise max_model_len."
         )
+
+
+def _check_task(config: Config) -> None:
+    """The settings a task needs, and none of another task's."""
+    task, pooling, inp = config.task, config.pooling, config.input
+    if pooling.dimensions is not None and pooling.dimensions < 1:
+        raise ConfigError(f"pooling.dimensions: must be at least 1, got {pooling.dimensions}")
+    asked = {"pooling.query": pooling.query is not None, "input.pair_column": inp.pair_column is not None,
+             "pooling.dimensions": pooling.dimensions is not None, "pooling.normalize": pooling.normalize is not None,
+             "pooling.embedding_dtype": pooling.embedding_dtype != "float32",
+             "pooling.activation": pooling.activation is not None}
+    allowed = _TASK_KEYS.get(task, set())
+    for key in sorted(k for k, on in asked.items() if on and k not in allowed):
+        users = [t for t, keys in _TASK_KEYS.items() if key in keys]
+        raise ConfigError(f"{key}: is a setting of task {' or '.join(users)}, not of task {task}; remove it or set "
+                          f"task: {users[0]}")
+    if task == "score":
+        _check_score(config)
+    if task == "reward" and inp.messages_column is None and inp.pair_column is None:
+        raise ConfigError("task reward: say what is scored: input.pair_column (the response; the row's text is the "
+                          "prompt) or input.messages_column (the whole conversation)")
+    if task != "generate" and config.model.lora:
+        raise ConfigError(f"model.lora: adapters are for task generate; task {task} runs the base model. Remove "
+                          f"model.lora or merge the adapter into the model")
+
+
+_TASK_KEYS = {"embed": {"pooling.dimensions", "pooling.normalize", "pooling.embedding_dtype"},
+              "classify": {"pooling.activation"},
+              "score": {"pooling.query", "input.pair_column", "pooling.activation"},
+              "reward": {"input.pair_column", "pooling.activation"}}
+
+
+def _check_score(config: Config) -> None:
+    inp = config.input
+    if (inp.pair_column is None) == (config.pooling.query is None) and inp.format != "openai-batch":
+        raise ConfigError("task score: give the pairs one way: input.pair_column (each row's query is its text, the "
+                          "column holds its document) or pooling.query (one query, each row's text a document)")
+    if inp.messages_column is not None:
+        raise ConfigError("input.messages_column: task score reads text pairs, not chats; use input.text_column "
+                          "and input.pair_column")
 
 
 def _check_limits(config: Config) -> None:

@@ -3,7 +3,8 @@
 An engine is fed work as it goes: ``submit(batch, prompts)`` queues prompts (token ids and the row's
 options, :class:`~shardinfer.prompts.Prompt`) under a batch key, ``poll()`` returns the rows that
 finished since the last call as ``(batch, index, result)``,
-where ``result`` is a :class:`Completion` or the exception that row failed with. ``wants_more()``
+where ``result`` is a :class:`Completion` (a :class:`Pooled` for pooling tasks) or the exception
+that row failed with. ``wants_more()``
 says whether the engine needs more queued work to stay busy, so the worker hands it the next unit
 before the current one drains and the accelerator never waits between units. ``cancel(batch)``
 drops a batch's rows that have not finished (a draining worker gives its unit back).
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from shardinfer.engines.retry import generate_with_retries
 from shardinfer.errors import Refused
 
-__all__ = ["BatchQueue", "Completion", "Engine", "Finished", "Refused", "TokenLogprob"]
+__all__ = ["BatchQueue", "Completion", "Engine", "Finished", "Pooled", "Refused", "TokenLogprob"]
 
 if TYPE_CHECKING:
     from shardinfer.requests.prompts import Prompt
@@ -52,7 +53,15 @@ class Completion:
         return sum(len(s.token_ids) for s in self.samples)
 
 
-Finished = tuple[Any, int, "Completion | Exception"]
+@dataclass
+class Pooled:
+    """What a row of a pooling task got: its embedding, its class probabilities, or ``[score]``."""
+
+    values: list[float]
+    output_tokens: int = 0
+
+
+Finished = tuple[Any, int, "Completion | Pooled | Exception"]
 
 
 class Engine(Protocol):

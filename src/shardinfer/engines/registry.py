@@ -72,6 +72,7 @@ class EngineSpec:
     # The argument names the installed engine accepts in model.engine_args, read without loading
     # it (None: it takes any, or it cannot tell).
     argument_names: Callable[[], set[str] | None] | None = None
+    tasks: tuple[str, ...] = ("generate",)  # the config tasks it runs (see Config.task)
 
     def args(self, model: ModelConfig) -> dict[str, Any]:
         """The engine's own arguments from the config (``model.engine_args``)."""

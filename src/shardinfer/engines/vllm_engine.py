@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer.config import Config, ModelConfig, SamplingConfig
-from shardinfer.engines.base import Completion, Finished, Refused, TokenLogprob
+from shardinfer.engines.base import Completion, Finished, Pooled, Refused, TokenLogprob
 from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec, unknown_arguments
 from shardinfer.engines.retry import generate_with_retries
+from shardinfer.engines.vllm_pooling import VLLM_TASK, pooled, pooling_engine_kwargs, pooling_params
 from shardinfer.engines.vllm_stats import SchedulerStats, settings
 from shardinfer.errors import ConfigError, missing_dependency
 from shardinfer.requests.prompts import Prompt
@@ -51,7 +52,10 @@ class VllmEngine:
     name = "vllm"
 
     def __init__(self, model: ModelConfig, sampling: SamplingConfig, max_model_len: int, *,
-                 attempts: int = 3, backoff_s: float = 2.0):
+                 attempts: int = 3, backoff_s: float = 2.0, cfg: Config | None = None):
+        self.cfg = cfg  # the run's config, for a pooling task (None: generate)
+        self.pooling = cfg is not None and cfg.task != "generate"
+        self._pooling_params: Any = None
         self.model = model
         self.sampling = sampling
         self.max_model_len = max_model_len
@@ -79,6 +83,7 @@ class VllmEngine:
         except ImportError as exc:
             raise missing_dependency("vllm", SPEC.extra, SPEC.install_hint) from exc
         kwargs = {"disable_log_stats": False,  # the scheduler's stats go into the worker's metrics
+                  **(pooling_engine_kwargs(self.cfg) if self.cfg is not None else {}),
                   **engine_kwargs(self.model, self.sampling, self.max_model_len, vllm.EngineArgs)}
         log.info("loading vLLM %s: %s", vllm.__version__, kwargs)
         try:
@@ -89,6 +94,9 @@ class VllmEngine:
         except OSError as exc:
             raise ConfigError(f"model.path: vLLM cannot load {self.model.path!r}: {_first_lines(exc)}") from exc
         self.max_requests, self.max_tokens_queued = _queue_limits(self.llm)
+        if self.pooling:
+            assert self.cfg is not None
+            self._pooling_params = pooling_params(self.cfg)
         self.one_adapter_at_a_time = bool(self.model.lora) and not _on_gpu()
         self.stats = SchedulerStats(self.llm).start()
         log.info("keeping up to %d requests / %s tokens queued in the engine", self.max_requests,
@@ -98,6 +106,8 @@ class VllmEngine:
         """vLLM sampling parameters of a row's options (made once per distinct options)."""
         import vllm
 
+        if self.pooling:
+            return self._pooling_params
         key = (options or self.base, streamed)
         if key not in self._params:
             kwargs = sampling_kwargs(key[0])
@@ -123,8 +133,11 @@ class VllmEngine:
 
     def generate(self, prompts: list[Prompt]) -> list[Completion]:
         """One blocking ``LLM.generate`` over all prompts (retries and benchmarks)."""
-        from vllm.inputs import TokensPrompt
-
+        if self.pooling:
+            assert self.cfg is not None
+            outputs = self.llm.encode([_tokens_prompt(p) for p in prompts], self._pooling_params, use_tqdm=False,
+                                      pooling_task=VLLM_TASK[self.cfg.task])
+            return [pooled(o) for o in outputs]  # type: ignore[misc]
         groups: dict[Any, list[int]] = {}
         for i, p in enumerate(prompts):  # one adapter at a time where the engine needs it
             groups.setdefault(self.adapter(p.options) if self.one_adapter_at_a_time else None, []).append(i)
@@ -132,7 +145,7 @@ class VllmEngine:
         for members in groups.values():
             chosen = [prompts[i] for i in members]
             adapters = [self.adapter(p.options) for p in chosen]
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p.token_ids or []) for p in chosen],
+            outputs = self.llm.generate([_tokens_prompt(p) for p in chosen],
                                         [self.params(p.options) for p in chosen], use_tqdm=False,
                                         lora_request=adapters if any(adapters) else None)
             for i, o, p in zip(members, outputs, chosen):
@@ -141,11 +154,12 @@ class VllmEngine:
 
     def submit(self, batch: Any, prompts: list[Prompt]) -> None:
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].token_ids or ()))
-        inputs = self._engine_inputs([prompts[i].token_ids or [] for i in order])
+        inputs = self._engine_inputs([prompts[i] for i in order])
         for index, item in zip(order, inputs):
             prompt = prompts[index]
             options = prompt.options or self.base
-            request = _Request(batch, index, prompt, len(prompt.token_ids or ()) + options.budget_tokens, item)
+            budget = 0 if self.pooling else options.budget_tokens
+            request = _Request(batch, index, prompt, len(prompt.token_ids or ()) + budget, item)
             if self.one_adapter_at_a_time and (self._held or not self._runs_now(options.lora)):
                 self._held.append(request)
                 self._in_flight_tokens += request.tokens
@@ -189,12 +203,10 @@ class VllmEngine:
                 keep.append(request)
         self._held = keep
 
-    def _engine_inputs(self, prompts: list[list[int]]) -> list[Any]:
+    def _engine_inputs(self, prompts: list[Prompt]) -> list[Any]:
         """Token prompts rendered the way ``LLM.generate`` renders them (when this vLLM has the
         renderer step), each one on its own if the batch fails, so a bad prompt fails alone."""
-        from vllm.inputs import TokensPrompt
-
-        raw = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
+        raw = [_tokens_prompt(p) for p in prompts]
         render = getattr(self.llm, "_preprocess_cmpl", None)
         if render is None:
             return raw
@@ -239,8 +251,13 @@ class VllmEngine:
         for output in outputs:
             if output.finished and output.request_id in self._in_flight:
                 request = self._pop(output.request_id)
-                done.append((request.batch, request.index, _completion(output, request.prompt.options or self.base)))
+                done.append((request.batch, request.index, self._result(output, request)))
         return done
+
+    def _result(self, output: Any, request: _Request) -> Completion | Pooled:
+        if self.pooling:
+            return pooled(output)
+        return _completion(output, request.prompt.options or self.base)
 
     def _pop(self, request_id: str) -> _Request:
         request = self._in_flight.pop(request_id)
@@ -351,6 +368,16 @@ def _first_lines(exc: BaseException, lines: int = 4) -> str:
     return " ".join(str(exc).strip().splitlines()[:lines])
 
 
+def _tokens_prompt(prompt: Prompt) -> Any:
+    """The engine input of a row: its token ids (and a cross-encoder pair's token type ids)."""
+    from vllm.inputs import TokensPrompt
+
+    item = TokensPrompt(prompt_token_ids=prompt.token_ids or [])
+    if prompt.token_type_ids is not None:
+        item["token_type_ids"] = prompt.token_type_ids
+    return item
+
+
 def _on_gpu() -> bool:
     import torch
 
@@ -417,7 +444,7 @@ def _dummy_weights(model: dict[str, Any], out: Path) -> None:
 
 
 def _create(cfg: Config, max_model_len: int) -> VllmEngine:
-    return VllmEngine(cfg.model, cfg.sampling, max_model_len, attempts=cfg.run.max_attempts)
+    return VllmEngine(cfg.model, cfg.sampling, max_model_len, attempts=cfg.run.max_attempts, cfg=cfg)
 
 
 SPEC = EngineSpec(
@@ -428,4 +455,5 @@ SPEC = EngineSpec(
                               penalties=True),
     bench=BenchSupport(baseline="vllm", strategies=True, dummy_weights=_dummy_weights),
     argument_names=argument_names,
+    tasks=("generate", "embed", "classify", "score", "reward"),
 )

@@ -15,6 +15,7 @@ from shardinfer.config import Config
 from shardinfer.engines.registry import get_engine, unknown_arguments
 from shardinfer.errors import ConfigError, ShardinferError
 from shardinfer.models.info import looks_local, native_context_length, resolve_max_model_len, tokenizer_path
+from shardinfer.models.tasks import model_kind, task_problem
 from shardinfer.telemetry.trackers import check_trackers
 
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".gguf")
@@ -34,6 +35,8 @@ class Check:
 def preflight(cfg: Config) -> list[Check]:
     """Every check, in order; none raises."""
     checks = [_model(cfg), _tokenizer(cfg), _engine_args(cfg), _context(cfg)]
+    if cfg.task != "generate" or model_kind(cfg.model.path) is not None:
+        checks.append(_task(cfg))
     if cfg.model.lora:
         checks.append(_lora(cfg))
     if cfg.run.report_to:
@@ -148,6 +151,17 @@ def _lora(cfg: Config) -> Check:
             return Check("model.lora", "fail", f"adapter {name!r}: {path} has no adapter_config.json; give the "
                                                f"directory of a PEFT LoRA adapter")
     return Check("model.lora", "ok", f"{len(cfg.model.lora)} adapter directory(ies): {', '.join(cfg.model.lora)}")
+
+
+def _task(cfg: Config) -> Check:
+    problem = task_problem(cfg)
+    if problem is not None:
+        return Check("task", "fail", f"task {cfg.task}: {problem}")
+    kind = model_kind(cfg.model.path)
+    if kind is None:
+        return Check("task", "warn", f"task {cfg.task}: {cfg.model.path} is not a local directory; what the model "
+                                     f"can do is checked when it loads")
+    return Check("task", "ok", f"{cfg.task} with {kind.architecture}")
 
 
 def _trackers(cfg: Config) -> Check:

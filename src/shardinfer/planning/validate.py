@@ -43,6 +43,7 @@ def validate(config: Config) -> Config:
     _modes(config)
     _template(config)
     _capabilities(config, spec, options)
+    _task(config, spec)
     return config
 
 
@@ -104,6 +105,24 @@ def _template(config: Config) -> None:
     if not (config.input.messages_column or config.input.format == "openai-batch") and not config.prompt.user.strip():
         raise ConfigError("prompt.user: the template is empty, so every prompt would be empty; give a template "
                           "such as prompt.user='{text}' or 'Summarize: {text}'")
+
+
+def _task(config: Config, spec: EngineSpec) -> None:
+    """The engine runs the task; a pooling task takes no generation settings."""
+    if config.task not in spec.tasks:
+        able = [name for name, s in engines().items() if config.task in s.tasks]
+        raise ConfigError(f"task: engine {spec.name} does not run task {config.task} (it runs "
+                          f"{', '.join(spec.tasks)}). Use model.engine={' or '.join(able) or '(no registered engine)'}")
+    if config.task == "generate":
+        return
+    sampling = config.sampling
+    generation = {"sampling.per_row": sampling.per_row, "sampling.n": sampling.n != 1,
+                  "sampling.logprobs": sampling.logprobs is not None, "model.lora_column": config.model.lora_column,
+                  "sampling.structured": any(vars(sampling.structured).values())}
+    for key, asked in generation.items():
+        if asked:
+            raise ConfigError(f"{key}: a generation setting; task {config.task} generates nothing. Remove it, or "
+                              f"set task: generate")
 
 
 def _capabilities(config: Config, spec: EngineSpec, options: RowOptions) -> None:

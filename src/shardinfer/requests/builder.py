@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer.config import Config
+from shardinfer.models.tasks import pooled_shape
 from shardinfer.requests.openai_batch import BatchRequest, check_messages, parse_request
+from shardinfer.requests.pairs import PairBuilder
 from shardinfer.requests.prompts import SYSTEM, Prompt, PromptBuilder, template_fields
 from shardinfer.requests.row_options import OptionError, RowOptions, base_options
 from shardinfer.results import ResultExtras
@@ -40,6 +42,8 @@ def result_extras(cfg: Config) -> ResultExtras:
     """The optional result columns of a run: those its config can ask for, the same for every part."""
     per_row, mode = set(cfg.sampling.per_row), input_mode(cfg)
     base = base_options(cfg.sampling)
+    if cfg.task != "generate":
+        return ResultExtras(openai=mode == "openai", base=base, pooled=pooled_shape(cfg))
     return ResultExtras(
         samples=base.n > 1 or "n" in per_row or mode == "openai",
         logprobs=base.logprobs is not None or "logprobs" in per_row or mode == "openai",
@@ -72,8 +76,12 @@ class RequestBuilder:
         self.cfg = cfg
         self.mode = input_mode(cfg)
         self.base = base_options(cfg.sampling)
-        self.text = PromptBuilder(cfg.prompt, tokenizer, max_model_len=max_model_len,
-                                  max_tokens=cfg.sampling.max_tokens)
+        self.pooling = cfg.task != "generate"
+        self.output_budget = 0 if self.pooling else cfg.sampling.max_tokens  # context kept for the output
+        self.text = PromptBuilder(cfg.prompt, tokenizer, max_model_len=max_model_len, max_tokens=self.output_budget,
+                                  generation_prompt=not self.pooling)
+        self.pairs = (PairBuilder(cfg, tokenizer, self.text, max_model_len=max_model_len)
+                      if cfg.task == "score" or (cfg.task == "reward" and cfg.input.pair_column) else None)
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.capabilities = capabilities
@@ -83,6 +91,8 @@ class RequestBuilder:
     def build(self, texts: list[str], columns: list[dict[str, Any]]) -> list[Prompt]:
         """Prompts for a batch of valid rows (``texts`` are their ``_text`` values, ``columns`` the
         request columns of each row)."""
+        if self.pairs is not None and self.mode == "text":
+            return self.pairs.build(texts, columns)
         if self.mode == "text":
             return self._text_rows(texts, columns)
         prompts: list[Prompt | None] = [None] * len(texts)
@@ -103,8 +113,8 @@ class RequestBuilder:
         for cols, i in zip(template_columns, ok):
             if self.cfg.input.system_column:
                 cols[SYSTEM] = columns[i].get(self.cfg.input.system_column)
-        built = self.text.build([texts[i] for i in ok], template_columns,
-                                [o.max_tokens for o in options if isinstance(o, RowOptions)])
+        budgets = None if self.pooling else [o.max_tokens for o in options if isinstance(o, RowOptions)]
+        built = self.text.build([texts[i] for i in ok], template_columns, budgets)
         prompts: list[Prompt] = []
         made = iter(built)
         for o in options:
@@ -179,10 +189,11 @@ class RequestBuilder:
 
     def _fit(self, chat: _Chat, ids: list[int]) -> Prompt:
         options = None if chat.options == self.base else chat.options
-        limit = self.max_model_len - chat.options.max_tokens
+        budget = 0 if self.pooling else chat.options.max_tokens
+        limit = self.max_model_len - budget
         if len(ids) > limit:
             problem = (f"context_length_exceeded: the prompt has {len(ids)} tokens, the limit is {limit} "
-                       f"(max_model_len {self.max_model_len} - max_tokens {chat.options.max_tokens}); shorten "
+                       f"(max_model_len {self.max_model_len} - max_tokens {budget}); shorten "
                        f"the request, lower its max_tokens or raise model.max_model_len")
             return Prompt(None, problem=problem, endpoint=chat.endpoint, model=chat.model)
         return Prompt(ids, options=options, endpoint=chat.endpoint, model=chat.model)

@@ -45,6 +45,8 @@ def template_fields(template: str) -> list[str]:
 def request_columns(cfg: Config) -> list[tuple[str, str]]:
     """(config key, column) of every input column a row's request reads besides its text."""
     pairs = [("prompt.user", f) for f in template_fields(cfg.prompt.user) if f != "text"]
+    if cfg.input.pair_column:
+        pairs.append(("input.pair_column", cfg.input.pair_column))
     if cfg.input.system_column:
         pairs.append(("input.system_column", cfg.input.system_column))
     if cfg.model.lora_column:
@@ -59,6 +61,7 @@ class Prompt:
 
     token_ids: list[int] | None
     truncated: bool = False
+    token_type_ids: list[int] | None = None  # pairs for a cross-encoder that tells its two texts apart
     problem: str | None = None
     options: RowOptions | None = None  # None: the config's sampling
     endpoint: str | None = None  # OpenAI batch requests: the request's url
@@ -68,8 +71,10 @@ class Prompt:
 class PromptBuilder:
     """Renders rows into prompt token ids that fit ``max_model_len - max_tokens``."""
 
-    def __init__(self, cfg: PromptConfig, tokenizer: Any, *, max_model_len: int, max_tokens: int):
+    def __init__(self, cfg: PromptConfig, tokenizer: Any, *, max_model_len: int, max_tokens: int,
+                 generation_prompt: bool = True):
         self.cfg = cfg
+        self.generation_prompt = generation_prompt  # pooling tasks read the chat as it is
         self.tokenizer = tokenizer
         self.limit = max_model_len - max_tokens
         self.max_model_len = max_model_len
@@ -121,7 +126,7 @@ class PromptBuilder:
     def chat(self, messages: list[dict[str, Any]]) -> str:
         """A chat rendered by the model's chat template, ready for the assistant's turn."""
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **self.cfg.chat_template_kwargs
+            messages, tokenize=False, add_generation_prompt=self.generation_prompt, **self.cfg.chat_template_kwargs
         )
 
     def _encode(self, prompts: list[str]) -> list[list[int]]:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardinfer.engines import Completion, create_engine, get_engine
-from shardinfer.engines.base import Refused
+from shardinfer.engines.base import Pooled, Refused
 from shardinfer.errors import RunError
 from shardinfer.inputs.unit_reader import UnitReader, keep_rows
 from shardinfer.launch.env import RankEnv
@@ -55,7 +55,7 @@ class InFlight:
     prompts: list[Prompt | None]
     previous: pa.Table | None  # --retry-failed: the unit's earlier results
     sent: list[int]  # positions of the rows handed to the engine
-    results: list[Completion | Exception | None]
+    results: list[Completion | Pooled | Exception | None]
     waiting: int = field(init=False)  # rows still with the engine
 
     def __post_init__(self) -> None:
