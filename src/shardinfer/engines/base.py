@@ -69,7 +69,7 @@ class Engine(Protocol):
 
     def load(self) -> None: ...
 
-    def generate(self, prompts: list[Prompt]) -> list[Completion]: ...
+    def generate(self, prompts: list[Prompt]) -> list[Completion] | list[Pooled]: ...
 
     def submit(self, batch: Any, prompts: list[Prompt]) -> None: ...
 
@@ -109,7 +109,7 @@ class BatchQueue:
         done = generate_with_retries(self, prompts, attempts=self.attempts, backoff_s=self.backoff_s)
         return [(batch, i, result) for i, result in enumerate(done)]
 
-    def generate(self, prompts: list[Prompt]) -> list[Completion]:
+    def generate(self, prompts: list[Prompt]) -> list[Completion] | list[Pooled]:
         raise NotImplementedError
 
     def report(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 from shardinfer.bench.dummy import random_weights_copy
 from shardinfer.config import Config, ModelConfig, SamplingConfig
 from shardinfer.engines.base import BatchQueue, Completion
+from shardinfer.engines.hf_pooling import HfPoolingEngine
 from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec
 from shardinfer.errors import ConfigError, missing_dependency
 from shardinfer.requests.prompts import Prompt
@@ -225,7 +226,10 @@ def _dummy_weights(model: dict[str, Any], out: Path) -> None:
     model["path"] = str(random_weights_copy(model["path"], out / "random-weights", model.get("dtype", "auto")))
 
 
-def _create(cfg: Config, max_model_len: int) -> HfEngine:
+def _create(cfg: Config, max_model_len: int) -> HfEngine | HfPoolingEngine:
+    if cfg.task != "generate":
+        return HfPoolingEngine(cfg, max_model_len, batch_tokens=cfg.model.hf_batch_tokens or CPU_BATCH_TOKENS,
+                               attempts=cfg.run.max_attempts)
     return HfEngine(cfg.model, cfg.sampling, max_model_len, attempts=cfg.run.max_attempts)
 
 
@@ -234,4 +238,5 @@ SPEC = EngineSpec(
     create=_create, modules=("torch", "transformers"), extra="hf",
     install_hint="CPU-only machine: pip install 'shardinfer[cpu]'",
     replica_gpus=_replica_gpus, capabilities=Capabilities(samples=True), bench=BenchSupport(baseline="hf-static", dummy_weights=_dummy_weights),
+    tasks=("generate", "embed", "classify", "score", "reward"),
 )

@@ -7,16 +7,16 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: the engines' base module runs its queue through these retries
-    from shardinfer.engines.base import Completion
+    from shardinfer.engines.base import Completion, Pooled
 
 log = logging.getLogger(__name__)
 
 
 def generate_with_retries(engine: Any, prompts: list[Any], *, attempts: int,
-                          backoff_s: float = 2.0) -> list[Completion | Exception]:
+                          backoff_s: float = 2.0) -> list[Completion | Pooled | Exception]:
     """Retry a batch the engine failed entirely, with exponential backoff (each try splits the
     batch on errors, so smaller batches are tried too); the last try's errors are returned."""
-    done: list[Completion | Exception] = []
+    done: list[Completion | Pooled | Exception] = []
     for attempt in range(1, attempts + 1):
         done = generate_isolating(engine, prompts)
         if not all(isinstance(c, Exception) for c in done):
@@ -27,7 +27,7 @@ def generate_with_retries(engine: Any, prompts: list[Any], *, attempts: int,
     return done
 
 
-def generate_isolating(engine: Any, prompts: list[Any]) -> list[Completion | Exception]:
+def generate_isolating(engine: Any, prompts: list[Any]) -> list[Completion | Pooled | Exception]:
     """Generate a whole batch; if the engine raises, split it to isolate the rows that fail."""
     if not prompts:
         return []
