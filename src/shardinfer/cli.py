@@ -23,6 +23,7 @@ from shardinfer.launch.registry import get_launcher, launcher_choices, launcher_
 from shardinfer.launch.start import dry_run, launch, resume
 from shardinfer.ledger.rundir import RunDir, restrict_umask
 from shardinfer.models.tiny import build_tiny_lora, build_tiny_model
+from shardinfer.models.tiny_heads import CAUSAL, KINDS
 from shardinfer.planning.estimate import estimate
 from shardinfer.planning.examples import example_requests
 from shardinfer.planning.plan import describe, make_plan
@@ -223,11 +224,14 @@ def _add_bench_parser(sub: Any, engines: list[str]) -> None:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    if args.lora and args.kind != CAUSAL:
+        print(f"shardinfer: --lora needs --kind {CAUSAL} (the adapter is for the causal model)", file=sys.stderr)
+        return 2
     if args.corpus:
-        model = build_tiny_model(args.out_dir, corpus_path=args.corpus)
+        model = build_tiny_model(args.out_dir, corpus_path=args.corpus, kind=args.kind)
     else:
         with bundled_corpus() as corpus:
-            model = build_tiny_model(args.out_dir, corpus_path=corpus)
+            model = build_tiny_model(args.out_dir, corpus_path=corpus, kind=args.kind)
     print(model)
     if args.lora:
         print(build_tiny_lora(model, args.lora))
@@ -284,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="build the tiny local test model (no download)")
     p.add_argument("out_dir")
     p.add_argument("--corpus", help="JSONL(.gz) whose texts train the tokenizer (default: the bundled documentation)")
+    p.add_argument("--kind", choices=KINDS, default=CAUSAL,
+                   help="causal (default): a language model; classifier: 3 labels (negative/neutral/positive); "
+                        "embed: last-token pooled, normalised embeddings; cross-encoder: one relevance logit "
+                        "(sigmoid) for a (query, document) pair; reward: one raw reward logit for a chat")
     p.add_argument("--lora", metavar="DIR", help="also write a random LoRA adapter for it into DIR (model.lora)")
     p.set_defaults(fn=_cmd_tiny_model)
     p = sub.add_parser("config-reference", help="print every config key with its default and meaning")

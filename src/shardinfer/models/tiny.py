@@ -11,6 +11,10 @@ parameters, 3.3 MB) to run on a CPU in tests, demos and benchmarks:
   with hidden size 128, 2 layers, 4 query / 2 key-value heads of size 32,
   tied embeddings, stored as float32 safetensors.
 
+Other kinds (``kind=``) put a pooling head on the same trunk and tokenizer:
+a three-label classifier, an embedding model, a cross-encoder and a reward
+model (see ``tiny_heads``).
+
 Nothing is downloaded.  The build is deterministic: the same corpus file,
 architecture, seed and vocabulary size give byte-identical weight and
 tokenizer files.  A stamp file records those parameters so that a second
@@ -34,6 +38,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from shardinfer.models.tiny_heads import (
+    CAUSAL,
+    check_kind,
+    config_extras,
+    initialise_head,
+    model_class_name,
+    required_files,
+    write_extra_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +89,8 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-REQUIRED_FILES = _MODEL_FILES + _TOKENIZER_FILES + (STAMP_NAME,)
+REQUIRED_FILES = required_files(CAUSAL) + _TOKENIZER_FILES + (STAMP_NAME,)
 
 _INSTALL_HINT = (
     "building the tiny model needs torch, transformers and tokenizers: "
@@ -97,8 +110,13 @@ def build_tiny_model(
     architecture: str = "qwen3",
     seed: int = 0,
     vocab_size: int = 4096,
+    kind: str = CAUSAL,
 ) -> Path:
     """Build the tiny model and tokenizer into ``out_dir`` and return its path.
+
+    ``kind`` picks the model on top of the shared trunk and tokenizer:
+    ``causal`` (a language model), ``classifier`` (three labels),
+    ``embed``, ``cross-encoder`` or ``reward`` (see ``tiny_heads``).
 
     If ``out_dir`` already holds a complete model built from the same
     parameters and corpus bytes, it is returned untouched.  Otherwise the
@@ -112,9 +130,10 @@ def build_tiny_model(
         raise ValueError(f"unknown architecture {architecture!r}; choose from {sorted(ARCHITECTURES)}")
     if vocab_size < 512:
         raise ValueError(f"vocab_size must be at least 512, got {vocab_size}")
+    check_kind(kind)
     out = Path(out_dir).resolve()
     corpus = Path(corpus_path).resolve()
-    stamp = _stamp(corpus, architecture=architecture, seed=seed, vocab_size=vocab_size)
+    stamp = _stamp(corpus, architecture=architecture, seed=seed, vocab_size=vocab_size, kind=kind)
     if is_complete(out, stamp):
         logger.info("tiny model already present in %s", out)
         return out
@@ -127,7 +146,7 @@ def build_tiny_model(
         started = time.perf_counter()
         _build_into(tmp, corpus, stamp)
         _move_into_place(tmp, out, stamp)
-        logger.info("built tiny %s model in %s (%.1fs)", architecture, out, time.perf_counter() - started)
+        logger.info("built tiny %s %s model in %s (%.1fs)", architecture, kind, out, time.perf_counter() - started)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -164,7 +183,8 @@ def build_tiny_lora(model_dir: str | Path, out_dir: str | Path, *, rank: int = 8
 def is_complete(model_dir: str | Path, stamp: dict[str, Any]) -> bool:
     """True if ``model_dir`` holds every file and a stamp equal to ``stamp``."""
     path = Path(model_dir)
-    if not all((path / name).is_file() for name in REQUIRED_FILES):
+    names = required_files(stamp.get("kind", CAUSAL)) + _TOKENIZER_FILES + (STAMP_NAME,)
+    if not all((path / name).is_file() for name in names):
         return False
     try:
         return json.loads((path / STAMP_NAME).read_text(encoding="utf-8")) == stamp
@@ -185,14 +205,17 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stamp(corpus: Path, *, architecture: str, seed: int, vocab_size: int) -> dict[str, Any]:
-    return {
+def _stamp(corpus: Path, *, architecture: str, seed: int, vocab_size: int, kind: str = CAUSAL) -> dict[str, Any]:
+    stamp: dict[str, Any] = {
         "format": BUILD_FORMAT,
         "architecture": architecture,
         "seed": seed,
         "vocab_size": vocab_size,
         "corpus_sha256": _sha256_file(corpus),
     }
+    if kind != CAUSAL:  # the causal stamp stays what it was before there were kinds
+        stamp["kind"] = kind
+    return stamp
 
 
 def _check_replaceable(out: Path) -> None:
@@ -223,7 +246,7 @@ def _move_into_place(tmp: Path, out: Path, stamp: dict[str, Any]) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -332,8 +355,9 @@ def _check_tokenizer_loads(transformers: Any, directory: Path) -> None:
         raise RuntimeError(f"tokenizer written to {directory} does not load as expected: {prompt!r}")
 
 
-def _model_config(transformers: Any, architecture: str, ids: dict[str, int], vocab_size: int) -> Any:
-    config_name, model_name = ARCHITECTURES[architecture]
+def _model_config(transformers: Any, architecture: str, ids: dict[str, int], vocab_size: int,
+                  kind: str = CAUSAL) -> Any:
+    config_name, causal_name = ARCHITECTURES[architecture]
     config_class = getattr(transformers, config_name)
     return config_class(
         vocab_size=vocab_size,
@@ -349,7 +373,8 @@ def _model_config(transformers: Any, architecture: str, ids: dict[str, int], voc
         bos_token_id=ids[PAD_TOKEN],
         eos_token_id=ids[IM_END],
         pad_token_id=ids[PAD_TOKEN],
-        architectures=[model_name],
+        architectures=[model_class_name(causal_name, kind)],
+        **config_extras(kind),
     )
 
 
@@ -390,23 +415,28 @@ def _save_model(
     vocab_size: int,
 ) -> None:
     torch, transformers = backends["torch"], backends["transformers"]
-    architecture = stamp["architecture"]
-    config = _model_config(transformers, architecture, ids, vocab_size)
-    model_class = getattr(transformers, ARCHITECTURES[architecture][1])
+    architecture, kind = stamp["architecture"], stamp.get("kind", CAUSAL)
+    config = _model_config(transformers, architecture, ids, vocab_size, kind)
+    model_class = getattr(transformers, config.architectures[0])
     # The constructor's own initialisation draws from the global RNG; keep
     # the caller's RNG state untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(stamp["seed"])
         model = model_class(config).to(torch.float32)
     _initialise(torch, model, stamp["seed"])
+    if kind != CAUSAL:
+        initialise_head(torch, model, kind, stamp["seed"])
     model.eval()
     with _quiet_progress_bars(transformers):
         model.save_pretrained(str(directory))
-    generation = transformers.GenerationConfig(
-        bos_token_id=ids[PAD_TOKEN],
-        eos_token_id=ids[IM_END],
-        pad_token_id=ids[PAD_TOKEN],
-    )
-    generation.save_pretrained(str(directory))
+    if kind == CAUSAL:
+        generation = transformers.GenerationConfig(
+            bos_token_id=ids[PAD_TOKEN],
+            eos_token_id=ids[IM_END],
+            pad_token_id=ids[PAD_TOKEN],
+        )
+        generation.save_pretrained(str(directory))
+    else:
+        write_extra_files(directory, kind, _write_json, hidden_size=HIDDEN_SIZE, max_length=MAX_POSITIONS)
     parameters = sum(p.numel() for p in model.parameters())
     logger.debug("saved %s with %d parameters to %s", model_class.__name__, parameters, directory)
