@@ -4,7 +4,8 @@
 A pair is tokenized as vLLM's ``LLM.score`` tokenizes it for a cross-encoder (the tokenizer's own
 pair encoding, ``tokenizer(text=query, text_pair=document)``), so scores equal vLLM's on the same
 pair. A pair over the context keeps its query and cuts the document's end (``prompt.too_long:
-truncate``, status truncated) or fails; a conversation over the context fails. A row whose second
+truncate``, status truncated) or fails; so does a (prompt, response) conversation, whose prompt is
+cut (head and tail kept) and response kept whole. A row whose second
 text is missing or not text fails alone, naming the column.
 """
 
@@ -13,7 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from shardinfer.config import Config
-from shardinfer.requests.prompts import Prompt, PromptBuilder
+from shardinfer.requests.prompts import TRUNCATION_MARKER, Prompt, PromptBuilder
+
+
+def _chat(prompt: str, response: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
 class PairBuilder:
@@ -84,9 +89,30 @@ class PairBuilder:
                                     f"raise model.max_model_len")
 
     def _reward(self, prompts: list[str], responses: list[str]) -> list[Prompt]:
-        chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-                 for p, r in zip(prompts, responses)]
-        return [self.conversation(chat) for chat in chats]
+        built = []
+        for prompt, response in zip(prompts, responses):
+            made = self.conversation(_chat(prompt, response))
+            if made.token_ids is None and made.problem and made.problem.startswith("too_long") \
+                    and self.cfg.prompt.too_long == "truncate":
+                made = self._cut_prompt(prompt, response) or made
+            built.append(made)
+        return built
+
+    def _cut_prompt(self, prompt: str, response: str) -> Prompt | None:
+        """The conversation with the prompt's head and tail kept (the response whole) so it fits, or
+        None when the response alone fills the context."""
+        overhead = self.conversation(_chat(TRUNCATION_MARKER, response)).token_ids
+        if overhead is None:
+            return None
+        keep = self.max_model_len - len(overhead)
+        for _ in range(8):
+            if keep <= 0:
+                return None
+            made = self.conversation(_chat(self.text.head_and_tail(prompt, keep), response))
+            if made.token_ids is not None:
+                return Prompt(made.token_ids, truncated=True)
+            keep -= max(keep // 8, 2)
+        return None
 
     def conversation(self, messages: list[dict[str, Any]]) -> Prompt:
         """A whole conversation (the reward model reads the response's turn) as token ids; over the

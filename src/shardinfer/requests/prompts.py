@@ -156,14 +156,14 @@ class PromptBuilder:
         for _ in range(8):
             if keep <= 0:
                 break
-            ids = self._encode([self.render(self._head_and_tail(text, keep), columns)])[0]
+            ids = self._encode([self.render(self.head_and_tail(text, keep), columns)])[0]
             if len(ids) <= limit:
                 return Prompt(ids, truncated=True)
             keep -= len(ids) - limit + 2
         return Prompt(None, problem=self._too_long_message(n_tokens, max_tokens)
                       + " (the template without the text already fills the limit)")
 
-    def _head_and_tail(self, text: str, keep: int) -> str:
+    def head_and_tail(self, text: str, keep: int) -> str:
         window = keep * _CHARS_PER_TOKEN_BOUND
         if len(text) > 2 * window:
             text = text[:window] + text[-window:]
