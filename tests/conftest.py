@@ -121,7 +121,7 @@ def write_parquet(path: Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
-def write_config(path: Path, *, corpus: Path, model_dir: Path, run_dir: Path, **sections: dict[str, Any]) -> Path:
+def write_config(path: Path, *, corpus: Path, model_dir: Path, run_dir: Path, **sections: Any) -> Path:
     """A small CPU config; ``sections`` update the defaults section by section."""
     cfg: dict[str, Any] = {
         "input": {"path": str(corpus), "text_column": "text"},
@@ -132,7 +132,10 @@ def write_config(path: Path, *, corpus: Path, model_dir: Path, run_dir: Path, **
         "run": {"directory": str(run_dir), "workers": 1, "env": CPU_ENV},
     }
     for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
+        if isinstance(values, dict):
+            cfg.setdefault(name, {}).update(values)
+        else:  # a top-level setting such as task
+            cfg[name] = values
     if cfg["model"]["engine"] != "vllm" and "engine_args" not in sections.get("model", {}):
         del cfg["model"]["engine_args"]  # the defaults above are vLLM's
     path.write_text(yaml.safe_dump(cfg))

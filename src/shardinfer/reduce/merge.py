@@ -31,8 +31,9 @@ from shardinfer.ledger.runstate import load_run
 from shardinfer.planning.plan import Plan, Unit
 from shardinfer.reduce.report import build_report, write_report
 from shardinfer.reduce.result_set import new_version, publish_version, results_lock
+from shardinfer.requests.builder import result_extras
 from shardinfer.requests.openai_batch import OutputFile
-from shardinfer.results import ROW, Totals, empty_result_schema, schema_from_record
+from shardinfer.results import ROW, ResultExtras, Totals, empty_result_schema, schema_from_record
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def _reduce(run_dir: RunDir, *, tidy: bool) -> dict[str, Any]:
             f"{len(missing)} of {len(plan.units)} units are not done (units {_few(missing)}); "
             f"see {run_dir.logs} for the workers' errors. Run the same command again to finish them."
         )
-    schema = _result_schema(run_dir, plan, done, cfg.input.passthrough)
+    schema = _result_schema(run_dir, plan, done, cfg.input.passthrough, result_extras(cfg))
     openai = OutputFile(run_dir.openai_output, run_id(run_dir)) if writes_openai_output(cfg) else None
     totals = _write_results(run_dir, plan, schema, cfg.run.results_row_group_rows, openai, tidy=tidy)
     _check_counts(totals, plan.total_rows)
@@ -97,11 +98,12 @@ def run_id(run_dir: RunDir) -> str:
     return hashlib.sha256(str(run_dir.path.resolve()).encode()).hexdigest()[:12]
 
 
-def _result_schema(run_dir: RunDir, plan: Plan, done: dict[int, Any], passthrough: list[str]) -> pa.Schema:
+def _result_schema(run_dir: RunDir, plan: Plan, done: dict[int, Any], passthrough: list[str],
+                   extras: ResultExtras) -> pa.Schema:
     """One schema for all parts; pass-through columns whose types disagree become strings."""
     schemas = [_schema_of(run_dir, u.unit, done[u.unit]) for u in plan.units]
     if not schemas:  # an empty corpus still gets a (empty) result set with the contract's columns
-        return empty_result_schema(passthrough)
+        return empty_result_schema(passthrough, extras)
     try:
         unified = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError):

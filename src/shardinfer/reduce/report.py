@@ -16,6 +16,7 @@ from shardinfer import __version__
 from shardinfer.config import Config
 from shardinfer.engines.registry import get_engine
 from shardinfer.ledger.rundir import RunDir, write_json_atomic
+from shardinfer.models.tasks import pooled_shape
 from shardinfer.planning.plan import Plan
 from shardinfer.reduce.plot import plot_rates
 from shardinfer.results import STATUSES, Totals
@@ -31,6 +32,7 @@ def build_report(cfg: Config, plan: Plan, run_dir: RunDir, totals: Totals) -> di
     tokens = {"prompt": totals.prompt_tokens, "output": totals.output_tokens, "total": totals.total_tokens}
     return {
         "run": cfg.name,
+        "task": cfg.task,
         "run_dir": str(run_dir.path.resolve()),
         "results": str(run_dir.results.absolute()),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -41,6 +43,9 @@ def build_report(cfg: Config, plan: Plan, run_dir: RunDir, totals: Totals) -> di
                    "generation": round(generation, 3)},
         "tokens_per_s": _rates(tokens, wall),
         "generation_tokens_per_s": _rates(tokens, generation),
+        "throughput": {"rows_per_s": round(totals.rows / wall, 1) if wall > 0 else 0.0,
+                       "generation_rows_per_s": round(totals.rows / generation, 1) if generation > 0 else 0.0},
+        **_embeddings(cfg, totals),
         "phases_s": phases(timeline, first_request, end),
         "timeline": {**_timeline(timeline), "per_worker": _per_worker(metrics, timeline)},
         "cost": _cost(metrics, tokens, cfg.run.gpu_hour_price),
@@ -53,6 +58,17 @@ def build_report(cfg: Config, plan: Plan, run_dir: RunDir, totals: Totals) -> di
         "input": {"files": len(plan.files), "rows": plan.total_rows, "duplicate_ids": len(plan.duplicates),
                   "rows_with_replaced_utf8": plan.replaced_utf8},
     }
+
+
+def _embeddings(cfg: Config, totals: Totals) -> dict[str, Any]:
+    """An embedding run's output: how many embeddings, their size and type, and their bytes."""
+    shape = pooled_shape(cfg)
+    if shape is None or shape.task != "embed":
+        return {}
+    count = totals.ok + totals.truncated
+    width = 2 if shape.dtype == "float16" else 4
+    return {"embeddings": {"count": count, "dimensions": shape.dim, "dtype": shape.dtype,
+                           "bytes": count * shape.dim * width if shape.dim else None}}
 
 
 def _by_launch(metrics: list[WorkerMetrics]) -> list[list[WorkerMetrics]]:
@@ -216,6 +232,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         _rate_line("tokens/s (generation)", r["generation_tokens_per_s"]), "",
         f"Wall time {t['wall']:.1f} s, model load {t['model_load']:.1f} s, generation {t['generation']:.1f} s, "
         f"{r['launches']} launch(es).", "",
+        *_task_lines(r),
         _phases_line(r["phases_s"]), "",
         *_cost_lines(r["cost"]),
         *([f"![tokens per second over time]({r['plot']})", ""] if r.get("plot") else []),
@@ -237,6 +254,18 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["", f"Model `{m['path']}`, engine {m['engine']}, dtype {m['dtype']}, max_model_len {m['max_model_len']}.",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _task_lines(r: dict[str, Any]) -> list[str]:
+    """Rows per second, and for an embedding run what it produced."""
+    rate = r.get("throughput") or {}
+    lines = [f"Task {r.get('task', 'generate')}: {rate.get('rows_per_s', 0):.1f} rows/s (wall), "
+             f"{rate.get('generation_rows_per_s', 0):.1f} rows/s (generation)."]
+    e = r.get("embeddings")
+    if e:
+        size = f", {e['bytes'] / 1e6:.1f} MB" if e.get("bytes") is not None else ""
+        lines[0] += f" {e['count']} embeddings of {e['dimensions'] or '?'} {e['dtype']} values{size}."
+    return [*lines, ""]
 
 
 def _phases_line(p: dict[str, float]) -> str:
