@@ -85,12 +85,12 @@ def _write_jsonl(path: Path, pool: pa.Array, first: int, rows: int, rng: np.rand
             fh.write(b"".join(v.as_buffer().to_pybytes() for v in lines.combine_chunks().cast(pa.binary())))
 
 
-def _config(path: str, **run: object) -> object:
+def _config(path: str, top: dict[str, object] | None = None, **run: object) -> object:
     from shardinfer.planning.validate import checked_from_dict
 
     return checked_from_dict({"input": {"path": path, "id_column": "id"},
                               "model": {"path": "/nonexistent-model", "max_model_len": 4096},
-                              "sampling": {"max_tokens": 256}, "run": {"workers": 1000, **run}})
+                              "sampling": {"max_tokens": 256}, "run": {"workers": 1000, **run}, **(top or {})})
 
 
 def _memory_mb(field: str) -> float:
@@ -156,7 +156,8 @@ def measure_reduce(args: argparse.Namespace) -> None:
     """Commit parts holding ``--rows`` made-up result rows through the real ledger, then time the reduce."""
     run = Path(args.out)
     if not (run / "run.json").is_file():
-        subprocess.run([sys.executable, __file__, "reduce-setup", str(run), str(args.rows), str(args.units)], check=True)
+        subprocess.run([sys.executable, __file__, "reduce-setup", str(run), str(args.rows), str(args.units),
+                        str(args.dim)], check=True)
     subprocess.run([sys.executable, __file__, "reduce-one", str(run)], check=True)
 
 
@@ -174,21 +175,36 @@ def reduce_setup(args: argparse.Namespace) -> None:
                 chars_per_token=4.0, estimate="synthetic")
     run_dir = RunDir(args.out)
     run_dir.make(units=units)
-    cfg = _config("/none")
+    cfg = _config("/none", {"task": "embed", "pooling": {"dimensions": int(args.dim)}} if int(args.dim) else None)
     write_json_atomic(run_dir.plan_json, plan.to_json())
     write_json_atomic(run_dir.run_json, {"config": config_to_dict(cfg), "layout": 2, "launches": 1})  # type: ignore[arg-type]
     ledger = Ledger(run_dir)
-    output = pa.scalar("a generated summary of the document in a few words " * 4)
+    dim = int(args.dim)
     for u in plan.units:
         n = u.rows
-        table = pa.table({"_row": pa.array(np.arange(u.first_row, u.first_row + n)),
-                          "id": pc.binary_join_element_wise("doc-", pa.array(np.arange(u.first_row, u.first_row + n)).cast(pa.string()), ""),
-                          "output": pa.array([output.as_py()] * n), "status": pa.array(["ok"] * n),
-                          "error": pa.nulls(n, pa.string()), "prompt_tokens": pa.array(np.full(n, 125)),
-                          "output_tokens": pa.array(np.full(n, 40)), "finish_reason": pa.array(["stop"] * n)})
+        rows = pa.array(np.arange(u.first_row, u.first_row + n))
+        table = pa.table({"_row": rows, "id": pc.binary_join_element_wise("doc-", rows.cast(pa.string()), ""),
+                          **(_embedding_columns(rows, dim) if dim else _generation_columns(n))})
         assert ledger.claim(u.unit)
         ledger.commit(u.unit, table, {"launch": 0, "rows": n, "ok": n, "truncated": 0, "failed": 0,
-                                       "prompt_tokens": 125 * n, "output_tokens": 40 * n})
+                                       "prompt_tokens": 125 * n, "output_tokens": 0 if dim else 40 * n})
+
+
+def _generation_columns(n: int) -> dict[str, pa.Array]:
+    output = "a generated summary of the document in a few words " * 4
+    return {"output": pa.array([output] * n), "status": pa.array(["ok"] * n), "error": pa.nulls(n, pa.string()),
+            "prompt_tokens": pa.array(np.full(n, 125)), "output_tokens": pa.array(np.full(n, 40)),
+            "finish_reason": pa.array(["stop"] * n)}
+
+
+def _embedding_columns(rows: pa.Array, dim: int) -> dict[str, pa.Array]:
+    """float32 embeddings of ``dim`` values: full size in memory, few distinct values so parts stay
+    small on disk (what is measured is the reduce's memory)."""
+    n = len(rows)
+    values = np.broadcast_to((np.arange(n, dtype=np.float32) % 7)[:, None] / 7, (n, dim)).ravel()
+    return {"status": pa.array(["ok"] * n), "error": pa.nulls(n, pa.string()),
+            "prompt_tokens": pa.array(np.full(n, 125)),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float32()), dim)}
 
 
 def reduce_one(args: argparse.Namespace) -> None:
@@ -247,6 +263,7 @@ def main() -> None:
     c.add_argument("out")
     c.add_argument("--rows", type=int, default=10_000_000)
     c.add_argument("--units", type=int, default=2442)
+    c.add_argument("--dim", type=int, default=0, help="results of task embed: embeddings of this many float32 values")
     c.set_defaults(fn=measure_reduce)
     c = sub.add_parser("early-fail")
     c.add_argument("path")
@@ -260,7 +277,7 @@ def main() -> None:
     c.set_defaults(fn=measure_plan)
     plain = {"read": (measure_read, ["path", "--plan"]),
              "read-one": (read_one, ["path", "plan", "unit"]),  # the steps below run in fresh processes
-             "reduce-setup": (reduce_setup, ["out", "rows", "units"]), "reduce-one": (reduce_one, ["out"])}
+             "reduce-setup": (reduce_setup, ["out", "rows", "units", "dim"]), "reduce-one": (reduce_one, ["out"])}
     for name, (fn, arguments) in plain.items():
         c = sub.add_parser(name)
         for argument in arguments:

@@ -3,7 +3,8 @@
 Parts are read once each, in unit order (units are ascending row ranges), so the results come out in
 input order. The schema of the merged results is known before the first part is read: each done
 record carries its part's schema (parts committed by older versions have their footer read). Rows
-are buffered into row groups of ``run.results_row_group_rows`` (memory bounded by one row group)
+are buffered into row groups of ``run.results_row_group_rows`` (fewer rows for embeddings, so a group
+stays under 256 MB; memory bounded by one row group)
 and files hold up to eight row groups. Every part is checked, in Arrow, to hold exactly its unit's
 rows once each; anything missing or inconsistent fails loudly with what to do.
 """
@@ -58,13 +59,27 @@ def _reduce(run_dir: RunDir, *, tidy: bool) -> dict[str, Any]:
         )
     schema = _result_schema(run_dir, plan, done, cfg.input.passthrough, result_extras(cfg))
     openai = OutputFile(run_dir.openai_output, run_id(run_dir)) if writes_openai_output(cfg) else None
-    totals = _write_results(run_dir, plan, schema, cfg.run.results_row_group_rows, openai, tidy=tidy)
+    totals = _write_results(run_dir, plan, schema, group_rows(cfg.run.results_row_group_rows, schema), openai,
+                            tidy=tidy)
     _check_counts(totals, plan.total_rows)
     report = build_report(cfg, plan, run_dir, totals)
     if cfg.run.output:
         report["output"] = publish(run_dir, cfg.run.output, writes_openai_output(cfg))
     write_report(run_dir, report)
     return report
+
+
+GROUP_BYTES = 256 << 20  # the most a row group of fixed-size columns (embeddings) may hold in memory
+
+
+def group_rows(configured: int, schema: pa.Schema) -> int:
+    """Rows per row group: ``run.results_row_group_rows``, fewer where the fixed-size columns (a
+    1024-dimension embedding is 4 KB a row) would make a group larger than :data:`GROUP_BYTES`."""
+    row_bytes = sum(f.type.list_size * f.type.value_type.bit_width // 8 for f in schema
+                    if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type))
+    if not row_bytes:
+        return configured
+    return max(1024, min(configured, GROUP_BYTES // row_bytes))
 
 
 def publish(run_dir: RunDir, output: str, openai: bool) -> list[str]:
