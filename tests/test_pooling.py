@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO_CORPUS, demo_docs, read_results, run_cli, shared_once, write_config, write_parquet
+from conftest import DEMO_CORPUS, demo_docs, read_results, run_cli, shared_once, write_config, write_jsonl
 from shardinfer.config import config_from_dict
 from shardinfer.errors import ConfigError
 
@@ -95,7 +95,7 @@ def pooling_runs(tmp_path_factory, pooling_models, engine_env):
     """Each task run through ``shardinfer run`` (vLLM, two workers) on the same rows, and the same
     rows' values from vLLM called directly."""
     tmp = tmp_path_factory.mktemp("pooling")
-    corpus = write_parquet(tmp / "rows.parquet", _rows())
+    corpus = write_jsonl(tmp / "rows.jsonl", _rows())
     results, jobs = {}, {}
     for task, (kind, sections) in TASKS.items():
         config = _config(tmp, task, pooling_models[kind], task, corpus, run={"workers": 2, "max_unit_rows": 8,
@@ -176,7 +176,7 @@ def test_hf_engine_gives_vllm_values(pooling_runs, pooling_models, engine_env):
     tmp, results, _, _ = pooling_runs
     for task in ("embed", "classify", "score"):
         kind, sections = TASKS[task]
-        config = _config(tmp, f"hf-{task}", pooling_models[kind], task, tmp / "rows.parquet",
+        config = _config(tmp, f"hf-{task}", pooling_models[kind], task, tmp / "rows.jsonl",
                          model={"engine": "hf"}, **sections)
         proc = run_cli(["run", str(config)], engine_env)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -197,7 +197,7 @@ def test_kill_9_mid_run_then_resume_embeds_every_row_once(tmp_path, pooling_mode
     rows = _rows() * 4
     for i, row in enumerate(rows):
         row["id"] = f"{row['id']}-{i}"
-    corpus = write_parquet(tmp_path / "many.parquet", rows)
+    corpus = write_jsonl(tmp_path / "many.jsonl", rows)
     config = _config(tmp_path, "killed", pooling_models["embed"], "embed", corpus, model={"engine": "hf"},
                      run={"workers": 2, "max_unit_rows": 4, "env": engine_env_cpu()})
     run_dir = tmp_path / "killed"
@@ -224,7 +224,7 @@ def test_kill_9_mid_run_then_resume_embeds_every_row_once(tmp_path, pooling_mode
 @pytest.mark.processes
 def test_a_model_that_cannot_do_the_task_is_refused_before_any_work(tmp_path, pooling_models, tiny_model,
                                                                      engine_env):
-    corpus = write_parquet(tmp_path / "rows.parquet", _rows()[:4])
+    corpus = write_jsonl(tmp_path / "rows.jsonl", _rows()[:4])
     cases = [("classify", tiny_model, "has no classification head"),
              ("generate", pooling_models["classifier"], "cannot generate text"),
              ("score", pooling_models["classifier"], "is not a cross-encoder"),

@@ -3,7 +3,8 @@
 ``python -m shardinfer.bench.raw SPEC.json OUT.json`` where the spec names a mode:
 
 - ``vllm``: raw vLLM, one ``LLM.generate`` over all prompts (what a hand-written script does), with
-  the same engine arguments as the pipeline;
+  the same engine arguments as the pipeline; for a pooling task one ``LLM.encode`` with the task's
+  pooling parameters (what ``LLM.embed`` and ``LLM.classify`` run);
 - ``hf-static``: the naive transformers loop, static batches of ``static_batch`` rows in input
   order, left-padded, one ``generate`` each;
 - ``strategies``: one vLLM engine, the same prompts run one at a time, in static batches, and all
@@ -26,6 +27,7 @@ from typing import Any
 
 from shardinfer.config import Config
 from shardinfer.engines.vllm_engine import engine_kwargs, sampling_kwargs
+from shardinfer.engines.vllm_pooling import VLLM_TASK, pooling_engine_kwargs, pooling_params
 from shardinfer.engines.vllm_stats import SchedulerStats, settings
 from shardinfer.planning.validate import checked_from_dict
 from shardinfer.requests.row_options import base_options
@@ -48,7 +50,7 @@ def _vllm(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], started: 
     from vllm.inputs import TokensPrompt
 
 
-    llm = vllm.LLM(**{"disable_log_stats": False,
+    llm = vllm.LLM(**{"disable_log_stats": False, **pooling_engine_kwargs(cfg),
                       **engine_kwargs(cfg.model, cfg.sampling, spec["max_model_len"], vllm.EngineArgs)})
     params = vllm.SamplingParams(**sampling_kwargs(base_options(cfg.sampling)))
     loaded = time.time()
@@ -56,7 +58,15 @@ def _vllm(cfg: Config, spec: dict[str, Any], prompts: list[list[int]], started: 
 
     estimated = {"rows": 0}  # rows whose tokens vLLM's progress updates did not give
 
+    def pool(batch: list[Any], timeline: Timeline) -> list[tuple[int, int]]:
+        """A pooling task: one ``LLM.encode`` (what ``LLM.embed`` / ``LLM.classify`` run) over the batch."""
+        outputs = llm.encode(batch, pooling_params(cfg), use_tqdm=False, pooling_task=VLLM_TASK[cfg.task])
+        timeline.add(time.time(), sum(len(o.prompt_token_ids) for o in outputs), 0)
+        return [(len(o.prompt_token_ids), 0) for o in outputs]
+
     def call(batch: list[Any], timeline: Timeline) -> list[tuple[int, int]]:
+        if cfg.task != "generate":
+            return pool(batch, timeline)
         mean_in = sum(len(r["prompt_token_ids"]) for r in batch) / len(batch)
         recorder = _recorder(timeline, mean_in, cfg.sampling.max_tokens, estimated)
         outputs = llm.generate(batch, params, use_tqdm=recorder)
