@@ -44,7 +44,8 @@ def _rows() -> list[dict[str, Any]]:
     rows[5]["text"] = ""
     rows[9]["pair"] = None
     rows[14]["pair"] = 7
-    rows[20]["text"] = rows[20]["text"] * 20  # over the context: truncated
+    rows[20]["text"] = rows[20]["text"] * 20  # over the context: truncated (for score: a query that alone is)
+    rows[22]["pair"] = rows[22]["text"] * 20  # a document over the context: cut
     return rows
 
 
@@ -148,11 +149,15 @@ def test_bad_rows_fail_alone_and_long_rows_are_truncated(pooling_runs):
         ids = [r["id"] for r in _rows()]
         assert by_id[ids[5]]["status"] == "failed" and by_id[ids[5]]["error"].startswith("empty_text")
         assert by_id[ids[20]]["status"] == "truncated" and by_id[ids[20]]["prompt_tokens"] <= 512
+        if task == "score":
+            assert by_id[ids[22]]["status"] == "truncated" and by_id[ids[22]]["prompt_tokens"] == 512
         if task in ("score", "reward"):
             assert by_id[ids[9]]["error"].startswith("missing_pair") and "'pair'" in by_id[ids[9]]["error"]
             assert by_id[ids[14]]["error"].startswith("not_text")
+        if task == "reward":  # a response that alone is over the context cannot be cut
+            assert by_id[ids[22]]["error"].startswith("too_long")
         failed = sum(r["status"] == "failed" for r in rows)
-        assert failed == (3 if task in ("score", "reward") else 1)
+        assert failed == {"score": 3, "reward": 4}.get(task, 1)
 
 
 @pytest.mark.engine
@@ -287,6 +292,8 @@ def test_pairs_are_tokenized_as_the_tokenizer_pairs_them(tokenizer):
     assert prompts[3].truncated and len(prompts[3].token_ids) == 40
     query = tokenizer("short query", add_special_tokens=False)["input_ids"]
     assert prompts[3].token_ids[:len(query)] == query  # the query is kept whole, the document cut
+    [long_query] = builder.build(["query " * 100], [{"doc": "d"}])  # a query that alone fills the context
+    assert long_query.truncated and len(long_query.token_ids) == 40
 
 
 def test_reward_conversations_keep_the_response_when_cut(tokenizer):

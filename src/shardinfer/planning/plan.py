@@ -186,7 +186,8 @@ def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Pl
     fields = request_columns(cfg)
     reading.check_columns([f.path for f in files], cfg.input, fields)
     max_model_len = resolve_max_model_len(cfg.model)
-    limit = max_model_len - cfg.sampling.max_tokens
+    output = output_budget(cfg)
+    limit = max_model_len - output
     indexes = _gzip_indexes(files, index_dir)
     with ThreadPoolExecutor(max_workers=max(1, min(_SCAN_THREADS, os.cpu_count() or 1, len(files)))) as pool:
         scans = list(pool.map(lambda fi: scan_file(fi[0], cfg, fi[1], digest=index_dir is not None),
@@ -198,7 +199,7 @@ def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Pl
         s.chars = np.zeros(0, np.int32)  # one copy of the per-row numbers at a time
     tokens = np.ceil(chars / cpt).astype(np.int32)
     # Over-long rows are truncated (or fail), so they cost at most the limit; rows that fail cost 1.
-    costs = np.where(chars > 0, np.minimum(tokens, limit) + cfg.sampling.max_tokens, 1).astype(np.int32)
+    costs = np.where(chars > 0, np.minimum(tokens, limit) + output, 1).astype(np.int32)
     target = cfg.run.unit_tokens or max(1, math.ceil(int(costs.sum()) / (workers * DEFAULT_UNITS_PER_WORKER)))
     offsets = np.concatenate([[0], np.cumsum([s.rows for s in scans])]).astype(np.int64)
     cumulative = np.concatenate([[0], np.cumsum(costs)])
@@ -216,7 +217,7 @@ def make_plan(cfg: Config, workers: int, *, index_dir: Path | None = None) -> Pl
         problem_rows=sum(s.problem_rows for s in scans), replaced_utf8=sum(s.replaced_utf8 for s in scans),
         notes=_notes(files, scans, indexes, units),
         prompt_tokens=int(np.minimum(tokens[running], limit).sum()),
-        output_tokens=int(running.sum()) * cfg.sampling.max_tokens * cfg.sampling.n,
+        output_tokens=int(running.sum()) * output * cfg.sampling.n,
     )
 
 
@@ -375,7 +376,7 @@ def describe(plan: Plan, cfg: Config) -> str:
         lines.append(f"  {f['source']}: {f['rows']} rows, {f['bytes']} bytes")
     lines.append(f"token estimate: {plan.estimate}, {plan.chars_per_token} characters/token")
     lines.append(f"prompt limit: {plan.prompt_limit} tokens (max_model_len {plan.max_model_len} - "
-                 f"max_tokens {cfg.sampling.max_tokens})")
+                 f"max_tokens {output_budget(cfg)})")
     lines.append(f"tokens (estimated): {plan.prompt_tokens:,} prompt + up to {plan.output_tokens:,} output "
                  f"(max_tokens x n for every row that runs)")
     lines += _unit_lines(plan)
@@ -404,3 +405,8 @@ def _unit_lines(plan: Plan) -> list[str]:
         if len(plan.units) > 12 and u.unit == plan.units[5].unit:
             lines.append("  ...")
     return lines
+
+
+def output_budget(cfg: Config) -> int:
+    """Tokens a row may generate: ``sampling.max_tokens``; none for a pooling task."""
+    return cfg.sampling.max_tokens if cfg.task == "generate" else 0

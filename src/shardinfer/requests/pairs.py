@@ -78,12 +78,15 @@ class PairBuilder:
         return prompts
 
     def _too_long_pair(self, query: str, document: str, n_tokens: int) -> Prompt:
+        """Cut the document to fit; a query that alone fills the context is cut too (longest first)."""
         if self.cfg.prompt.too_long == "truncate":
-            cut = self.tokenizer(text=query, text_pair=document, truncation="only_second",
-                                 max_length=self.max_model_len)
-            if len(cut["input_ids"]) <= self.max_model_len:
-                types = cut.get("token_type_ids")
-                return Prompt(cut["input_ids"], truncated=True, token_type_ids=types)
+            for how in ("only_second", "longest_first"):
+                try:
+                    cut = self.tokenizer(text=query, text_pair=document, truncation=how, max_length=self.max_model_len)
+                except Exception:  # noqa: BLE001 - the tokenizer cannot cut this way: try the next
+                    continue
+                if len(cut["input_ids"]) <= self.max_model_len:
+                    return Prompt(cut["input_ids"], truncated=True, token_type_ids=cut.get("token_type_ids"))
         return Prompt(None, problem=f"too_long: the pair has {n_tokens} tokens, the limit is max_model_len "
                                     f"{self.max_model_len}; set prompt.too_long=truncate (cuts the document) or "
                                     f"raise model.max_model_len")
