@@ -317,3 +317,23 @@ def test_a_pooling_config_without_its_model_directory_still_loads(tmp_path):
     cfg = config_from_dict({"task": "classify", "input": {"path": "x.jsonl"}, "model": {"path": "org/some-model"}})
     assert task_problem(cfg) is None
     assert pooled_shape(cfg).labels == ()
+
+
+def test_a_row_the_prompt_builder_chokes_on_fails_alone():
+    """If building a batch raises, the rows are built one by one and only the one that raises fails."""
+    from types import SimpleNamespace
+
+    from shardinfer.requests.prompts import Prompt
+    from shardinfer.worker.loop import Worker
+
+    class Choking:
+        def build(self, texts, columns):
+            if "bad" in texts:
+                raise ValueError("the tokenizer cannot take this")
+            return [Prompt([1, 2]) for _ in texts]
+
+    worker = SimpleNamespace(builder=Choking())
+    worker._build_one = lambda text, cols: Worker._build_one(worker, text, cols)
+    built = Worker._build(worker, ["good", "bad", "fine"], [{}, {}, {}])
+    assert [p.token_ids for p in built] == [[1, 2], None, [1, 2]]
+    assert built[1].problem == "prompt_error: ValueError: the tokenizer cannot take this"

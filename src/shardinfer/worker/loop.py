@@ -303,10 +303,25 @@ class Worker:
         texts = rows.column(TEXT).take(valid).to_pylist()
         fields = [f for f in dict.fromkeys(self.request_columns) if f in rows.column_names]
         columns = rows.select(fields).take(valid).to_pylist() if fields else [{} for _ in valid]
-        built = self.builder.build(texts, columns)
-        for i, prompt in zip(valid, built):
+        for i, prompt in zip(valid, self._build(texts, columns)):
             prompts[i] = prompt
         return prompts
+
+    def _build(self, texts: list[str], columns: list[dict[str, Any]]) -> list[Prompt]:
+        """The rows' prompts; if building the batch raises, each row is built alone and a row that
+        still raises fails with the error: a row the tokenizer or a template chokes on never stops
+        the worker."""
+        try:
+            return self.builder.build(texts, columns)
+        except Exception as exc:  # noqa: BLE001 - isolate the rows that raise
+            log.warning("building a batch of %d prompts failed (%r); building them one by one", len(texts), exc)
+        return [self._build_one(text, cols) for text, cols in zip(texts, columns)]
+
+    def _build_one(self, text: str, columns: dict[str, Any]) -> Prompt:
+        try:
+            return self.builder.build([text], [columns])[0]
+        except Exception as exc:  # noqa: BLE001 - this row fails with the error
+            return Prompt(None, problem=f"prompt_error: {type(exc).__name__}: {exc}")
 
     def _count(self, counts: RowCounts, progress: Progress) -> None:
         m = self.metrics
