@@ -321,3 +321,38 @@ def test_submitit_jobs_drain_on_usr2_and_requeue_themselves(cluster_env, long_jo
     assert {m["restart"] for m in metrics} == {0, 1}
     assert all(m["drained_by"] == "SIGUSR2" for m in metrics if m["restart"] == 0)
     assert (run_dir / "slurm" / f"drained-{worker_job}-0").is_dir()
+
+
+def test_a_classify_job_on_two_nodes_gives_every_row_its_probabilities(cluster_env, tmp_path):
+    """A pooling task through sbatch on both nodes (transformers engine): every row once, with the
+    probabilities transformers gives for the same text."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from conftest import DEMO_CORPUS
+    from shardinfer.models.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "classifier", corpus_path=DEMO_CORPUS, kind="classifier")
+    docs = [{"id": d["id"], "text": d["text"][:400]} for d in demo_docs(24)]
+    docs[3]["text"] = ""  # fails alone
+    corpus = write_jsonl(tmp_path / "docs.jsonl", docs)
+    config = write_config(tmp_path / "classify.yaml", corpus=corpus, model_dir=model, run_dir=tmp_path / "run",
+                          task="classify", input={"path": str(corpus), "id_column": "id"}, prompt={"system": None},
+                          model={"engine": "hf"}, run={"directory": str(tmp_path / "run"), "max_unit_rows": 4},
+                          slurm={"nodes": 2, "cpus_per_task": 1, "time_min": 10, "reduce_time_min": 10,
+                                 "reduce_cpus": 1})
+    proc = run_cli(["submit", str(config), "--wait"], cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_results(tmp_path / "run")
+    assert [r["id"] for r in rows] == [d["id"] for d in docs]
+    assert rows[3]["status"] == "failed" and rows[3]["error"].startswith("empty_text")
+    assert {w["host"] for w in _report(tmp_path / "run")["workers"]} == {"node1", "node2"}
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    classifier = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch.float32).eval()
+    for doc, row in zip(docs, rows):
+        if row["status"] == "failed":
+            continue
+        with torch.inference_mode():
+            probs = classifier(**tokenizer(doc["text"], return_tensors="pt")).logits[0].softmax(-1).tolist()
+        assert max(abs(a - b) for a, b in zip(row["probs"].values(), probs)) < 1e-4
+        assert row["label"] == max(row["probs"], key=row["probs"].get)
