@@ -167,6 +167,14 @@ def test_results_have_the_task_columns_and_the_report_counts_them(pooling_runs):
     assert str(columns["score"].field("score").type) == "double"
     for schema in columns.values():
         assert "output" not in schema.names and {"id", "status", "error", "prompt_tokens"} <= set(schema.names)
+    import datasets
+    import polars
+
+    frame = polars.read_parquet(tmp / "embed" / "results" / "*.parquet")
+    assert frame.height == len(_rows()) and frame.schema["embedding"] == polars.Array(polars.Float32, 128)
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp / "embed" / "results" / "*.parquet"), split="train",
+                                   cache_dir=str(tmp / "hf-cache"))
+    assert loaded.num_rows == len(_rows()) and len(loaded[0]["embedding"]) == 128
     report = json.loads((tmp / "embed" / "report.json").read_text())
     assert report["task"] == "embed" and report["rows"]["in"] == len(_rows())
     assert report["embeddings"]["dimensions"] == 128
