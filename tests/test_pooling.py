@@ -48,14 +48,15 @@ def _rows() -> list[dict[str, Any]]:
     return rows
 
 
-def _config(tmp: Path, name: str, model: Path, task: str, corpus: Path, **sections: Any) -> Path:
+def _config(tmp: Path, name: str, model_dir: Path, task: str, corpus: Path, **sections: Any) -> Path:
     inputs = {"path": str(corpus), "id_column": "id", **sections.pop("input", {})}
-    return write_config(tmp / f"{name}.yaml", corpus=corpus, model_dir=model, run_dir=tmp / name,
+    return write_config(tmp / f"{name}.yaml", corpus=corpus, model_dir=model_dir, run_dir=tmp / name,
                         input=inputs, prompt={"too_long": "truncate", "system": None}, task=task, **sections)
 
 
-TASKS = {  # task -> (model kind, extra config sections)
+TASKS = {  # run -> (model kind, extra config sections); embed-causal: the causal LM converted to embed
     "embed": ("embed", {}),
+    "embed-causal": ("causal", {}),
     "classify": ("classifier", {}),
     "score": ("cross-encoder", {"input": {"pair_column": "pair"}}),
     "reward": ("reward", {"input": {"pair_column": "pair"}}),
@@ -69,9 +70,10 @@ from transformers import AutoTokenizer
 jobs = json.load(open(sys.argv[1]))
 out = {}
 for task, job in jobs.items():
+    convert = {"convert": "embed"} if task == "embed-causal" else {}
     llm = LLM(model=job["model"], runner="pooling", dtype="float32", max_model_len=512, enforce_eager=True,
-              kv_cache_memory_bytes=64 << 20, seed=0)
-    if task == "embed":
+              kv_cache_memory_bytes=64 << 20, seed=0, **convert)
+    if task.startswith("embed"):
         out[task] = [o.outputs.embedding for o in llm.embed(job["texts"], use_tqdm=False)]
     elif task == "classify":
         out[task] = [o.outputs.probs for o in llm.classify(job["texts"], use_tqdm=False)]
@@ -91,21 +93,22 @@ json.dump(out, open(sys.argv[2], "w"))
 
 
 @pytest.fixture(scope="module")
-def pooling_runs(tmp_path_factory, pooling_models, engine_env):
-    """Each task run through ``shardinfer run`` (vLLM, two workers) on the same rows, and the same
+def pooling_runs(tmp_path_factory, pooling_models, tiny_model, engine_env):
+    """Each task run through ``shardinfer run`` (vLLM) on the same rows, and the same
     rows' values from vLLM called directly."""
     tmp = tmp_path_factory.mktemp("pooling")
     corpus = write_jsonl(tmp / "rows.jsonl", _rows())
     results, jobs = {}, {}
+    models = {**pooling_models, "causal": tiny_model}
     for task, (kind, sections) in TASKS.items():
-        config = _config(tmp, task, pooling_models[kind], task, corpus, run={"workers": 2, "max_unit_rows": 8,
+        config = _config(tmp, task, models[kind], task.removesuffix("-causal"), corpus, run={"max_unit_rows": 8,
                                                                           "env": engine_env_cpu()}, **sections)
         proc = run_cli(["run", str(config)], engine_env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[task] = read_results(tmp / task)
         ok = [r for r in results[task] if r["status"] == "ok"]
         by_id = {row["id"]: row for row in _rows()}
-        jobs[task] = {"model": str(pooling_models[kind]), "ids": [r["id"] for r in ok],
+        jobs[task] = {"model": str(models[kind]), "ids": [r["id"] for r in ok],
                       "texts": [by_id[r["id"]]["text"] for r in ok], "pairs": [by_id[r["id"]]["pair"] for r in ok]}
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run([sys.executable, "-c", DIRECT, str(tmp / "jobs.json"), str(tmp / "direct.json")],
@@ -129,7 +132,7 @@ def test_pipeline_values_equal_vllm_called_directly(pooling_runs, task):
     assert len(jobs[task]["ids"]) >= 30
     for row_id, expected in zip(jobs[task]["ids"], direct[task]):
         row = rows[row_id]
-        if task == "embed":
+        if task.startswith("embed"):
             assert len(row["embedding"]) == 128
             assert max(abs(a - b) for a, b in zip(row["embedding"], expected)) < 1e-4
         elif task == "classify":
@@ -344,3 +347,34 @@ def test_a_row_the_prompt_builder_chokes_on_fails_alone():
     built = Worker._build(worker, ["good", "bad", "fine"], [{}, {}, {}])
     assert [p.token_ids for p in built] == [[1, 2], None, [1, 2]]
     assert built[1].problem == "prompt_error: ValueError: the tokenizer cannot take this"
+
+
+def test_embeddings_of_float16_and_failed_rows_keep_the_column_type():
+    import pyarrow as pa
+
+    from shardinfer.engines.base import Pooled
+    from shardinfer.models.tasks import PooledShape
+    from shardinfer.requests.prompts import Prompt
+    from shardinfer.results import ID, ROW, ResultExtras, result_table
+
+    rows = pa.table({ROW: [0, 1, 2], ID: ["a", "b", "c"]})
+    extras = ResultExtras(pooled=PooledShape("embed", dim=4, dtype="float16"))
+    table = result_table(rows, [None, "empty_text: no text", None], [Prompt([1, 2]), None, Prompt([3])],
+                         [Pooled([0.5, 0.25, 0.0, 1.0]), None, RuntimeError("boom")], [], extras)
+    assert str(table.schema.field("embedding").type) == "fixed_size_list<item: halffloat>[4]"
+    assert table.column("embedding").to_pylist() == [[0.5, 0.25, 0.0, 1.0], None, None]
+    assert table.column("status").to_pylist() == ["ok", "failed", "failed"]
+    assert table.column("error").to_pylist()[2] == "engine_error: RuntimeError: boom"
+    assert table.column("prompt_tokens").to_pylist() == [2, None, 1]
+
+
+def test_dimensions_of_a_model_that_is_not_matryoshka_are_refused(tmp_path):
+    from shardinfer.models.tasks import task_problem
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3Model"], "hidden_size": 128}))
+    cfg = config_from_dict({"task": "embed", "input": {"path": "x.jsonl"}, "model": {"path": str(tmp_path)},
+                            "pooling": {"dimensions": 64}})
+    assert "is not a Matryoshka model" in task_problem(cfg)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3Model"], "hidden_size": 128,
+                                                      "matryoshka_dimensions": [32, 64, 128]}))
+    assert task_problem(cfg) is None

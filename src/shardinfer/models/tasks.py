@@ -37,6 +37,7 @@ class ModelKind:
     labels: tuple[str, ...]
     hidden_size: int | None
     embedding_size: int | None  # a sentence-transformers Dense module's output, else hidden_size
+    matryoshka: bool = False  # trained so that the first N values are an embedding too
 
     @property
     def classifier(self) -> bool:
@@ -64,7 +65,8 @@ def model_kind(path: str) -> ModelKind | None:
     return ModelKind(architecture=architectures[0] if architectures else None,
                      num_labels=len(labels) if labels else None, labels=labels,
                      hidden_size=int(hidden) if hidden else None,
-                     embedding_size=_dense_out(Path(path)) or (int(hidden) if hidden else None))
+                     embedding_size=_dense_out(Path(path)) or (int(hidden) if hidden else None),
+                     matryoshka=bool(config.get("is_matryoshka") or config.get("matryoshka_dimensions")))
 
 
 def _labels(config: dict[str, Any]) -> tuple[str, ...]:
@@ -116,6 +118,10 @@ def task_problem(cfg: Config) -> str | None:
                 f"output (a {_CLASSIFIER} with num_labels 1). "
                 + ("Use task: classify for a model with several labels" if kind.classifier else
                    "Use such a model, or task: embed and compare embeddings"))
+    if task == "embed" and cfg.pooling.dimensions and not kind.matryoshka:
+        return (f"pooling.dimensions: {arch} is not a Matryoshka model (its config.json has no is_matryoshka or "
+                f"matryoshka_dimensions), so its first {cfg.pooling.dimensions} values are no embedding; remove "
+                f"pooling.dimensions")
     if task == "embed" and cfg.pooling.dimensions and kind.embedding_size and cfg.pooling.dimensions > kind.embedding_size:
         return (f"pooling.dimensions {cfg.pooling.dimensions} is more than the model's {kind.embedding_size} "
                 f"embedding dimensions; lower it or leave it out")
