@@ -208,9 +208,7 @@ def test_hf_engine_gives_vllm_values(pooling_runs, pooling_models, engine_env):
 @pytest.mark.engine
 def test_kill_9_mid_run_then_resume_embeds_every_row_once(tmp_path, pooling_models, engine_env, pooling_runs):
     _, results, _, _ = pooling_runs
-    rows = _rows() * 4
-    for i, row in enumerate(rows):
-        row["id"] = f"{row['id']}-{i}"
+    rows = [dict(row, id=f"{row['id']}-{i}") for i, row in enumerate(_rows() * 4)]
     corpus = write_jsonl(tmp_path / "many.jsonl", rows)
     config = _config(tmp_path, "killed", pooling_models["embed"], "embed", corpus, model={"engine": "hf"},
                      run={"workers": 2, "max_unit_rows": 4, "env": engine_env_cpu()})
