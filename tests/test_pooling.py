@@ -376,3 +376,12 @@ def test_dimensions_of_a_model_that_is_not_matryoshka_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3Model"], "hidden_size": 128,
                                                       "matryoshka_dimensions": [32, 64, 128]}))
     assert task_problem(cfg) is None
+
+
+def test_a_score_column_passes_through_a_generate_run_but_not_a_score_run():
+    from shardinfer.planning.validate import checked_from_dict
+
+    base = {"input": {"path": "x.jsonl", "passthrough": ["score"]}, "model": {"path": "m"}}
+    assert checked_from_dict(base).input.passthrough == ["score"]
+    with pytest.raises(ConfigError, match="'score' is a results column already"):
+        checked_from_dict({**base, "task": "score", "pooling": {"query": "q"}})

@@ -67,8 +67,8 @@ OPTIONAL: dict[str, pa.DataType] = {
 }
 POOLED_CONTRACT = ["id", "status", "error", "prompt_tokens"]  # the contract of pooling tasks, before their columns
 # Names an input column may not take in the results (pass-through columns).
-RESERVED = frozenset({*COLUMNS, *OPTIONAL, ROW, TEXT, ID, PROBLEM, CHARS, OFFSET, LINE, "embedding", "label", "probs",
-                      "score"})
+RESERVED = frozenset({*COLUMNS, *OPTIONAL, ROW, TEXT, ID, PROBLEM, CHARS, OFFSET, LINE})
+POOLED_NAMES = frozenset({"embedding", "label", "probs", "score"})  # reserved too in a pooling task's results
 
 
 def pooled_columns(shape: Any) -> dict[str, pa.DataType]:

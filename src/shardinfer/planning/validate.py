@@ -21,7 +21,7 @@ from shardinfer.engines.registry import EngineSpec, engine_names, engines
 from shardinfer.errors import ConfigError
 from shardinfer.requests.prompts import template_fields
 from shardinfer.requests.row_options import OptionError, RowOptions, check_config
-from shardinfer.results import CONTRACT, RESERVED
+from shardinfer.results import CONTRACT, POOLED_NAMES, RESERVED
 
 
 def load_checked(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -66,7 +66,7 @@ def _engine(config: Config) -> EngineSpec:
 
 def _passthrough(config: Config) -> None:
     for name in config.input.passthrough:
-        if name in RESERVED:
+        if name in RESERVED or (config.task != "generate" and name in POOLED_NAMES):
             raise ConfigError(
                 f"input.passthrough: {name!r} is a results column already. Remove it"
                 + (" (the id column is the results' id)" if name == config.input.id_column else "")
