@@ -70,8 +70,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _print_report(run_dir: RunDir, report: dict[str, Any]) -> None:
     rate = report["tokens_per_s"]
     print(f"\n{summary_line(report['rows'])}")
-    print(f"throughput: {rate['total']:.0f} tokens/s ({rate['input']:.0f} in, {rate['output']:.0f} out) "
-          f"over {report['time_s']['wall']:.1f} s")
+    rows_per_s = (report.get("throughput") or {}).get("rows_per_s", 0.0)
+    print(f"throughput: {rate['total']:.0f} tokens/s ({rate['input']:.0f} in, {rate['output']:.0f} out), "
+          f"{rows_per_s:.1f} rows/s over {report['time_s']['wall']:.1f} s")
     print(f"results: {run_dir.results.absolute()}")
     print(f"report:  {run_dir.report_md.resolve()} (and report.json)")
 
