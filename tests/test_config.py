@@ -69,7 +69,7 @@ def test_unknown_key_names_the_key_and_the_valid_ones():
 
 
 def test_unknown_section_is_refused():
-    with pytest.raises(ConfigError, match="unknown key 'sampler'.*Valid keys: input, prompt, model"):
+    with pytest.raises(ConfigError, match="unknown key 'sampler'.*Valid keys: task, input, prompt, model"):
         checked_from_dict({**MINIMAL, "sampler": {}})
 
 
