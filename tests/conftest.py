@@ -88,6 +88,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_once(tmp_path_factory, "model", make) / "tiny-qwen3"
 
 
+POOLING_KINDS = ("classifier", "embed", "cross-encoder", "reward")
+
+
+@pytest.fixture(scope="session")
+def pooling_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The four tiny pooling models (built once per session, a few seconds each)."""
+    from shardinfer.models.tiny import build_tiny_model
+
+    def make(directory: Path) -> None:
+        for kind in POOLING_KINDS:
+            build_tiny_model(directory / kind, corpus_path=DEMO_CORPUS, kind=kind)
+
+    root = shared_once(tmp_path_factory, "pooling-models", make)
+    return {kind: root / kind for kind in POOLING_KINDS}
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model: Path) -> Any:
     from transformers import AutoTokenizer

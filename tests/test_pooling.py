@@ -15,25 +15,11 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DEMO_CORPUS, demo_docs, read_results, run_cli, shared_once, write_config, write_jsonl
+from conftest import demo_docs, read_results, run_cli, write_config, write_jsonl
 from shardinfer.config import config_from_dict
 from shardinfer.errors import ConfigError
 
-KINDS = ("classifier", "embed", "cross-encoder", "reward")
 QUERY = "how do I read a file"
-
-
-@pytest.fixture(scope="session")
-def pooling_models(tmp_path_factory) -> dict[str, Path]:
-    """The four tiny pooling models (built once per session, a few seconds each)."""
-    from shardinfer.models.tiny import build_tiny_model
-
-    def make(directory: Path) -> None:
-        for kind in KINDS:
-            build_tiny_model(directory / kind, corpus_path=DEMO_CORPUS, kind=kind)
-
-    root = shared_once(tmp_path_factory, "pooling-models", make)
-    return {kind: root / kind for kind in KINDS}
 
 
 def _rows() -> list[dict[str, Any]]:

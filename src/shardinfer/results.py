@@ -14,7 +14,10 @@
 
 Pooling tasks (``task: embed | classify | score | reward``) have ``id, status, error, prompt_tokens``
 and then their own columns (:func:`pooled_columns`): ``embedding`` (a fixed-size list of float32 or
-float16), ``label`` and ``probs`` (a struct of one float per label), or ``score`` (float64).
+float16), ``label`` and ``probs`` (a struct of one float per label), or ``score`` (float64). Their
+OpenAI batch runs leave those null and add ``endpoint``, ``model``, ``pooled`` (each input of the line:
+its embedding, or ``[score]`` per pair, in input order) and ``openai_options`` (what else shapes the
+output line: ``encoding_format``; a rerank line's ``top_n`` and documents).
 
 Parts also carry ``_row`` (the global input row index) which the reducer uses to order and check.
 This module is the one place that names the columns, the statuses and the reserved names; counts of
@@ -33,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardinfer.errors import Refused
+from shardinfer.requests.openai_pooling import pooled_values
 
 ROW = "_row"  # the global input row index, in parts (the reducer orders and checks by it)
 # The row shape the corpus readers give the worker (see shardinfer.inputs.rows).
@@ -64,6 +68,10 @@ OPTIONAL: dict[str, pa.DataType] = {
     "endpoint": pa.string(),  # OpenAI batch files: the request's url
     "model": pa.string(),  # OpenAI batch files: the request's model
     "adapter": pa.string(),  # runs with model.lora: the adapter a row ran with (null: the base model)
+    "pooled": pa.list_(pa.list_(pa.float32())),  # OpenAI batch pooling lines: each input's values
+    # OpenAI batch pooling lines: what shapes the output line besides the values
+    "openai_options": pa.struct([("encoding_format", pa.string()), ("top_n", pa.int64()),
+                                 ("documents", pa.list_(pa.string()))]),
 }
 POOLED_CONTRACT = ["id", "status", "error", "prompt_tokens"]  # the contract of pooling tasks, before their columns
 # Names an input column may not take in the results (pass-through columns).
@@ -107,7 +115,8 @@ class ResultExtras:
         groups = {"samples": ["outputs", "finish_reasons"], "logprobs": ["logprobs"],
                   "structured": ["structured_ok", "structured_error"], "openai": ["endpoint", "model"],
                   "adapters": ["adapter"]}
-        return [c for flag, cols in groups.items() if getattr(self, flag) for c in cols]
+        columns = [c for flag, cols in groups.items() if getattr(self, flag) for c in cols]
+        return columns + (["pooled", "openai_options"] if self.openai and self.pooled is not None else [])
 _TYPES = {ROW: pa.int64(), **COLUMNS, **OPTIONAL}
 
 
@@ -243,9 +252,11 @@ def _pooled_record(problem: str | None, prompt: Any, pooled: Any, extras: Result
     if isinstance(pooled, Exception):
         error = (f"invalid_request: {pooled}" if isinstance(pooled, Refused)
                  else f"engine_error: {type(pooled).__name__}: {pooled}")
-        return {**_failed(error), "prompt_tokens": len(prompt.token_ids), **request}
+        return {**_failed(error), "prompt_tokens": prompt.prompt_tokens, **request}
     record = {"status": (Status.TRUNCATED if prompt.truncated else Status.OK).value,
-              "prompt_tokens": len(prompt.token_ids), **request}
+              "prompt_tokens": prompt.prompt_tokens, **request}
+    if prompt.parts is not None:  # an OpenAI pooling line: every input's values
+        return {**record, "pooled": pooled_values(prompt, pooled.items), "openai_options": prompt.line_options}
     shape, values = extras.pooled, pooled.values
     if shape.task == "embed":
         record["embedding"] = values

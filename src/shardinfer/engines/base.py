@@ -55,10 +55,16 @@ class Completion:
 
 @dataclass
 class Pooled:
-    """What a row of a pooling task got: its embedding, its class probabilities, or ``[score]``."""
+    """What a row of a pooling task got: its embedding, its class probabilities, or ``[score]``; a row
+    of several inputs (:attr:`Prompt.parts`) gets each input's values as ``items``, in input order."""
 
     values: list[float]
     output_tokens: int = 0
+    items: list[list[float]] | None = None
+
+    @classmethod
+    def of_parts(cls, parts: list[Pooled]) -> Pooled:
+        return cls(values=[], items=[p.values for p in parts])
 
 
 Finished = tuple[Any, int, "Completion | Pooled | Exception"]

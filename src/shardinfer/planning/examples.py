@@ -1,8 +1,9 @@
 """Example requests for ``shardinfer plan``: the first rows rendered exactly as the workers will.
 
-One example per kind of request (a text prompt, a chat, an OpenAI chat or completions request),
-with the prompt the engine will get, its token count and the options that differ from
-``sampling``; and the reasons of the first rows whose request cannot be made.
+One example per kind of request (a text prompt, a chat, an OpenAI chat, completions, embeddings,
+score or rerank request), with the prompt the engine will get (each input of a pooling line), its
+token count and the options that differ from ``sampling``; and the reasons of the first rows whose
+request cannot be made.
 """
 
 from __future__ import annotations
@@ -77,10 +78,12 @@ def _describe(cfg: Config, builder: RequestBuilder, ids: list[str], prompts: lis
 
 
 def _example(kind: str, row_id: str, prompt: Prompt, builder: RequestBuilder, tokenizer: Any) -> list[str]:
-    text = tokenizer.decode(prompt.token_ids or [])
+    text = "\n[next input]\n".join(tokenizer.decode(p.token_ids or []) for p in prompt.requests())
     if len(text) > _SHOWN_CHARS:
         text = text[: _SHOWN_CHARS // 2] + f"\n[... {len(text) - _SHOWN_CHARS} characters ...]\n" + text[-_SHOWN_CHARS // 2:]
-    head = f"# example request ({kind}): row {row_id!r}, {len(prompt.token_ids or [])} prompt tokens"
+    head = f"# example request ({kind}): row {row_id!r}, {prompt.prompt_tokens} prompt tokens"
+    if prompt.parts is not None:
+        head += f" in {len(prompt.parts)} engine request{'s' if len(prompt.parts) > 1 else ''}"
     if prompt.truncated:
         head += ", truncated to fit"
     lines = [head]

@@ -6,7 +6,9 @@ Three kinds of rows, one per input mode:
   over-long documents (:class:`~shardinfer.prompts.PromptBuilder`);
 - **messages** (``input.messages_column``): a chat sent as it is (a per-row or the config's system
   message is put first when the chat has none);
-- **openai** (``input.format: openai-batch``): a Batch API request line (:mod:`shardinfer.openai_batch`).
+- **openai** (``input.format: openai-batch``): a Batch API request line (:mod:`shardinfer.openai_batch`);
+  a pooling line (embeddings, score, rerank) becomes one engine request per input, the parts of its
+  prompt (:mod:`shardinfer.requests.openai_pooling`).
 
 Options start from ``sampling`` and may be set per row from columns (``sampling.per_row``), by a
 row's adapter column (``model.lora_column``) or by a request body. A row whose request cannot be
@@ -23,7 +25,8 @@ from typing import Any
 
 from shardinfer.config import Config
 from shardinfer.models.tasks import pooled_shape
-from shardinfer.requests.openai_batch import BatchRequest, check_messages, parse_request
+from shardinfer.requests.openai_batch import check_messages, parse_request
+from shardinfer.requests.openai_pooling import PoolingPrompts, PoolingRequest, RunPooling
 from shardinfer.requests.pairs import PairBuilder
 from shardinfer.requests.prompts import SYSTEM, Prompt, PromptBuilder, template_fields
 from shardinfer.requests.row_options import OptionError, RowOptions, base_options
@@ -50,6 +53,15 @@ def result_extras(cfg: Config) -> ResultExtras:
         structured=base.structured is not None or bool(per_row & {"json_schema", "regex", "choice"})
         or mode == "openai",
         openai=mode == "openai", adapters=bool(cfg.model.lora), base=base)
+
+
+def run_pooling(cfg: Config) -> RunPooling:
+    """What an OpenAI pooling line is checked against: the run's task, dimensions and activation."""
+    if cfg.task == "embed":
+        normalize = cfg.pooling.normalize
+        return RunPooling("embed", cfg.pooling.dimensions, True if normalize is None else normalize)
+    activation = cfg.pooling.activation
+    return RunPooling(cfg.task, activation=(cfg.task != "reward") if activation is None else activation)
 
 
 def input_mode(cfg: Config) -> str:
@@ -86,6 +98,8 @@ class RequestBuilder:
         self.max_model_len = max_model_len
         self.capabilities = capabilities
         self.served = served_names(cfg)
+        self.run_pooling = run_pooling(cfg)
+        self.pooling_lines = PoolingPrompts(tokenizer, task=cfg.task, max_model_len=max_model_len)
         self.template_keys = set(template_fields(cfg.prompt.user))  # parsed once, not per batch
 
     def build(self, texts: list[str], columns: list[dict[str, Any]]) -> list[Prompt]:
@@ -99,9 +113,14 @@ class RequestBuilder:
         chats: dict[int, _Chat] = {}
         for i, (text, cols) in enumerate(zip(texts, columns)):
             try:
-                chats[i] = self._openai(text) if self.mode == "openai" else self._messages(text, cols)
+                request = self._openai(text) if self.mode == "openai" else self._messages(text, cols)
             except OptionError as exc:
                 prompts[i] = Prompt(None, problem=f"{exc.code}: {exc}")
+                continue
+            if isinstance(request, PoolingRequest):
+                prompts[i] = self.pooling_lines.prompt(request)
+            else:
+                chats[i] = request
         for i, prompt in zip(chats, self._encode(list(chats.values()))):
             prompts[i] = prompt
         return [p for p in prompts if p is not None]
@@ -164,8 +183,10 @@ class RequestBuilder:
             raise options
         return _Chat(options, messages=messages)
 
-    def _openai(self, text: str) -> _Chat:
-        request: BatchRequest = parse_request(text, self.base, self.served, self.cfg.model.lora)
+    def _openai(self, text: str) -> _Chat | PoolingRequest:
+        request = parse_request(text, self.base, self.served, self.cfg.model.lora, self.run_pooling)
+        if isinstance(request, PoolingRequest):
+            return request
         return _Chat(request.options, messages=request.messages, raw=request.prompt, endpoint=request.endpoint,
                      model=request.model)
 

@@ -1,13 +1,17 @@
 """OpenAI Batch API files: request lines in, the Batch API's output file out.
 
 A request line is ``{"custom_id", "method": "POST", "url", "body"}`` with ``url``
-``/v1/chat/completions`` (``body.messages``) or ``/v1/completions`` (``body.prompt``). The body's
+``/v1/chat/completions`` (``body.messages``) or ``/v1/completions`` (``body.prompt``), run by
+``task: generate``, or a pooling endpoint (``/v1/embeddings``, ``/score``, ``/rerank``: see
+:mod:`shardinfer.requests.openai_pooling`), run by ``task: embed`` or ``score``. The body's
 options start from the config's ``sampling`` and are checked like any per-row option; a request
-that cannot run fails alone, its reason becoming the ``error`` of its output line.
+that cannot run (its endpoint not answered by the run's task included) fails alone, its reason
+becoming the ``error`` of its output line.
 
 The output file has one line per request, in input order: ``{"id", "custom_id", "response":
 {"status_code": 200, "request_id", "body": <chat.completion | text_completion>}, "error": null}``,
-or ``"response": null`` and ``"error": {"code", "message"}`` for a request that failed.
+or ``"response": null`` and ``"error": {"code", "message"}`` for a request that failed. A pooling
+line's body is an embeddings, score or rerank response (:func:`~shardinfer.requests.openai_pooling.pooling_body`).
 
 Both lines are typed dicts checked with pydantic (:class:`RequestLine`, :class:`OutputLine`):
 they are read and written as JSON objects, and checking a typed dict costs a third of building a
@@ -23,16 +27,26 @@ import time
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pyarrow as pa
 from pydantic import InstanceOf, TypeAdapter, ValidationError
 from typing_extensions import NotRequired, TypedDict  # pydantic reads typing's TypedDict from Python 3.12 only
 
+from shardinfer.requests.openai_pooling import (
+    EMBEDDINGS,
+    PoolingRequest,
+    RunPooling,
+    endpoint_problem,
+    parse_pooling,
+    pooling_body,
+    pooling_kind,
+)
 from shardinfer.requests.row_options import OptionError, RowOptions, structured_of
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 OUTPUT_FILE = "openai-batch-output.jsonl"
+URLS = f"{CHAT}, {COMPLETIONS}, {EMBEDDINGS}, /score or /rerank"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Body keys taken as they are (the Batch API and vLLM's extras), and those accepted and ignored.
 _OPTIONS = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
@@ -53,7 +67,7 @@ class RequestLine(TypedDict):
     # The reader names the row by it (a number too; any other value: the row's place in the file).
     custom_id: NotRequired[object]
     method: NotRequired[Literal["POST"]]
-    url: Literal["/v1/chat/completions", "/v1/completions"]
+    url: str  # checked by parse_request: chat, completions or a pooling endpoint
     body: InstanceOf[dict]  # a JSON object, checked by parse_request option by option
 
 
@@ -65,7 +79,7 @@ def _request_line_adapter() -> TypeAdapter[RequestLine]:
 # The error of a request line whose field is wrong: (code, message for the value found).
 _LINE_ERRORS = {
     "method": ("invalid_method", lambda v: f"method {v!r} is not supported; use POST"),
-    "url": ("invalid_url", lambda v: f"url {v!r} is not supported; use {CHAT} or {COMPLETIONS}"),
+    "url": ("invalid_url", lambda v: f"url {v!r} is not supported; use {URLS}"),
     "body": ("invalid_request", lambda v: "body: the request has no body object"),
 }
 
@@ -81,12 +95,23 @@ class BatchRequest:
     prompt: str | None = None  # completions
 
 
-def parse_request(line: str, base: RowOptions, served: list[str], adapters: dict[str, str]) -> BatchRequest:
-    """A request line (a JSON object, as the reader checked) as a :class:`BatchRequest`; raises
-    :class:`OptionError` with the Batch API's error code when it cannot run."""
+def parse_request(line: str, base: RowOptions, served: list[str], adapters: dict[str, str],
+                  pooling: RunPooling | None = None) -> BatchRequest | PoolingRequest:
+    """A request line (a JSON object, as the reader checked) as a :class:`BatchRequest` (chat,
+    completions) or a :class:`PoolingRequest`; raises :class:`OptionError` with the Batch API's error
+    code when it cannot run, or when the run's task (``pooling``, None: generate) does not answer it."""
     request = request_line(line)
-    body = request["body"]
+    run = pooling or RunPooling("generate")
+    url, body = request["url"], request["body"]
+    if url not in (CHAT, COMPLETIONS) and pooling_kind(url) is None:
+        raise OptionError(_LINE_ERRORS["url"][1](url), "invalid_url")
+    problem = endpoint_problem(url, run.task)
+    if problem is not None:
+        raise OptionError(problem, "invalid_url")
     model = body.get("model")
+    if pooling_kind(url) is not None:  # a missing model is the run's, as vLLM takes it
+        _model_options(served[0] if model is None else model, base, served, {})
+        return parse_pooling(url, body, served[0] if model is None else model, run)
     options = _model_options(model, base, served, adapters)
     assert isinstance(model, str)  # checked by _model_options
     options = _body_options(body, options, chat=request["url"] == CHAT)
@@ -291,6 +316,10 @@ def output_line(row: dict[str, Any], key: str, created: int) -> OutputLine:
     if row["status"] == "failed":
         code, _, message = (row.get("error") or "failed: unknown").partition(": ")
         line["error"] = {"code": code, "message": message or code}
+        return _output_line_adapter().validate_python(line)
+    if pooling_kind(row.get("endpoint") or "") is not None:
+        body = cast(dict, pooling_body(row, key, created))  # a typed dict, already validated
+        line["response"] = {"status_code": 200, "request_id": f"req_{key}", "body": body}
         return _output_line_adapter().validate_python(line)
     chat = row.get("endpoint") != COMPLETIONS
     body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{key}", "object": "chat.completion" if chat else "text_completion",

@@ -66,6 +66,25 @@ class Prompt:
     options: RowOptions | None = None  # None: the config's sampling
     endpoint: str | None = None  # OpenAI batch requests: the request's url
     model: str | None = None  # OpenAI batch requests: the request's model
+    # A request of several inputs (OpenAI pooling lines): one engine request per part, in input order;
+    # the row's result is every part's values.
+    parts: list[Prompt] | None = None
+    cosine_queries: int | None = None  # bi-encoder scoring: the first parts are queries, values are cosines
+    line_options: dict[str, Any] | None = None  # OpenAI pooling lines: what shapes the output line
+
+    @property
+    def runnable(self) -> bool:
+        """Whether the row goes to the engine (as its token ids, or as its parts)."""
+        return self.token_ids is not None or self.parts is not None
+
+    def requests(self) -> list[Prompt]:
+        """The engine requests of the row: its parts, or itself."""
+        return self.parts if self.parts is not None else [self]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens sent to the engine for the row (every part's)."""
+        return sum(len(p.token_ids or ()) for p in self.requests())
 
 
 class PromptBuilder:

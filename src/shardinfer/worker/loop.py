@@ -48,7 +48,8 @@ log = logging.getLogger("shardinfer.worker")
 
 @dataclass
 class InFlight:
-    """A claimed unit whose rows are with the engine."""
+    """A claimed unit whose rows are with the engine. A row of several inputs (:attr:`Prompt.parts`)
+    is one engine request per part; it finishes when its last part does."""
     unit: Unit
     rows: pa.Table  # the corpus's row shape, with _row
     problems: list[str | None]
@@ -57,14 +58,38 @@ class InFlight:
     sent: list[int]  # positions of the rows handed to the engine
     results: list[Completion | Pooled | Exception | None]
     waiting: int = field(init=False)  # rows still with the engine
+    # engine request -> (row position, part number (-1: the row's own prompt), what was sent)
+    requests: list[tuple[int, int, Prompt]] = field(init=False)
+    _parts: dict[int, list[Pooled | Exception | None]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.waiting = len(self.sent)
+        self.requests = [(row, -1 if self.prompt(row).parts is None else i, sent)
+                         for row in self.sent for i, sent in enumerate(self.prompt(row).requests())]
 
     def prompt(self, position: int) -> Prompt:
         prompt = self.prompts[position]
-        assert prompt is not None and prompt.token_ids is not None  # only sent rows are asked for
+        assert prompt is not None and prompt.runnable  # only sent rows are asked for
         return prompt
+
+    def place(self, index: int, result: Completion | Pooled | Exception) -> int:
+        """Keep an engine request's result (a row's, or one of its parts'); its prompt tokens."""
+        row, part, sent = self.requests[index]
+        parts = self.prompt(row).parts
+        if parts is None:
+            self._finish(row, result)
+        else:
+            done = self._parts.setdefault(row, [None] * len(parts))
+            done[part] = result  # type: ignore[assignment]  # parts are pooling requests: Pooled
+            if all(d is not None for d in done):
+                del self._parts[row]
+                failed = next((d for d in done if isinstance(d, Exception)), None)
+                self._finish(row, failed or Pooled.of_parts(done))  # type: ignore[arg-type]
+        return len(sent.token_ids or ())
+
+    def _finish(self, row: int, result: Completion | Pooled | Exception) -> None:
+        self.results[row] = result
+        self.waiting -= 1
 
 
 class Worker:
@@ -194,7 +219,7 @@ class Worker:
             self.in_flight[unit.unit] = flight
             now = time.time()
             self.metrics.first_generate_at = self.metrics.first_generate_at or now
-            self.engine.submit(unit.unit, [flight.prompt(i) for i in flight.sent])
+            self.engine.submit(unit.unit, [sent for _, _, sent in flight.requests])
             self.metrics.generation_s += time.time() - now
 
     def _claim_next(self, candidates: Candidates) -> Unit | None:
@@ -238,7 +263,7 @@ class Worker:
             rows = keep_rows(rows, failed_rows(previous))
         problems = self._row_problems(rows)
         prompts = self._prompts(rows, problems)
-        sent = [i for i, p in enumerate(prompts) if p is not None and p.token_ids is not None]
+        sent = [i for i, p in enumerate(prompts) if p is not None and p.runnable]
         return InFlight(unit=unit, rows=rows, problems=problems, prompts=prompts, previous=previous,
                         sent=sent, results=[None] * len(prompts))
 
@@ -257,11 +282,9 @@ class Worker:
             flight = self.in_flight.get(batch)
             if flight is None:  # dropped while the engine still held it
                 continue
-            row = flight.sent[index]
-            flight.results[row] = result
-            flight.waiting -= 1
+            tokens = flight.place(index, result)
             if not isinstance(result, Exception):
-                self.timeline.add(now, len(flight.prompt(row).token_ids or ()), result.output_tokens)
+                self.timeline.add(now, tokens, result.output_tokens)
         if finished:
             self.metrics.last_generate_end = now
         for unit in [u for u, f in self.in_flight.items() if not f.waiting]:
