@@ -205,7 +205,7 @@ def test_a_full_disk_is_said_once_without_a_traceback_and_resume_goes_on(tmp_pat
 
 def test_an_input_edited_during_a_run_stops_it_as_a_config_error_and_restored_it_resumes(tmp_path, tiny_model,
                                                                                          sim_env):
-    docs = [{"id": f"d{i}", "text": f"document {i:04d} " + "word " * 2000} for i in range(48)]
+    docs = [{"id": f"d{i}", "text": f"document {i:04d} " + "word " * 500} for i in range(48)]
     corpus = write_jsonl(tmp_path / "docs.jsonl", docs)
     config = _config(tmp_path, tiny_model, "edited", workers=1)
     run_dir = tmp_path / "edited"

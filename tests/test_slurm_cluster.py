@@ -163,20 +163,29 @@ def _job_ids(env) -> set[str]:
     return set(out.split())
 
 
+# The interruption tests (scancel, requeue, more nodes, submitit's USR2) are about launching, requeuing
+# and resuming, not the engine: their job runs on the simulation engine (a plugin that sleeps as long as
+# a real engine would take), so it lasts long enough to interrupt while using almost no CPU. The plugin
+# is named in the submitting process's environment and in run.env, which every job step exports.
+SIM = {"SHARDINFER_PLUGINS": "shardinfer.bench.sim_engine"}
+
+
 @pytest.fixture(scope="session")
 def long_reference(tmp_path_factory, tiny_model, engine_env):
-    """A job long enough to interrupt on the cluster, and its outputs from a local run (once per session)."""
+    """A job long enough to interrupt on the cluster (about 113k tokens: 14 s of the simulation engine on
+    two workers), and its outputs from a local run (once per session)."""
     def make(tmp):
         docs = demo_docs(100, offset=60)
         corpus = write_jsonl(tmp / "docs.jsonl", [{"id": d["id"], "text": d["text"]} for d in docs])
         config = write_config(tmp / "long.yaml", corpus=corpus, model_dir=tiny_model, run_dir=tmp / "local",
                               input={"path": str(corpus), "id_column": "id"},
+                              model={"engine": "sim", "max_model_len": 4096},
                               sampling={"max_tokens": 96, "ignore_eos": True},
                               run={"directory": str(tmp / "local"), "workers": 1, "unit_tokens": 4000,
-                                   "lease_timeout_s": 5, "env": {"OMP_NUM_THREADS": "1"}},
+                                   "lease_timeout_s": 5, "env": {"OMP_NUM_THREADS": "1", **SIM}},
                               slurm={"nodes": 2, "cpus_per_task": 1, "time_min": 10, "reduce_time_min": 10,
                                      "reduce_cpus": 1})
-        proc = run_cli(["run", str(config)], engine_env)
+        proc = run_cli(["run", str(config), "run.workers=4"], {**engine_env, **SIM})  # the same rows, sooner
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     tmp = shared_once(tmp_path_factory, "cluster-long", make)
@@ -187,6 +196,12 @@ def long_reference(tmp_path_factory, tiny_model, engine_env):
 def long_job(long_reference, tmp_path):
     config, local = long_reference
     return config, tmp_path, local
+
+
+@pytest.fixture
+def sim_cluster_env(cluster_env):
+    """The cluster's environment, the simulation engine registered."""
+    return {**cluster_env, **SIM}
 
 
 def _submit_and_wait_for_progress(config, run_dir: Path, env: dict) -> dict:
@@ -211,35 +226,35 @@ def _wait_gone(env: dict, *job_ids: str, timeout: float = 600) -> None:
     raise AssertionError(f"jobs {job_ids} still queued")
 
 
-def test_scancel_mid_run_then_resume_resubmits_only_what_is_left(cluster_env, long_job):
+def test_scancel_mid_run_then_resume_resubmits_only_what_is_left(sim_cluster_env, long_job):
     config, tmp, local = long_job
     run_dir = tmp / "cancelled"
-    jobs = _submit_and_wait_for_progress(config, run_dir, cluster_env)
-    subprocess.run(["scancel", jobs["worker_job"]], env=cluster_env, check=True)
-    _wait_gone(cluster_env, jobs["worker_job"], jobs["reduce_job"])
+    jobs = _submit_and_wait_for_progress(config, run_dir, sim_cluster_env)
+    subprocess.run(["scancel", jobs["worker_job"]], env=sim_cluster_env, check=True)
+    _wait_gone(sim_cluster_env, jobs["worker_job"], jobs["reduce_job"])
     done_before = len(list((run_dir / "done").rglob("unit-*.json")))
     assert not (run_dir / "results").exists()  # the reduce job found units missing
-    proc = run_cli(["resume", str(run_dir)], cluster_env)
+    proc = run_cli(["resume", str(run_dir)], sim_cluster_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "worker job:" in proc.stdout  # resubmitted with the run's launcher (sbatch)
     record = json.loads((run_dir / "jobs.json").read_text())[-1]
     assert record["launch"] == 1
-    _wait_gone(cluster_env, record["worker_job"], record["reduce_job"])
+    _wait_gone(sim_cluster_env, record["worker_job"], record["reduce_job"])
     assert _outputs(run_dir) == local
     redone = [json.loads(p.read_text()) for p in (run_dir / "done").rglob("unit-*.json")]
     assert sum(r["launch"] == 0 for r in redone) == done_before  # finished units were not redone
 
 
 @pytest.mark.parametrize("how", ["usr2-signal", "scontrol-requeue"])
-def test_a_requeued_job_continues_by_itself(cluster_env, long_job, how):
+def test_a_requeued_job_continues_by_itself(sim_cluster_env, long_job, how):
     config, tmp, local = long_job
     run_dir = tmp / how
-    jobs = _submit_and_wait_for_progress(config, run_dir, cluster_env)
+    jobs = _submit_and_wait_for_progress(config, run_dir, sim_cluster_env)
     if how == "usr2-signal":  # what SLURM sends --signal=B:USR2@grace before the time limit
-        subprocess.run(["scancel", "--signal=USR2", "--batch", jobs["worker_job"]], env=cluster_env, check=True)
+        subprocess.run(["scancel", "--signal=USR2", "--batch", jobs["worker_job"]], env=sim_cluster_env, check=True)
     else:
-        subprocess.run(["scontrol", "requeue", jobs["worker_job"]], env=cluster_env, check=True)
-    _wait_gone(cluster_env, jobs["worker_job"], jobs["reduce_job"])
+        subprocess.run(["scontrol", "requeue", jobs["worker_job"]], env=sim_cluster_env, check=True)
+    _wait_gone(sim_cluster_env, jobs["worker_job"], jobs["reduce_job"])
     assert _outputs(run_dir) == local
     metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
     assert {m["restart"] for m in metrics} == {0, 1}  # the same job ran twice
@@ -266,20 +281,20 @@ def test_mpi_job_over_srun_pmix_on_two_nodes_plans_infers_and_reduces(cluster_en
     assert record["launcher"] == "slurm-mpi" and record["worker_job"] == record["reduce_job"]  # one allocation
 
 
-def test_resubmitting_with_more_nodes_continues_the_same_run(cluster_env, long_job):
+def test_resubmitting_with_more_nodes_continues_the_same_run(sim_cluster_env, long_job):
     """slurm.* settings do not change results: a run cancelled on one node finishes on two."""
     config, tmp, local = long_job
     run_dir = tmp / "widened"
-    proc = run_cli(["submit", str(config), "slurm.nodes=1", f"run.directory={run_dir}"], cluster_env)
+    proc = run_cli(["submit", str(config), "slurm.nodes=1", f"run.directory={run_dir}"], sim_cluster_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = json.loads((run_dir / "jobs.json").read_text())[-1]
     deadline = time.time() + 300
     while len(list((run_dir / "done").rglob("unit-*.json"))) < 2 and time.time() < deadline:
         time.sleep(0.1)
-    subprocess.run(["scancel", first["worker_job"]], env=cluster_env, check=True)
-    _wait_gone(cluster_env, first["worker_job"], first["reduce_job"])
+    subprocess.run(["scancel", first["worker_job"]], env=sim_cluster_env, check=True)
+    _wait_gone(sim_cluster_env, first["worker_job"], first["reduce_job"])
     done_before = len(list((run_dir / "done").rglob("unit-*.json")))
-    proc = run_cli(["submit", str(config), "slurm.nodes=2", f"run.directory={run_dir}", "--wait"], cluster_env)
+    proc = run_cli(["submit", str(config), "slurm.nodes=2", f"run.directory={run_dir}", "--wait"], sim_cluster_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "continuing the run" in proc.stderr
     second = json.loads((run_dir / "jobs.json").read_text())[-1]
@@ -299,12 +314,12 @@ print(json.dumps(handle.job_ids))
 """
 
 
-def test_submitit_jobs_drain_on_usr2_and_requeue_themselves(cluster_env, long_job):
+def test_submitit_jobs_drain_on_usr2_and_requeue_themselves(sim_cluster_env, long_job):
     """submitit honours slurm.signal_grace_s and slurm.requeue as sbatch does: the tasks drain, the
     job is requeued, and it finishes by itself."""
     config, tmp, local = long_job
     run_dir = tmp / "submitit-usr2"
-    proc = subprocess.run([sys.executable, "-c", SUBMIT, str(config), f"run.directory={run_dir}"], env=cluster_env,
+    proc = subprocess.run([sys.executable, "-c", SUBMIT, str(config), f"run.directory={run_dir}"], env=sim_cluster_env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     worker_job, reduce_job = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -314,8 +329,8 @@ def test_submitit_jobs_drain_on_usr2_and_requeue_themselves(cluster_env, long_jo
     while len(list((run_dir / "done").rglob("unit-*.json"))) < 2 and time.time() < deadline:
         time.sleep(0.1)
     # what submitit asks SLURM to send before the time limit: USR2 to the tasks (not the batch shell)
-    subprocess.run(["scancel", "--signal=USR2", worker_job], env=cluster_env, check=True)
-    _wait_gone(cluster_env, worker_job, reduce_job)
+    subprocess.run(["scancel", "--signal=USR2", worker_job], env=sim_cluster_env, check=True)
+    _wait_gone(sim_cluster_env, worker_job, reduce_job)
     assert _outputs(run_dir) == local
     metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
     assert {m["restart"] for m in metrics} == {0, 1}
