@@ -1,6 +1,6 @@
 """The pooling kinds of the tiny model: classifier, embed, cross-encoder and reward.
 
-Built once per module from the bundled corpus; transformers loads each of them; the build is
+Built once per session from the bundled corpus; transformers loads each of them; the build is
 deterministic and the causal model and its stamp are what they were before there were kinds. One
 engine test runs vLLM once per kind in a subprocess and checks its embed / classify / score outputs
 against transformers."""
@@ -29,12 +29,14 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def kinds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from shardinfer.models.tiny import build_tiny_model
+# Building the four kinds takes a few seconds of CPU each: these tests run with the engine tests.
+pytestmark = pytest.mark.processes
 
-    root = tmp_path_factory.mktemp("tiny-kinds")
-    return {kind: build_tiny_model(root / kind, corpus_path=DEMO_CORPUS, kind=kind) for kind in POOLING_KINDS}
+
+@pytest.fixture(scope="module")
+def kinds(pooling_models: dict[str, Path]) -> dict[str, Path]:
+    """The four kinds, built once per session (shared with the pooling tests)."""
+    return pooling_models
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +121,9 @@ def test_transformers_loads_each_kind_and_padded_batches_match_single_inputs(kin
 def test_the_build_of_every_kind_is_deterministic(kinds, tmp_path):
     from shardinfer.models.tiny import build_tiny_model
 
-    for kind, directory in kinds.items():
+    for kind in ("embed", "reward"):  # the one with sentence-transformers files, and a classification head
         again = build_tiny_model(tmp_path / kind, corpus_path=DEMO_CORPUS, kind=kind)
+        directory = kinds[kind]
         assert _files(again) == _files(directory), kind
 
 
