@@ -198,6 +198,9 @@ def test_worker_console_lines_through_the_relay_are_shardinfer_records_without_t
     from shardinfer.telemetry import logs
 
     read_fd, write_fd = os.pipe()
+    # vLLM imported in this process by an earlier test stops its loggers' records at "vllm"
+    monkeypatch.setattr(logging.getLogger("vllm"), "propagate", True)
+    monkeypatch.setattr(logging.getLogger("vllm.engine"), "propagate", True)
     monkeypatch.setenv(logs.CONSOLE_FD_ENV, str(write_fd))
     monkeypatch.setenv(logs.CONSOLE_LEVEL_ENV, "WARNING")
     monkeypatch.setattr(logs, "_console_stream", None)

@@ -19,7 +19,7 @@ from shardinfer.ledger.runstate import load_plan, load_run
 from shardinfer.planning.plan import Plan, Segment
 from shardinfer.records import describe_errors, field_path
 from shardinfer.reduce.merge import reduce_run
-from shardinfer.requests.openai_batch import OutputFile, output_line, parse_request, request_line
+from shardinfer.requests.openai_batch import URLS, OutputFile, output_line, parse_request, request_line
 from shardinfer.requests.prompts import Prompt
 from shardinfer.requests.row_options import OptionError, RowOptions
 from shardinfer.results import result_table
@@ -50,16 +50,17 @@ def _refused(line: dict | str) -> OptionError:
     ({"custom_id": "a", "method": None, "url": "/v1/chat/completions", "body": CHAT_BODY}, "invalid_method",
      "method None is not supported; use POST"),
     ({"custom_id": "a", "url": "/v1/embeddings", "body": CHAT_BODY}, "invalid_url",
-     "url '/v1/embeddings' is not supported; use /v1/chat/completions or /v1/completions"),
+     "Model does not support endpoint: /v1/embeddings; this run has task generate: run the /v1/embeddings lines "
+     "with task: embed (an embedding model)"),
     ({"custom_id": "a", "body": CHAT_BODY}, "invalid_url",
-     "url None is not supported; use /v1/chat/completions or /v1/completions"),
+     f"url None is not supported; use {URLS}"),
     ({"custom_id": "a", "url": 3, "body": CHAT_BODY}, "invalid_url",
-     "url 3 is not supported; use /v1/chat/completions or /v1/completions"),
+     f"url 3 is not supported; use {URLS}"),
     ({"custom_id": "a", "url": "/v1/completions"}, "invalid_request", "body: the request has no body object"),
     ({"custom_id": "a", "url": "/v1/completions", "body": ["x"]}, "invalid_request", "body: the request has no body object"),
     # the first wrong field names the error, in the order method, url, body
     ({"method": "PUT", "url": "/x", "body": None}, "invalid_method", "method 'PUT' is not supported; use POST"),
-    ({"url": "/x", "body": None}, "invalid_url", "url '/x' is not supported; use /v1/chat/completions or /v1/completions"),
+    ({"url": "/x", "body": None}, "invalid_url", f"url '/x' is not supported; use {URLS}"),
     ('{"custom_id": "a", "url": ', "invalid_json", "Expecting value at column 27"),
     ("[1, 2]", "invalid_json", "a JSON list, not a request object"),
 ])

@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 import pyarrow as pa
-from pydantic import InstanceOf, TypeAdapter, ValidationError
+from pydantic import AfterValidator, InstanceOf, TypeAdapter, ValidationError
 from typing_extensions import NotRequired, TypedDict  # pydantic reads typing's TypedDict from Python 3.12 only
 
 from shardinfer.requests.openai_pooling import (
@@ -61,13 +61,20 @@ _IGNORED = {"model", "messages", "prompt", "logprobs", "top_logprobs", "response
             "user", "metadata", "store", "stream", "service_tier", "parallel_tool_calls", "echo"}
 
 
+def _known_url(url: str) -> str:
+    """A url some run answers (which runs answer it is the run's task's to say)."""
+    if url in (CHAT, COMPLETIONS, EMBEDDINGS) or url.endswith(("/score", "/rerank")):
+        return url
+    raise ValueError("not a supported endpoint")
+
+
 class RequestLine(TypedDict):
     """A line of a Batch API input file; keys of other names are ignored, as the Batch API does."""
 
     # The reader names the row by it (a number too; any other value: the row's place in the file).
     custom_id: NotRequired[object]
     method: NotRequired[Literal["POST"]]
-    url: str  # checked by parse_request: chat, completions or a pooling endpoint
+    url: Annotated[str, AfterValidator(_known_url)]  # chat, completions or a pooling endpoint
     body: InstanceOf[dict]  # a JSON object, checked by parse_request option by option
 
 

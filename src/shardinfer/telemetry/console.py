@@ -35,6 +35,7 @@ from shardinfer.ledger.claims import Ledger
 from shardinfer.ledger.rundir import RunDir, unit_of
 from shardinfer.ledger.runstate import load_run
 from shardinfer.telemetry.live import worker_live
+from shardinfer.telemetry.logs import CONSOLE_LOCK
 from shardinfer.telemetry.metrics import load_metrics
 
 if TYPE_CHECKING:
@@ -77,17 +78,17 @@ def interactive() -> bool:
 # ---- lines for the console, from this process's threads and from the workers -----------------
 
 _sink: Callable[[str], None] | None = None  # the live display's printer while one is shown
-_lock = threading.Lock()
+_lock = CONSOLE_LOCK
 
 
 def emit(line: str) -> None:
     """One line for the person at the console: above the live display when one is shown, else on
     stderr."""
-    sink = _sink
-    if sink is not None:
-        sink(line)
-        return
     with _lock:
+        sink = _sink
+        if sink is not None:
+            sink(line)
+            return
         try:
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
@@ -438,13 +439,12 @@ class _LineWriter:
     def __init__(self, write_line: Callable[[str], None]):
         self.write_line = write_line
         self._pending = ""
-        self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
-        with self._lock:
+        with _lock:  # a record's lines together: no line another thread relays comes between them
             *lines, self._pending = (self._pending + text).split("\n")
-        for line in lines:
-            self.write_line(line)
+            for line in lines:
+                self.write_line(line)
         return len(text)
 
     def flush(self) -> None:

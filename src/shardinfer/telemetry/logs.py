@@ -14,11 +14,16 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO
 
 from shardinfer.errors import is_disk_full
+
+# Held while a record or a relayed line is written to the console, so that a multi-line record (a
+# failed worker's log tail) is never cut by a line another thread relays.
+CONSOLE_LOCK = threading.RLock()
 
 _FORMAT = "%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
 
