@@ -298,6 +298,7 @@ def _pipeline_run(args: argparse.Namespace, corpus: Path, mode: str, repeat: int
                       "work_s": round(work_s, 2), "rows_per_s": round(metrics["rows"] / work_s),
                       "prompt_tokens_per_s": round(metrics["prompt_tokens"] / work_s),
                       "cpu_s": cpu_s, "rows_per_cpu_s": round(metrics["rows"] / cpu_s),
+                      "gc_s": metrics["engine_report"].get("gc_s"),
                       "model_load_s": round(metrics["model_load_s"], 2), "peak_rss_mb": metrics["peak_rss_mb"],
                       "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import cProfile
+import gc
 import os
 import time
 from typing import Any
@@ -36,6 +37,8 @@ class InstantEngine(BatchQueue):
     def __init__(self, cfg: Config, max_model_len: int):
         super().__init__(attempts=cfg.run.max_attempts)
         self.cpu_at_load = 0.0
+        self.gc_s = 0.0  # time in the garbage collector after the load
+        self._gc_start = 0.0
 
     def load(self) -> None:
         """Nothing to load but transformers (the worker loads the tokenizer with it right after
@@ -46,6 +49,7 @@ class InstantEngine(BatchQueue):
             from transformers import AutoTokenizer  # noqa: F401
 
         self.cpu_at_load = _cpu_s()
+        gc.callbacks.append(self._time_gc)
         path = os.environ.get(PROFILE_ENV)
         if path:
             profile = cProfile.Profile(time.process_time)  # CPU time: robust to a busy machine
@@ -64,7 +68,13 @@ class InstantEngine(BatchQueue):
         return {"instant": "answers at once"}
 
     def report(self) -> dict[str, Any]:
-        return {"cpu_s_after_load": round(_cpu_s() - self.cpu_at_load, 3)}
+        return {"cpu_s_after_load": round(_cpu_s() - self.cpu_at_load, 3), "gc_s": round(self.gc_s, 3)}
+
+    def _time_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.gc_s += time.perf_counter() - self._gc_start
 
 
 def _cpu_s() -> float:
