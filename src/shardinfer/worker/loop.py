@@ -9,6 +9,7 @@ kept with status ``failed`` and the reason.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -171,6 +172,7 @@ class Worker:
         self.builder = RequestBuilder(self.cfg, tokenizer, max_model_len=self.plan.max_model_len,
                                       capabilities=get_engine(self.cfg.model.engine).capabilities)
         self.metrics.model_load_s = time.time() - start
+        _freeze_heap()
         self.metrics.versions = self.engine.versions()
         self.metrics.device = device_name(visible_gpus())
         log.info("model loaded in %.1f s", self.metrics.model_load_s)
@@ -253,6 +255,7 @@ class Worker:
         finished = self.engine.poll()
         now = time.time()
         self.metrics.generation_s += now - start
+        done, prompt_tokens, output_tokens = 0, 0, 0  # rows that finished now: one time bin
         for batch, index, result in finished:
             flight = self.in_flight.get(batch)
             if flight is None:  # dropped while the engine still held it
@@ -261,7 +264,10 @@ class Worker:
             flight.results[row] = result
             flight.waiting -= 1
             if not isinstance(result, Exception):
-                self.timeline.add(now, len(flight.prompt(row).token_ids or ()), result.output_tokens)
+                done, prompt_tokens = done + 1, prompt_tokens + len(flight.prompt(row).token_ids or ())
+                output_tokens += result.output_tokens
+        if done:
+            self.timeline.add(now, prompt_tokens, output_tokens)
         if finished:
             self.metrics.last_generate_end = now
         for unit in [u for u, f in self.in_flight.items() if not f.waiting]:
@@ -335,6 +341,13 @@ class Worker:
         claimed = len(set(self.ledger.claims()) - done)
         write_run_prom(self.run_dir, self.cfg.name, len(self.plan.units), len(done), claimed)
         self._run_prom_at = time.monotonic()
+
+
+def _freeze_heap() -> None:
+    """Leave what the model load made (modules, the engine, the tokenizer: millions of objects) out
+    of the garbage collector's full passes, which the per-row objects of every unit set off."""
+    gc.collect()
+    gc.freeze()
 
 
 def _merge(previous: pa.Table, redone: pa.Table) -> pa.Table:
