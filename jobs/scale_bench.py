@@ -9,6 +9,7 @@ and reducing millions of result rows. The figures in jobs/benchmarks.md ("Scale"
     python jobs/scale_bench.py reduce --rows 10000000 OUT/reduce-run
     python jobs/scale_bench.py early-fail OUT/docs.parquet --model .cache/tiny-qwen3   # rows that all fail
     python jobs/scale_bench.py pipeline --rows 100000 --tokens 500 --model .cache/tiny-qwen3   # cost per row
+    python jobs/scale_bench.py tokenize --rows 100000 --tokens 500 --model .cache/tiny-qwen3   # its floor
 
 Each measurement runs in a fresh process and reports its wall time and peak RSS (VmHWM), plus
 the RSS of the bare interpreter with the modules imported, so "above the interpreter" can be read
@@ -251,6 +252,34 @@ def measure_pipeline(args: argparse.Namespace) -> None:
             _pipeline_run(args, corpus, mode, repeat)
 
 
+def measure_tokenize(args: argparse.Namespace) -> None:
+    """The floor under ``pipeline``: the model's tokenizer alone (its ``tokenizers`` backend, in one
+    call per unit-sized batch, as the worker calls it) on the same rows; wall and CPU time of this
+    process, garbage collector off."""
+    import gc
+    import os
+
+    from tokenizers import Tokenizer
+
+    corpus = Path(args.out) / f"rows-{args.rows}-tokens-{args.tokens}.parquet"
+    if not corpus.is_file():
+        _token_corpus(corpus, args.model, args.rows, args.tokens)
+    texts = pq.read_table(corpus, columns=["text"]).column("text").to_pylist()
+    tokenizer = Tokenizer.from_file(str(Path(args.model) / "tokenizer.json"))
+    gc.disable()
+    for repeat in range(args.repeat):
+        load_before, wall, cpu, tokens = os.getloadavg()[0], time.perf_counter(), time.process_time(), 0
+        for start in range(0, len(texts), args.batch):
+            encoded = tokenizer.encode_batch_fast(texts[start:start + args.batch], add_special_tokens=False)
+            tokens += sum(len(ids) for ids in [e.ids for e in encoded])
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(json.dumps({"measure": "tokenize", "repeat": repeat, "rows": len(texts), "tokens_per_row": round(tokens / len(texts), 1),
+                          "rows_per_s": round(len(texts) / wall), "tokens_per_s": round(tokens / wall),
+                          "rows_per_cpu_s": round(len(texts) / cpu), "tokens_per_cpu_s": round(tokens / cpu),
+                          "threads": "1" if os.environ.get("TOKENIZERS_PARALLELISM") == "false" else "all",
+                          "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}))
+
+
 def _token_corpus(path: Path, model: str, rows: int, tokens: int) -> None:
     """Rows of ``tokens`` tokens of the model's tokenizer: windows of the bundled corpus's token
     stream (distinct windows up to 20,000, repeated beyond), decoded back to text."""
@@ -336,6 +365,14 @@ def main() -> None:
     c.add_argument("--profile", help="write the worker's cProfile stats to PROFILE.<mode>")
     c.add_argument("--out", default="/tmp/scale/pipeline")
     c.set_defaults(fn=measure_pipeline)
+    c = sub.add_parser("tokenize", help="the tokenizer alone on the rows of `pipeline`: its floor")
+    c.add_argument("--rows", type=int, default=100_000)
+    c.add_argument("--tokens", type=int, default=500)
+    c.add_argument("--model", required=True)
+    c.add_argument("--batch", type=int, default=12_500, help="rows per call (a unit's rows)")
+    c.add_argument("--repeat", type=int, default=1)
+    c.add_argument("--out", default="/tmp/scale/pipeline")
+    c.set_defaults(fn=measure_tokenize)
     c = sub.add_parser("plan")
     c.add_argument("path")
     c.add_argument("--index", help="a directory for the run's index files: plan as a run does (checksums)")
