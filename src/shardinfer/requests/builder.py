@@ -182,7 +182,8 @@ class RequestBuilder:
         for the raw prompts (which get the tokenizer's special tokens)."""
         ids: dict[int, list[int]] = {}
         for raw in (False, True):
-            index = [i for i, (c, t) in enumerate(zip(chats, rendered)) if isinstance(t, str) and (c.messages is None) == raw]
+            index = [i for i, (c, t) in enumerate(zip(chats, rendered))
+                     if isinstance(t, str) and (c.messages is None) == raw]
             ids.update(zip(index, self.text.encode([str(rendered[i]) for i in index], add_special_tokens=raw)))
         return ids
 

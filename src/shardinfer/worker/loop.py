@@ -172,8 +172,8 @@ class Worker:
         tokenizer = load_tokenizer(self.cfg.model)
         self.builder = RequestBuilder(self.cfg, tokenizer, max_model_len=self.plan.max_model_len,
                                       capabilities=get_engine(self.cfg.model.engine).capabilities)
-        self.metrics.model_load_s = time.time() - start
         _tune_gc()
+        self.metrics.model_load_s = time.time() - start
         self.metrics.versions = self.engine.versions()
         self.metrics.device = device_name(visible_gpus())
         log.info("model loaded in %.1f s", self.metrics.model_load_s)
