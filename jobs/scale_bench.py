@@ -8,6 +8,8 @@ and reducing millions of result rows. The figures in jobs/benchmarks.md ("Scale"
     python jobs/scale_bench.py read OUT/docs.parquet            # one unit's read: first, middle, last
     python jobs/scale_bench.py reduce --rows 10000000 OUT/reduce-run
     python jobs/scale_bench.py early-fail OUT/docs.parquet --model .cache/tiny-qwen3   # rows that all fail
+    python jobs/scale_bench.py pipeline --rows 100000 --tokens 500 --model .cache/tiny-qwen3   # cost per row
+    python jobs/scale_bench.py tokenize --rows 100000 --tokens 500 --model .cache/tiny-qwen3   # its floor
 
 Each measurement runs in a fresh process and reports its wall time and peak RSS (VmHWM), plus
 the RSS of the bare interpreter with the modules imported, so "above the interpreter" can be read
@@ -248,6 +250,104 @@ def measure_early_fail(args: argparse.Namespace) -> None:
                           "peak_rss_mb": m["peak_rss_mb"]}))
 
 
+def measure_pipeline(args: argparse.Namespace) -> None:
+    """The worker's own cost per row: a whole `shardinfer run` (one worker, local launcher) whose
+    engine answers at once (``instant``: the model's real tokenizer and chat template, one output token),
+    over rows of about ``--tokens`` tokens; rows/s and prompt tokens/s over the worker's working time:
+    from the end of its model load (metrics file) to its last unit's commit (done records). The
+    worker's CPU seconds after the load (all its threads) are given too: the machine's other work
+    inflates wall time, much less CPU time. The load average before and after each run says how busy
+    the machine was."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / f"rows-{args.rows}-tokens-{args.tokens}.parquet"
+    if not corpus.is_file():
+        _token_corpus(corpus, args.model, args.rows, args.tokens)
+    for mode in args.mode or ["chat", "raw"]:
+        for repeat in range(args.repeat):
+            _pipeline_run(args, corpus, mode, repeat)
+
+
+def measure_tokenize(args: argparse.Namespace) -> None:
+    """The floor under ``pipeline``: the model's tokenizer alone (its ``tokenizers`` backend, in one
+    call per unit-sized batch, as the worker calls it) on the same rows; wall and CPU time of this
+    process, garbage collector off."""
+    import gc
+    import os
+
+    from tokenizers import Tokenizer
+
+    corpus = Path(args.out) / f"rows-{args.rows}-tokens-{args.tokens}.parquet"
+    if not corpus.is_file():
+        _token_corpus(corpus, args.model, args.rows, args.tokens)
+    texts = pq.read_table(corpus, columns=["text"]).column("text").to_pylist()
+    tokenizer = Tokenizer.from_file(str(Path(args.model) / "tokenizer.json"))
+    gc.disable()
+    for repeat in range(args.repeat):
+        load_before, wall, cpu, tokens = os.getloadavg()[0], time.perf_counter(), time.process_time(), 0
+        for start in range(0, len(texts), args.batch):
+            encoded = tokenizer.encode_batch_fast(texts[start:start + args.batch], add_special_tokens=False)
+            tokens += sum(len(ids) for ids in [e.ids for e in encoded])
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(json.dumps({"measure": "tokenize", "repeat": repeat, "rows": len(texts), "tokens_per_row": round(tokens / len(texts), 1),
+                          "rows_per_s": round(len(texts) / wall), "tokens_per_s": round(tokens / wall),
+                          "rows_per_cpu_s": round(len(texts) / cpu), "tokens_per_cpu_s": round(tokens / cpu),
+                          "threads": "1" if os.environ.get("TOKENIZERS_PARALLELISM") == "false" else "all",
+                          "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}))
+
+
+def _token_corpus(path: Path, model: str, rows: int, tokens: int) -> None:
+    """Rows of ``tokens`` tokens of the model's tokenizer: windows of the bundled corpus's token
+    stream (distinct windows up to 20,000, repeated beyond), decoded back to text."""
+    from tokenizers import Tokenizer
+
+    from shardinfer.bench.synth import source_texts
+
+    tokenizer = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
+    stream = np.concatenate([e.ids for e in tokenizer.encode_batch(source_texts(None), add_special_tokens=False)])
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, len(stream) - tokens, size=min(rows, 20_000))
+    texts = pa.array(tokenizer.decode_batch([stream[s:s + tokens].tolist() for s in starts]))
+    ids = pc.binary_join_element_wise("doc-", pa.array(np.arange(rows)).cast(pa.string()), "")
+    pq.write_table(pa.table({"id": ids, "text": texts.take(pa.array(np.arange(rows) % len(texts)))}), path,
+                   compression="zstd")
+
+
+def _pipeline_run(args: argparse.Namespace, corpus: Path, mode: str, repeat: int) -> None:
+    import os
+    import shutil
+
+    run_dir = corpus.parent / f"run-{mode}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = corpus.parent / f"pipeline-{mode}.yaml"
+    config.write_text(f"prompt: {{user: '{{text}}', mode: {mode}, too_long: truncate}}\n")
+    overrides = [f"input.path={corpus}", "input.id_column=id", f"model.path={args.model}", "model.engine=instant",
+                 f"model.max_model_len={args.max_model_len}", "sampling.max_tokens=1", f"run.directory={run_dir}",
+                 "run.workers=1"]
+    env = {**os.environ, "SHARDINFER_PLUGINS": "shardinfer.bench.instant_engine"}
+    if args.serial:
+        env["TOKENIZERS_PARALLELISM"] = "false"
+    if args.profile:
+        env["SHARDINFER_INSTANT_PROFILE"] = f"{args.profile}.{mode}"
+    load_before = os.getloadavg()[0]
+    proc = subprocess.run([sys.executable, "-m", "shardinfer.cli", "run", str(config), *overrides], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(proc.stderr[-3000:])
+    [metrics] = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
+    last_commit = max(json.loads(p.read_text())["committed_at"] for p in (run_dir / "done").rglob("unit-*.json"))
+    work_s = last_commit - metrics["started_at"] - metrics["model_load_s"]
+    cpu_s = metrics["engine_report"]["cpu_s_after_load"]
+    print(json.dumps({"measure": "pipeline", "mode": mode, "repeat": repeat, "rows": metrics["rows"],
+                      "units": metrics["units"], "prompt_tokens_per_row": round(metrics["prompt_tokens"] / metrics["rows"], 1),
+                      "work_s": round(work_s, 2), "rows_per_s": round(metrics["rows"] / work_s),
+                      "prompt_tokens_per_s": round(metrics["prompt_tokens"] / work_s),
+                      "cpu_s": cpu_s, "rows_per_cpu_s": round(metrics["rows"] / cpu_s),
+                      "gc_s": metrics["engine_report"].get("gc_s"),
+                      "model_load_s": round(metrics["model_load_s"], 2), "peak_rss_mb": metrics["peak_rss_mb"],
+                      "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -271,6 +371,25 @@ def main() -> None:
     c.add_argument("--workers", type=int, default=1)
     c.add_argument("--out", default="/tmp/scale/early-fail-run")
     c.set_defaults(fn=measure_early_fail)
+    c = sub.add_parser("pipeline", help="the worker's own cost per row (engine instant: answers at once)")
+    c.add_argument("--rows", type=int, default=100_000)
+    c.add_argument("--tokens", type=int, default=500, help="tokens of the model's tokenizer per row")
+    c.add_argument("--model", required=True, help="a model directory: its tokenizer is used (no weights)")
+    c.add_argument("--mode", action="append", choices=["chat", "raw"], help="prompt.mode (default: both)")
+    c.add_argument("--max-model-len", type=int, default=4096)
+    c.add_argument("--repeat", type=int, default=1, help="runs per mode")
+    c.add_argument("--serial", action="store_true", help="the tokenizer on one thread (TOKENIZERS_PARALLELISM=false)")
+    c.add_argument("--profile", help="write the worker's cProfile stats to PROFILE.<mode>")
+    c.add_argument("--out", default="/tmp/scale/pipeline")
+    c.set_defaults(fn=measure_pipeline)
+    c = sub.add_parser("tokenize", help="the tokenizer alone on the rows of `pipeline`: its floor")
+    c.add_argument("--rows", type=int, default=100_000)
+    c.add_argument("--tokens", type=int, default=500)
+    c.add_argument("--model", required=True)
+    c.add_argument("--batch", type=int, default=12_500, help="rows per call (a unit's rows)")
+    c.add_argument("--repeat", type=int, default=1)
+    c.add_argument("--out", default="/tmp/scale/pipeline")
+    c.set_defaults(fn=measure_tokenize)
     c = sub.add_parser("plan")
     c.add_argument("path")
     c.add_argument("--index", help="a directory for the run's index files: plan as a run does (checksums)")

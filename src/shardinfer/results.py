@@ -200,15 +200,52 @@ def result_table(rows: pa.Table, problems: list[str | None], prompts: list[Any],
     """A unit's results: every input row (a row of ``rows``, the corpus's row shape) gets exactly
     one result row; ids and pass-through columns go across as they are, in Arrow."""
     extras = extras or ResultExtras()
-    record = _record if extras.pooled is None else _pooled_record
-    records = [record(problems[i], prompts[i], completions[i], extras) for i in range(rows.num_rows)]
+    n = rows.num_rows
     out: dict[str, Any] = {ROW: rows.column(ROW), "id": rows.column(ID)}
     types = extras.types()
-    for name in extras.contract() + extras.columns():
-        out[name] = pa.array([r.get(name) for r in records], type=types[name])
+    if extras.pooled is None:  # generation: the contract column by column, a record only for extras
+        for name, values in _contract_columns(problems, prompts, completions).items():
+            out[name] = pa.array(values, type=types[name])
+        names, record = extras.columns(), _record
+    else:
+        names, record = extras.contract() + extras.columns(), _pooled_record
+    if names:
+        records = [record(problems[i], prompts[i], completions[i], extras) for i in range(n)]
+        for name in names:
+            out[name] = pa.array([r.get(name) for r in records], type=types[name])
     for name in passthrough:
         out[name] = rows.column(name)
     return pa.table(out)
+
+
+def _contract_columns(problems: list[str | None], prompts: list[Any], completions: list[Any]) -> dict[str, list[Any]]:
+    """The contract's columns after ``id``, filled column by column (no record per row: a unit has
+    thousands of rows); the same values as :func:`_record` gives."""
+    columns: dict[str, list[Any]] = {name: [] for name in CONTRACT[1:]}
+    output, status, error = columns["output"], columns["status"], columns["error"]
+    prompt_tokens, output_tokens, finish = columns["prompt_tokens"], columns["output_tokens"], columns["finish_reason"]
+    ok, truncated, failed = Status.OK.value, Status.TRUNCATED.value, Status.FAILED.value
+    for problem, prompt, completion in zip(problems, prompts, completions):
+        if problem is None and prompt.problem is None and not isinstance(completion, Exception):
+            output.append(completion.text)
+            status.append(truncated if prompt.truncated else ok)
+            error.append(None)
+            prompt_tokens.append(len(prompt.token_ids))
+            output_tokens.append(completion.output_tokens)
+            finish.append(completion.finish_reason)
+            continue
+        status.append(failed)
+        error.append(problem if problem is not None else prompt.problem if prompt.problem is not None
+                     else _engine_error(completion))
+        prompt_tokens.append(len(prompt.token_ids) if problem is None and prompt.problem is None else None)
+        for column in (output, output_tokens, finish):
+            column.append(None)
+    return columns
+
+
+def _engine_error(error: Exception) -> str:
+    return (f"invalid_request: {error}" if isinstance(error, Refused)
+            else f"engine_error: {type(error).__name__}: {error}")
 
 
 def _record(problem: str | None, prompt: Any, completion: Any, extras: ResultExtras) -> dict[str, Any]:
@@ -221,9 +258,7 @@ def _record(problem: str | None, prompt: Any, completion: Any, extras: ResultExt
     if prompt.problem is not None:
         return {**_failed(prompt.problem), **request}
     if isinstance(completion, Exception):
-        error = (f"invalid_request: {completion}" if isinstance(completion, Refused)
-                 else f"engine_error: {type(completion).__name__}: {completion}")
-        return {**_failed(error),
+        return {**_failed(_engine_error(completion)),
                 "prompt_tokens": len(prompt.token_ids), **request}
     record = {
         "output": completion.text, "status": (Status.TRUNCATED if prompt.truncated else Status.OK).value,

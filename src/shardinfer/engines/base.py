@@ -50,7 +50,7 @@ class Completion:
 
     @property
     def output_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.samples)
+        return len(self.token_ids) + sum(len(s.token_ids) for s in self.more)
 
 
 @dataclass

@@ -141,7 +141,7 @@ class RequestBuilder:
                 prompts.append(Prompt(None, problem=f"{o.code}: {o}"))
                 continue
             prompt = next(made)
-            prompt.options = None if o == self.base else o
+            prompt.options = None if o is self.base or o == self.base else o
             prompts.append(self._supported(prompt))
         return prompts
 
@@ -199,14 +199,24 @@ class RequestBuilder:
                 rendered.append(self.text.chat(chat.messages) if chat.messages is not None else chat.raw or "")
             except Exception as exc:  # noqa: BLE001 - a chat the template refuses fails its row only
                 rendered.append(OptionError(f"the chat template refused this chat: {exc}", "prompt_error"))
+        token_ids = self._token_ids(chats, rendered)
         prompts = []
-        for chat, text in zip(chats, rendered):
+        for i, (chat, text) in enumerate(zip(chats, rendered)):
             if isinstance(text, OptionError):
                 prompts.append(Prompt(None, problem=f"{text.code}: {text}"))
                 continue
-            ids = self.tokenizer(text, add_special_tokens=chat.messages is None)["input_ids"]
-            prompts.append(self._supported(self._fit(chat, ids)))
+            prompts.append(self._supported(self._fit(chat, token_ids[i])))
         return prompts
+
+    def _token_ids(self, chats: list[_Chat], rendered: list[str | OptionError]) -> dict[int, list[int]]:
+        """Token ids of the rendered requests, by position: one tokenizer call for the chats, one
+        for the raw prompts (which get the tokenizer's special tokens)."""
+        ids: dict[int, list[int]] = {}
+        for raw in (False, True):
+            index = [i for i, (c, t) in enumerate(zip(chats, rendered))
+                     if isinstance(t, str) and (c.messages is None) == raw]
+            ids.update(zip(index, self.text.encode([str(rendered[i]) for i in index], add_special_tokens=raw)))
+        return ids
 
     def _fit(self, chat: _Chat, ids: list[int]) -> Prompt:
         options = None if chat.options == self.base else chat.options

@@ -12,6 +12,7 @@ from typing import Any
 
 from shardinfer.config import Config, PromptConfig
 from shardinfer.errors import ConfigError
+from shardinfer.requests.fast_prompts import BatchEncoder, ChatFrame, renders_own_template
 from shardinfer.requests.row_options import RowOptions
 
 TRUNCATION_MARKER = "\n[...]\n"
@@ -19,6 +20,7 @@ SYSTEM = "_system"  # a row's own system message, among the columns handed to re
 # A huge document is first cut to this many characters per kept token at each end, so a
 # 50 MB row is never tokenized whole; no tokenizer packs more characters into one token.
 _CHARS_PER_TOKEN_BOUND = 32
+_FRAME_CHECKS = 8  # rows of each batch rendered by the chat template as well (see ChatFrame)
 
 
 def template_fields(template: str) -> list[str]:
@@ -98,12 +100,16 @@ class PromptBuilder:
         self.limit = max_model_len - max_tokens
         self.max_model_len = max_model_len
         self.max_tokens = max_tokens
+        self._frame: ChatFrame | None = None  # made on first use, as are the encoders
+        self._encoders: dict[bool, BatchEncoder] = {}
 
     def build(self, texts: list[str], columns: list[dict[str, Any]],
               max_tokens: list[int] | None = None) -> list[Prompt]:
         """Prompts for a batch of valid rows (texts are non-empty strings); ``max_tokens`` per row
         when rows set their own."""
         budgets = max_tokens or [self.max_tokens] * len(texts)
+        if texts and self.cfg.mode == "chat":
+            self._check_frame(texts, columns)
         huge = [len(t) > self._limit(b) * _CHARS_PER_TOKEN_BOUND for t, b in zip(texts, budgets)]
         rendered: list[str | Exception | None] = [
             None if h else self._try_render(t, c) for t, c, h in zip(texts, columns, huge)]
@@ -132,15 +138,25 @@ class PromptBuilder:
             return exc
 
     def render(self, text: str, columns: dict[str, Any]) -> str:
-        values = {k: "" if v is None else v for k, v in columns.items()}
-        system = values.pop(SYSTEM, None) or self.cfg.system
-        user = self.cfg.user.format_map({**values, "text": text})
+        user, system = self._user_and_system(text, columns)
         if self.cfg.mode == "raw":
             return user
+        framed = self.chat_frame().apply(user) if system == self.cfg.system else None
+        if framed is not None:
+            return framed
+        return self.chat(self._messages(user, system))
+
+    def _user_and_system(self, text: str, columns: dict[str, Any]) -> tuple[str, str | None]:
+        values = {k: "" if v is None else v for k, v in columns.items()}
+        system = values.pop(SYSTEM, None) or self.cfg.system
+        return self.cfg.user.format_map({**values, "text": text}), system
+
+    @staticmethod
+    def _messages(user: str, system: str | None) -> list[dict[str, Any]]:
         messages = [{"role": "user", "content": user}]
         if system:
             messages.insert(0, {"role": "system", "content": system})
-        return self.chat(messages)
+        return messages
 
     def chat(self, messages: list[dict[str, Any]]) -> str:
         """A chat rendered by the model's chat template, ready for the assistant's turn."""
@@ -148,10 +164,35 @@ class PromptBuilder:
             messages, tokenize=False, add_generation_prompt=self.generation_prompt, **self.cfg.chat_template_kwargs
         )
 
+    def chat_frame(self) -> ChatFrame:
+        """The chat template rendered once around the user's message (with the config's system
+        message), for rows without a system message of their own."""
+        if self._frame is None:
+            self._frame = ChatFrame(self.chat, self.cfg.system, enabled=renders_own_template(self.tokenizer))
+        return self._frame
+
+    def _check_frame(self, texts: list[str], columns: list[dict[str, Any]]) -> None:
+        """A few rows of a batch (the first, then spread over it) rendered both ways: the frame
+        stays only while they agree."""
+        users = []
+        for i in sorted({0, *range(0, len(texts), max(len(texts) // _FRAME_CHECKS, 1))})[:_FRAME_CHECKS]:
+            try:
+                user, system = self._user_and_system(texts[i], columns[i])
+            except Exception:  # noqa: BLE001 - the row fails when it is rendered
+                continue
+            if system == self.cfg.system:
+                users.append(user)
+        self.chat_frame().check(users)
+
+    def encode(self, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+        """Token ids of many texts in one call (as ``tokenizer(texts, ...)["input_ids"]``)."""
+        if add_special_tokens not in self._encoders:
+            self._encoders[add_special_tokens] = BatchEncoder(self.tokenizer, add_special_tokens=add_special_tokens)
+        return self._encoders[add_special_tokens](texts)
+
     def _encode(self, prompts: list[str]) -> list[list[int]]:
         # The chat template already holds the special tokens; raw prompts get the tokenizer's own.
-        add_special = self.cfg.mode == "raw"
-        return self.tokenizer(prompts, add_special_tokens=add_special)["input_ids"]
+        return self.encode(prompts, add_special_tokens=self.cfg.mode == "raw")
 
     def _too_long(self, text: str, columns: dict[str, Any], n_tokens: int | None, max_tokens: int) -> Prompt:
         if self.cfg.too_long == "fail":
