@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import enum
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -203,12 +204,13 @@ def result_table(rows: pa.Table, problems: list[str | None], prompts: list[Any],
     n = rows.num_rows
     out: dict[str, Any] = {ROW: rows.column(ROW), "id": rows.column(ID)}
     types = extras.types()
+    record: Callable[..., dict[str, Any]] = _record
+    names = extras.columns()
     if extras.pooled is None:  # generation: the contract column by column, a record only for extras
         for name, values in _contract_columns(problems, prompts, completions).items():
             out[name] = pa.array(values, type=types[name])
-        names, record = extras.columns(), _record
     else:
-        names, record = extras.contract() + extras.columns(), _pooled_record
+        names, record = extras.contract() + names, _pooled_record
     if names:
         records = [record(problems[i], prompts[i], completions[i], extras) for i in range(n)]
         for name in names:
