@@ -323,7 +323,7 @@ def _pipeline_run(args: argparse.Namespace, corpus: Path, mode: str, repeat: int
     config.write_text(f"prompt: {{user: '{{text}}', mode: {mode}, too_long: truncate}}\n")
     overrides = [f"input.path={corpus}", "input.id_column=id", f"model.path={args.model}", "model.engine=instant",
                  f"model.max_model_len={args.max_model_len}", "sampling.max_tokens=1", f"run.directory={run_dir}",
-                 "run.workers=1"]
+                 "run.workers=1", f"task={args.task}"]
     env = {**os.environ, "SHARDINFER_PLUGINS": "shardinfer.bench.instant_engine"}
     if args.serial:
         env["TOKENIZERS_PARALLELISM"] = "false"
@@ -338,7 +338,7 @@ def _pipeline_run(args: argparse.Namespace, corpus: Path, mode: str, repeat: int
     last_commit = max(json.loads(p.read_text())["committed_at"] for p in (run_dir / "done").rglob("unit-*.json"))
     work_s = last_commit - metrics["started_at"] - metrics["model_load_s"]
     cpu_s = metrics["engine_report"]["cpu_s_after_load"]
-    print(json.dumps({"measure": "pipeline", "mode": mode, "repeat": repeat, "rows": metrics["rows"],
+    print(json.dumps({"measure": "pipeline", "task": args.task, "mode": mode, "repeat": repeat, "rows": metrics["rows"],
                       "units": metrics["units"], "prompt_tokens_per_row": round(metrics["prompt_tokens"] / metrics["rows"], 1),
                       "work_s": round(work_s, 2), "rows_per_s": round(metrics["rows"] / work_s),
                       "prompt_tokens_per_s": round(metrics["prompt_tokens"] / work_s),
@@ -376,6 +376,8 @@ def main() -> None:
     c.add_argument("--tokens", type=int, default=500, help="tokens of the model's tokenizer per row")
     c.add_argument("--model", required=True, help="a model directory: its tokenizer is used (no weights)")
     c.add_argument("--mode", action="append", choices=["chat", "raw"], help="prompt.mode (default: both)")
+    c.add_argument("--task", default="generate", choices=["generate", "embed", "classify"],
+                   help="the run's task: pooling rows get an embedding (of the model's size) or class probabilities")
     c.add_argument("--max-model-len", type=int, default=4096)
     c.add_argument("--repeat", type=int, default=1, help="runs per mode")
     c.add_argument("--serial", action="store_true", help="the tokenizer on one thread (TOKENIZERS_PARALLELISM=false)")

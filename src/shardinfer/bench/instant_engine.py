@@ -19,9 +19,10 @@ import os
 import time
 from typing import Any
 
-from shardinfer.config import Config
-from shardinfer.engines.base import BatchQueue, Completion
+from shardinfer.config import TASKS, Config
+from shardinfer.engines.base import BatchQueue, Completion, Pooled
 from shardinfer.engines.registry import EngineSpec, register_engine
+from shardinfer.models.tasks import pooled_shape
 from shardinfer.requests.prompts import Prompt
 
 ANSWER_TOKEN = 0
@@ -36,6 +37,7 @@ class InstantEngine(BatchQueue):
 
     def __init__(self, cfg: Config, max_model_len: int):
         super().__init__(attempts=cfg.run.max_attempts)
+        self.shape = pooled_shape(cfg)  # a pooling task's values (None: generate)
         self.cpu_at_load = 0.0
         self.gc_s = 0.0  # time in the garbage collector after the load
         self._gc_start = 0.0
@@ -56,13 +58,23 @@ class InstantEngine(BatchQueue):
             atexit.register(lambda: profile.dump_stats(f"{path}.{os.getpid()}"))
             profile.enable()
 
-    def generate(self, prompts: list[Prompt]) -> list[Completion]:
+    def generate(self, prompts: list[Prompt]) -> list[Completion] | list[Pooled]:
+        if self.shape is not None:
+            return [self.pooled() for _ in prompts]
         return [self.answer(p) for p in prompts]
 
     def answer(self, prompt: Prompt) -> Completion:
-        """One prompt's answer: one token, whatever it asked for (the place to give other kinds of
-        output, such as pooled vectors, when the pipeline has them)."""
+        """One prompt's answer: one token, whatever it asked for."""
         return Completion([ANSWER_TOKEN], ANSWER_TEXT, "length")
+
+    def pooled(self) -> Pooled:
+        """A pooling task's answer: an embedding of the run's size, even class probabilities, a score."""
+        assert self.shape is not None
+        if self.shape.task == "embed":
+            return Pooled([0.0] * (self.shape.dim or 1))
+        if self.shape.task == "classify":
+            return Pooled([1.0 / max(len(self.shape.labels), 1)] * max(len(self.shape.labels), 1))
+        return Pooled([0.0])
 
     def versions(self) -> dict[str, str]:
         return {"instant": "answers at once"}
@@ -85,4 +97,5 @@ def _cpu_s() -> float:
 
 SPEC = register_engine(EngineSpec(
     name="instant", description="benchmark: answers every prompt at once with one token (the model's tokenizer)",
-    create=InstantEngine, modules=(), extra="", takes_args=False, replica_gpus=lambda model, node_gpus: 1))
+    create=InstantEngine, modules=(), extra="", takes_args=False, replica_gpus=lambda model, node_gpus: 1,
+    tasks=TASKS))
