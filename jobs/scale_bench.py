@@ -388,7 +388,7 @@ def main() -> None:
     c.add_argument("--rows", type=int, default=100_000)
     c.add_argument("--tokens", type=int, default=500)
     c.add_argument("--model", required=True)
-    c.add_argument("--batch", type=int, default=12_500, help="rows per call (a unit's rows)")
+    c.add_argument("--batch", type=int, default=4_000, help="rows per call: about a unit of `pipeline` (50,000 rows: 13 units)")
     c.add_argument("--repeat", type=int, default=1)
     c.add_argument("--out", default="/tmp/scale/pipeline")
     c.set_defaults(fn=measure_tokenize)
