@@ -297,7 +297,7 @@ def _signal_a_worker_mid_unit(run_dir: Path, signum: int, deadline: float) -> in
 def long_job(tmp_path_factory, tiny_model, engine_env):
     """A job long enough to interrupt, and its outputs from an uninterrupted run."""
     tmp = tmp_path_factory.mktemp("long")
-    docs = demo_docs(160)
+    docs = demo_docs(240)
     corpus = write_jsonl(tmp / "docs.jsonl", [{"text": d["text"], "id": d["id"]} for d in docs])
 
     def config(name, **run):
