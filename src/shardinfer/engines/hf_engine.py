@@ -18,7 +18,7 @@ from typing import Any
 from shardinfer.bench.dummy import random_weights_copy
 from shardinfer.config import Config, ModelConfig, SamplingConfig
 from shardinfer.engines.base import BatchQueue, Completion
-from shardinfer.engines.hf_pooling import HfPoolingEngine
+from shardinfer.engines.hf_pooling import HfPoolingEngine, is_out_of_memory
 from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec
 from shardinfer.errors import ConfigError, missing_dependency
 from shardinfer.requests.prompts import Prompt
@@ -90,7 +90,7 @@ class HfEngine(BatchQueue):
             try:
                 done = self._generate_batch([prompts[i] for i in batch], options)
             except Exception as exc:
-                if not _is_out_of_memory(exc) or len(batch) == 1:
+                if not is_out_of_memory(exc) or len(batch) == 1:
                     raise
                 todo.extendleft(reversed(self._back_off(batch, prompts, options)))
                 continue
@@ -187,12 +187,6 @@ class HfEngine(BatchQueue):
 
         return {"transformers": transformers.__version__, "torch": torch.__version__}
 
-
-def _is_out_of_memory(exc: Exception) -> bool:
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
 
 
 def _gpu_batch_tokens(model: Any, torch: Any) -> int:

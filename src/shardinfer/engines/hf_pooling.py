@@ -99,7 +99,7 @@ class HfPoolingEngine(BatchQueue):
             try:
                 done = self._forward([prompts[i] for i in batch])
             except Exception as exc:
-                if not _is_out_of_memory(exc) or len(batch) == 1:
+                if not is_out_of_memory(exc) or len(batch) == 1:
                     raise
                 self.batch_tokens = max(len(prompts[batch[0]].token_ids or ()) * len(batch) // 2, 1)
                 log.warning("out of memory on a batch of %d rows: budget lowered to %d tokens", len(batch),
@@ -166,7 +166,7 @@ class HfPoolingEngine(BatchQueue):
         return {"transformers": transformers.__version__, "torch": torch.__version__}
 
 
-def _is_out_of_memory(exc: Exception) -> bool:
+def is_out_of_memory(exc: Exception) -> bool:
     import torch
 
     oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
