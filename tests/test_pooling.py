@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +85,18 @@ def pooling_runs(tmp_path_factory, pooling_models, tiny_model, engine_env):
     rows' values from vLLM called directly."""
     tmp = tmp_path_factory.mktemp("pooling")
     corpus = write_jsonl(tmp / "rows.jsonl", _rows())
-    results, jobs = {}, {}
     models = {**pooling_models, "causal": tiny_model}
-    for task, (kind, sections) in TASKS.items():
-        config = _config(tmp, task, models[kind], task.removesuffix("-causal"), corpus, run={"max_unit_rows": 8,
-                                                                          "env": engine_env_cpu()}, **sections)
-        proc = run_cli(["run", str(config)], engine_env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    configs = {task: _config(tmp, task, models[kind], task.removesuffix("-causal"), corpus,
+                             run={"max_unit_rows": 8, "env": engine_env_cpu()}, **sections)
+               for task, (kind, sections) in TASKS.items()}
+    with ThreadPoolExecutor(3) as pool:  # the runs wait on their workers' start-up: three at a time
+        procs = dict(zip(configs, pool.map(lambda c: run_cli(["run", str(c)], engine_env), configs.values())))
+    results, jobs = {}, {}
+    by_id = {row["id"]: row for row in _rows()}
+    for task, (kind, _) in TASKS.items():
+        assert procs[task].returncode == 0, procs[task].stderr[-3000:]
         results[task] = read_results(tmp / task)
         ok = [r for r in results[task] if r["status"] == "ok"]
-        by_id = {row["id"]: row for row in _rows()}
         jobs[task] = {"model": str(models[kind]), "ids": [r["id"] for r in ok],
                       "texts": [by_id[r["id"]]["text"] for r in ok], "pairs": [by_id[r["id"]]["pair"] for r in ok]}
     (tmp / "jobs.json").write_text(json.dumps(jobs))

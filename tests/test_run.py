@@ -242,57 +242,6 @@ def test_hf_engine_on_csv_with_too_long_rows_failing(tmp_path, tiny_model, engin
     assert json.loads((tmp_path / "run" / "report.json").read_text())["versions"]["transformers"]
 
 
-def _claims(run_dir: Path) -> dict[int, dict]:
-    out = {}
-    for p in (run_dir / "claims").rglob("unit-*.json"):
-        try:
-            out[int(p.stem.split("-")[1])] = json.loads(p.read_text())
-        except (json.JSONDecodeError, OSError):
-            continue  # being written
-    return out
-
-
-def _unfinished_claims(run_dir: Path) -> list[int]:
-    """Pids of workers holding a claim on a unit without a done record."""
-    done = {int(p.stem.split("-")[1]) for p in (run_dir / "done").rglob("unit-*.json")}
-    return [int(c["worker"].split(":")[1]) for u, c in _claims(run_dir).items() if u not in done]
-
-
-def _wait_stopped(pid: int) -> None:
-    for _ in range(100):
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith(("T", "t", "Z")):
-                return
-        except (OSError, IndexError):
-            return
-        time.sleep(0.01)
-
-
-def _kill_a_worker_mid_unit(run_dir: Path, deadline: float) -> int:
-    return _signal_a_worker_mid_unit(run_dir, signal.SIGKILL, deadline)
-
-
-def _signal_a_worker_mid_unit(run_dir: Path, signum: int, deadline: float) -> int:
-    """After the first committed unit, freeze a worker; signal it if it is mid-unit, else thaw it."""
-    while time.time() < deadline:
-        time.sleep(0.05)
-        if not (run_dir / "done").is_dir() or not any((run_dir / "done").rglob("unit-*.json")):
-            continue
-        for pid in set(_unfinished_claims(run_dir)):
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except ProcessLookupError:
-                continue
-            _wait_stopped(pid)
-            if pid in _unfinished_claims(run_dir):  # frozen while holding an unfinished unit
-                os.kill(pid, signum)
-                if signum != signal.SIGKILL:
-                    os.kill(pid, signal.SIGCONT)
-                return pid
-            os.kill(pid, signal.SIGCONT)
-    raise AssertionError("no worker was found mid-unit")
-
-
 @pytest.fixture(scope="module")
 def long_job(tmp_path_factory, tiny_model, engine_env):
     """A job long enough to interrupt, and its outputs from an uninterrupted run."""
@@ -319,19 +268,6 @@ def _start(config, env):
 
 def _triples(run_dir):
     return [(r["id"], r["output"], r["status"]) for r in read_results(run_dir)]
-
-
-def test_kill_9_of_a_worker_mid_unit_is_taken_over_in_the_same_run(long_job, engine_env):
-    config, tmp, clean, _ = long_job
-    launcher = _start(config("killed"), engine_env)
-    _kill_a_worker_mid_unit(tmp / "killed", time.time() + 300)
-    out, err = launcher.communicate(timeout=600)
-    assert launcher.returncode == 0, err[-3000:]
-    assert "exited with signal SIGKILL" in err  # said, not hidden
-    assert "died holding units" in err and "given back to the others" in err  # at once, not a lease later
-    assert _triples(tmp / "killed") == clean  # every row once, same outputs as without the kill
-    logs = "".join(p.read_text() for p in (tmp / "killed" / "logs").glob("*.log"))
-    assert "took over unit" in logs and "(attempt 2)" in logs
 
 
 def test_kill_9_of_the_whole_run_then_resume_finishes_identically(long_job, engine_env):
@@ -378,20 +314,6 @@ def _the_run_is_seen_live(run_dir):
     # a worker with nothing left to claim may have finished already; none is stalled
     assert {w["state"] for w in status["workers"]} <= {"working", "loading", "finished"} and not status["stalled"]
     assert all(w["last_seen_s"] < 30 for w in status["workers"])
-
-
-def test_usr2_drains_a_worker_and_the_others_finish(long_job, engine_env):
-    config, tmp, clean, _ = long_job
-    run_dir = tmp / "drained"
-    launcher = _start(config("drained"), engine_env)
-    pid = _signal_a_worker_mid_unit(run_dir, signal.SIGUSR2, time.time() + 300)
-    out, err = launcher.communicate(timeout=600)
-    assert launcher.returncode == 0, err[-3000:]
-    assert _triples(run_dir) == clean
-    metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
-    drained = [m for m in metrics if m["pid"] == pid]
-    assert drained and drained[0]["drained"] and drained[0]["units"] >= 1  # committed what it had
-    assert "signal SIGUSR2: finishing the current unit" in err
 
 
 def test_resume_redoes_a_corrupt_part_and_refuses_a_changed_input(long_job, engine_env):

@@ -116,6 +116,90 @@ def test_kill_9_of_the_launcher_stops_its_workers_and_resume_is_exact(tmp_path, 
     assert _ids(run_dir) == [d["id"] for d in demo_docs(48)]
 
 
+def _claims(run_dir: Path) -> dict[int, dict]:
+    out = {}
+    for p in (run_dir / "claims").rglob("unit-*.json"):
+        try:
+            out[int(p.stem.split("-")[1])] = json.loads(p.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue  # being written
+    return out
+
+
+def _unfinished_claims(run_dir: Path) -> list[int]:
+    """Pids of workers holding a claim on a unit without a done record."""
+    done = {int(p.stem.split("-")[1]) for p in (run_dir / "done").rglob("unit-*.json")}
+    return [int(c["worker"].split(":")[1]) for u, c in _claims(run_dir).items() if u not in done]
+
+
+def _wait_stopped(pid: int) -> None:
+    for _ in range(100):
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith(("T", "t", "Z")):
+                return
+        except (OSError, IndexError):
+            return
+        time.sleep(0.01)
+
+
+def _kill_a_worker_mid_unit(run_dir: Path, deadline: float) -> int:
+    return _signal_a_worker_mid_unit(run_dir, signal.SIGKILL, deadline)
+
+
+def _signal_a_worker_mid_unit(run_dir: Path, signum: int, deadline: float) -> int:
+    """After the first committed unit, freeze a worker; signal it if it is mid-unit, else thaw it."""
+    while time.time() < deadline:
+        time.sleep(0.05)
+        if not (run_dir / "done").is_dir() or not any((run_dir / "done").rglob("unit-*.json")):
+            continue
+        for pid in set(_unfinished_claims(run_dir)):
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            _wait_stopped(pid)
+            if pid in _unfinished_claims(run_dir):  # frozen while holding an unfinished unit
+                os.kill(pid, signum)
+                if signum != signal.SIGKILL:
+                    os.kill(pid, signal.SIGCONT)
+                return pid
+            os.kill(pid, signal.SIGCONT)
+    raise AssertionError("no worker was found mid-unit")
+
+
+def _triples(run_dir: Path) -> list[tuple[str, str]]:
+    return [(r["id"], r["status"]) for r in read_results(run_dir)]
+
+
+def test_kill_9_of_a_worker_mid_unit_is_taken_over_in_the_same_run(tmp_path, tiny_model, sim_env):
+    run_dir = tmp_path / "killed"
+    launcher = _start(_config(tmp_path, tiny_model, "killed", lease_timeout_s=3), sim_env)
+    pid = _signal_a_worker_mid_unit(run_dir, signal.SIGKILL, time.time() + 120)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "exited with signal SIGKILL" in err  # said, not hidden
+    assert "died holding units" in err and "given back to the others" in err  # at once, not a lease later
+    assert _triples(run_dir) == [(d["id"], "ok") for d in demo_docs(48)]  # every row once
+    # the unit it held (its claim set aside by the launcher) was done by the other worker
+    held = [int(p.name.split("-")[1].split(".")[0]) for p in (run_dir / "claims").rglob("unit-*.stale-*")
+            if json.loads(p.read_text())["worker"].split(":")[1] == str(pid)]
+    done = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in (run_dir / "done").rglob("unit-*.json")}
+    assert held and all(done[u]["worker"].split(":")[1] != str(pid) for u in held)
+
+
+def test_usr2_drains_a_worker_and_the_others_finish(tmp_path, tiny_model, sim_env):
+    run_dir = tmp_path / "drained"
+    launcher = _start(_config(tmp_path, tiny_model, "drained", lease_timeout_s=3), sim_env)
+    pid = _signal_a_worker_mid_unit(run_dir, signal.SIGUSR2, time.time() + 120)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-3000:]
+    assert _triples(run_dir) == [(d["id"], "ok") for d in demo_docs(48)]
+    metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
+    drained = [m for m in metrics if m["pid"] == pid]
+    assert drained and drained[0]["drained"] and drained[0]["units"] >= 1  # committed what it had
+    assert "signal SIGUSR2: finishing the current unit" in err
+
+
 def test_a_second_launcher_on_a_busy_run_directory_is_refused(tmp_path, tiny_model, sim_env):
     config = _config(tmp_path, tiny_model, "busy")
     run_dir = tmp_path / "busy"

@@ -243,7 +243,6 @@ class Ledger:
         if not self._create_claim(unit, attempt + 1):
             return False
         FS.unlink(self.run_dir.released / f"unit-{unit:06d}.a{attempt}")
-        log.warning("took over unit %d (attempt %d): its worker is gone or gave it back", unit, attempt + 1)
         return True
 
     def tidy_released(self, pending: set[int]) -> None:
