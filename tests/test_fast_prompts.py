@@ -1,17 +1,19 @@
 """The fast paths of prompt building and result tables give exactly what the plain ways give."""
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from shardinfer.bench.instant_engine import InstantEngine
 from shardinfer.bench.sim_engine import WordTokenizer
 from shardinfer.config import PromptConfig
-from shardinfer.engines.base import Completion
+from shardinfer.engines.base import Completion, Pooled
 from shardinfer.errors import Refused
+from shardinfer.models.tasks import PooledShape
 from shardinfer.planning.validate import checked_from_dict
 from shardinfer.requests.fast_prompts import PROBES, BatchEncoder, ChatFrame
 from shardinfer.requests.prompts import SYSTEM, Prompt, PromptBuilder
-from shardinfer.results import CONTRACT, ID, ROW, ResultExtras, _record, result_table
+from shardinfer.results import CONTRACT, ID, ROW, ResultExtras, _pooled_record, _record, result_table
 
 TEXTS = ["plain words", "  spaced out \n", "<think>x</think> and {braces} ünïcode", "line\nbreaks\r\n\t"]
 
@@ -136,3 +138,34 @@ def test_the_instant_engine_answers_every_prompt_with_one_token():
     assert [(batch, index) for batch, index, _ in finished] == [("unit", 0), ("unit", 1)]
     assert all(c.output_tokens == 1 and c.finish_reason == "length" for _, _, c in finished)
     assert engine.report()["cpu_s_after_load"] >= 0
+
+
+@pytest.mark.parametrize("shape", [PooledShape("embed", dim=3), PooledShape("embed", dim=3, dtype="float16"),
+                                   PooledShape("embed"), PooledShape("classify", labels=("no", "maybe", "yes")),
+                                   PooledShape("score")])
+def test_pooled_columns_are_what_the_row_records_give(shape):
+    width = shape.dim or len(shape.labels) or 1
+    rows = pa.table({ROW: list(range(7)), ID: list("abcdefg")})
+    problems = ["invalid_row: empty", None, None, None, None, None, None]
+    prompts = [None, Prompt(None, problem="too_long: no"), Prompt([1, 2, 3]), Prompt([1, 2]),
+               Prompt([4, 5, 6, 7], truncated=True), Prompt([9]), Prompt([8])]
+    answers = [None, None, RuntimeError("boom"), Pooled(np.arange(width, dtype=np.float32) / 7),
+               Pooled([0.25] * width), Pooled(np.ones(width + 1, dtype=np.float32)), Pooled([0.5] + [0.125] * (width - 1))]
+    extras = ResultExtras(pooled=shape)
+    table = result_table(rows, problems, prompts, answers, [], extras)
+    assert table.column_names == [ROW, "id", *extras.contract()]
+    assert table.schema.field(extras.contract()[-1]).type == extras.types()[extras.contract()[-1]]
+    got = table.to_pylist()
+    for i, row in enumerate(got):
+        record = _pooled_record(problems[i], prompts[i], answers[i], extras)
+        for name in extras.contract():
+            want = record.get(name)
+            if name == "embedding" and want is not None:
+                assert row[name] == pytest.approx(want, abs=1e-3)
+            elif name == "probs" and want is not None:
+                assert row[name] == pytest.approx(want, abs=1e-6)
+            else:
+                assert row[name] == want, (i, name)
+    if shape.dim or shape.labels or shape.task == "score":  # an answer of the wrong size fails its row alone
+        assert got[5]["status"] == "failed" and f"gave {width + 1} values" in got[5]["error"]
+    assert [r["status"] for r in got] == ["failed"] * 3 + ["ok", "truncated", got[5]["status"], "ok"]

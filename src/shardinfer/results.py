@@ -33,9 +33,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shardinfer.engines.base import floats
 from shardinfer.errors import Refused
 from shardinfer.requests.openai_pooling import pooled_values
 
@@ -209,6 +211,9 @@ def result_table(rows: pa.Table, problems: list[str | None], prompts: list[Any],
     if extras.pooled is None:  # generation: the contract column by column, a record only for extras
         for name, values in _contract_columns(problems, prompts, completions).items():
             out[name] = pa.array(values, type=types[name])
+    elif not extras.openai:  # a pooling task: its columns column by column too
+        out.update(pooled_table_columns(problems, prompts, completions, extras.pooled, types))
+        record = _pooled_record
     else:
         names, record = extras.contract() + names, _pooled_record
     if names:
@@ -243,6 +248,78 @@ def _contract_columns(problems: list[str | None], prompts: list[Any], completion
         for column in (output, output_tokens, finish):
             column.append(None)
     return columns
+
+
+def pooled_table_columns(problems: list[str | None], prompts: list[Any], pooled: list[Any], shape: Any,
+                         types: dict[str, pa.DataType]) -> dict[str, pa.Array]:
+    """A pooling task's contract columns and its own, column by column (an embedding column from one
+    array of the rows' values, not a Python float per value); the same values as
+    :func:`_pooled_record` gives."""
+    columns, ok = _pooled_statuses(problems, prompts, pooled, shape)
+    values = [pooled[i].values for i in ok]
+    if shape.task == "embed":
+        columns["embedding"] = _embedding_column(values, ok, len(pooled), types["embedding"])
+        return columns
+    labels: list[Any] = [None] * len(pooled)
+    probs: list[Any] = [None] * len(pooled)
+    for i, row in zip(ok, values):
+        if shape.task == "classify":
+            labels[i], probs[i] = _label_and_probs(shape, floats(row))
+        else:
+            probs[i] = float(row[0])
+    if shape.task == "classify":
+        return {**columns, "label": pa.array(labels, types["label"]), "probs": pa.array(probs, types["probs"])}
+    return {**columns, "score": pa.array(probs, types["score"])}
+
+
+def _pooled_statuses(problems: list[str | None], prompts: list[Any], pooled: list[Any],
+                     shape: Any) -> tuple[dict[str, pa.Array], list[int]]:
+    """The status, error and prompt_tokens columns of a pooling unit, and the rows that have values."""
+    status, error, tokens, ok = [], [], [], []
+    for i, (problem, prompt, value) in enumerate(zip(problems, prompts, pooled)):
+        why = problem if problem is not None else prompt.problem
+        if why is None:
+            why = _engine_error(value) if isinstance(value, Exception) else _values_problem(shape, value.values)
+        if why is None:
+            ok.append(i)
+        status.append(Status.FAILED.value if why is not None else Status.TRUNCATED.value if prompt.truncated
+                      else Status.OK.value)
+        error.append(why)
+        tokens.append(prompt.prompt_tokens if problem is None and prompt.problem is None else None)
+    return {"status": pa.array(status, pa.string()), "error": pa.array(error, pa.string()),
+            "prompt_tokens": pa.array(tokens, pa.int64())}, ok
+
+
+def _values_problem(shape: Any, values: Any) -> str | None:
+    """An engine answer that does not fit the task's column, as a row error."""
+    expected = shape.dim if shape.task == "embed" else len(shape.labels) if shape.task == "classify" else 1
+    if expected and len(values) != expected:
+        return f"engine_error: the engine gave {len(values)} values for this row where the {shape.task} " \
+               f"column holds {expected}"
+    return None
+
+
+def _embedding_column(values: list[Any], ok: list[int], n: int, kind: pa.DataType) -> pa.Array:
+    """The embedding column: a fixed-size list built from one (rows, dim) array, null where failed."""
+    if not isinstance(kind, pa.FixedSizeListType):  # dimensions not known: a list per row
+        full: list[Any] = [None] * n
+        for i, row in zip(ok, values):
+            full[i] = floats(row)
+        return pa.array(full, kind)
+    dim, dtype = kind.list_size, kind.value_type.to_pandas_dtype()
+    matrix = np.zeros((n, dim), dtype=dtype)
+    if ok:
+        matrix[ok] = np.asarray(values, dtype=dtype)
+    failed = np.ones(n, dtype=bool)
+    failed[ok] = False
+    flat = pa.array(matrix.reshape(-1), type=kind.value_type)
+    return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(failed) if failed.any() else None)
+
+
+def _label_and_probs(shape: Any, values: list[float]) -> tuple[str, dict[str, float]]:
+    labels = shape.labels or tuple(f"LABEL_{i}" for i in range(len(values)))
+    best = max(range(len(values)), key=values.__getitem__)
+    return labels[best], dict(zip(labels, values))
 
 
 def _engine_error(error: Exception) -> str:
@@ -294,13 +371,13 @@ def _pooled_record(problem: str | None, prompt: Any, pooled: Any, extras: Result
               "prompt_tokens": prompt.prompt_tokens, **request}
     if prompt.parts is not None:  # an OpenAI pooling line: every input's values
         return {**record, "pooled": pooled_values(prompt, pooled.items), "openai_options": prompt.line_options}
-    shape, values = extras.pooled, pooled.values
+    shape, values = extras.pooled, floats(pooled.values)
+    if (why := _values_problem(shape, values)) is not None:
+        return {**_failed(why), "prompt_tokens": prompt.prompt_tokens, **request}
     if shape.task == "embed":
         record["embedding"] = values
     elif shape.task == "classify":
-        labels = shape.labels or tuple(f"LABEL_{i}" for i in range(len(values)))
-        best = max(range(len(values)), key=values.__getitem__)
-        record["label"], record["probs"] = labels[best], dict(zip(labels, values))
+        record["label"], record["probs"] = _label_and_probs(shape, values)
     else:
         record["score"] = values[0]
     return record

@@ -19,6 +19,8 @@ import os
 import time
 from typing import Any
 
+import numpy
+
 from shardinfer.config import TASKS, Config
 from shardinfer.engines.base import BatchQueue, Completion, Pooled
 from shardinfer.engines.registry import EngineSpec, register_engine
@@ -70,8 +72,8 @@ class InstantEngine(BatchQueue):
     def pooled(self) -> Pooled:
         """A pooling task's answer: an embedding of the run's size, even class probabilities, a score."""
         assert self.shape is not None
-        if self.shape.task == "embed":
-            return Pooled([0.0] * (self.shape.dim or 1))
+        if self.shape.task == "embed":  # a float32 array, as the engines give embeddings
+            return Pooled(numpy.zeros(self.shape.dim or 1, dtype=numpy.float32))
         if self.shape.task == "classify":
             return Pooled([1.0 / max(len(self.shape.labels), 1)] * max(len(self.shape.labels), 1))
         return Pooled([0.0])

@@ -13,6 +13,7 @@ drops a batch's rows that have not finished (a draining worker gives its unit ba
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -22,6 +23,8 @@ from shardinfer.errors import Refused
 __all__ = ["BatchQueue", "Completion", "Engine", "Finished", "Pooled", "Refused", "TokenLogprob"]
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from shardinfer.requests.prompts import Prompt
 
 
@@ -55,16 +58,24 @@ class Completion:
 
 @dataclass
 class Pooled:
-    """What a row of a pooling task got: its embedding, its class probabilities, or ``[score]``; a row
-    of several inputs (:attr:`Prompt.parts`) gets each input's values as ``items``, in input order."""
+    """What a row of a pooling task got: its embedding, its class probabilities, or ``[score]`` (a list
+    of floats, or a one-dimensional NumPy array as engines give them: an embedding column is built from
+    the arrays without a Python float per value); a row of several inputs (:attr:`Prompt.parts`) gets
+    each input's values as ``items``, in input order."""
 
-    values: list[float]
+    values: Sequence[float] | np.ndarray
     output_tokens: int = 0
     items: list[list[float]] | None = None
 
     @classmethod
     def of_parts(cls, parts: list[Pooled]) -> Pooled:
-        return cls(values=[], items=[p.values for p in parts])
+        return cls(values=[], items=[floats(p.values) for p in parts])
+
+
+def floats(values: Sequence[float] | np.ndarray) -> list[float]:
+    """Pooled values as a list of Python floats."""
+    tolist = getattr(values, "tolist", None)
+    return tolist() if tolist is not None else list(values)
 
 
 Finished = tuple[Any, int, "Completion | Pooled | Exception"]

@@ -136,7 +136,7 @@ class HfPoolingEngine(BatchQueue):
             out = self.model(**{k: v.to(device) for k, v in inputs.items()})
         values = self._embed(out.last_hidden_state, inputs["attention_mask"].to(device)) if self.task == "embed" \
             else self._scores(out.logits)
-        return [Pooled(values=row) for row in values.float().cpu().tolist()]
+        return [Pooled(values=row) for row in values.float().cpu().numpy()]
 
     def _embed(self, hidden: Any, mask: Any) -> Any:
         import torch

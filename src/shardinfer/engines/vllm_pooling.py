@@ -55,7 +55,9 @@ def _activation_name(params_cls: type, older: str) -> str:
 
 
 def pooled(output: Any) -> Pooled:
-    """A finished pooling request's values (a list of floats)."""
+    """A finished pooling request's values: a float32 NumPy array (a tensor's, without copying its values
+    one by one into Python floats)."""
     data = output.outputs.data
-    values = data.float().tolist() if hasattr(data, "float") else list(data)
-    return Pooled(values=values if isinstance(values, list) else [values])
+    if hasattr(data, "float"):
+        return Pooled(values=data.float().cpu().reshape(-1).numpy())
+    return Pooled(values=list(data) if isinstance(data, (list, tuple)) else [data])
