@@ -9,6 +9,7 @@ import json
 import struct
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -267,12 +268,12 @@ def test_batch_files_answer_as_vllms_run_batch(tmp_path, pooling_models, engine_
     vllm = subprocess.Popen([sys.executable, "-c", RUN_BATCH, *vllm_args], env=engine_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        for task, model in runs.items():
-            config = write_config(tmp_path / f"{task}.yaml", corpus=EXAMPLE, model_dir=model, run_dir=tmp_path / task,
-                                  input={"path": str(EXAMPLE), "format": "openai-batch"}, prompt={}, task=task,
-                                  run={"directory": str(tmp_path / task), "workers": 1})
-            proc = run_cli(["run", str(config)], engine_env)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+        configs = [write_config(tmp_path / f"{task}.yaml", corpus=EXAMPLE, model_dir=model, run_dir=tmp_path / task,
+                                input={"path": str(EXAMPLE), "format": "openai-batch"}, prompt={}, task=task,
+                                run={"directory": str(tmp_path / task), "workers": 1}) for task, model in runs.items()]
+        with ThreadPoolExecutor(2) as pool:  # independent runs, beside vLLM's own
+            for proc in pool.map(lambda c: run_cli(["run", str(c)], engine_env), configs):
+                assert proc.returncode == 0, proc.stderr[-3000:]
         _, stderr = vllm.communicate(timeout=600)
     finally:
         vllm.kill()

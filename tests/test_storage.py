@@ -6,6 +6,7 @@ import gzip
 import json
 import lzma
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -305,9 +306,9 @@ def test_a_whole_job_on_s3_with_results_to_s3_matches_the_local_job(s3, tmp_path
                           input={"path": f"s3://{BUCKET}/job/", "id_column": "id"},
                           run={"directory": str(tmp_path / "remote"), "workers": 2, "unit_tokens": 400,
                                "output": f"s3://{BUCKET}/out/run-1"}, **common)
-    for config in (local, remote):
-        proc = run_cli(["run", str(config)], env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    with ThreadPoolExecutor(2) as pool:  # independent runs
+        for proc in pool.map(lambda c: run_cli(["run", str(c)], env), (local, remote)):
+            assert proc.returncode == 0, proc.stderr[-3000:]
     expected = read_results(tmp_path / "local")
     assert read_results(tmp_path / "remote") == expected
     published = sorted(fs.glob(f"{BUCKET}/out/run-1/results/*.parquet"))

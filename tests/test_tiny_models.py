@@ -200,16 +200,40 @@ def _max_diff(a: Any, b: Any) -> float:
 
 @pytest.mark.engine
 def test_vllm_pooling_outputs_match_transformers(kinds, tok, engine_env, tmp_path):
-    import torch
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
     chat_ids = tok.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
     out = tmp_path / "vllm.json"
     arguments = json.dumps([{k: str(v) for k, v in kinds.items()}, TEXTS, QUERY, DOCS, chat_ids, str(out)])
-    proc = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, arguments], env=engine_env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    vllm = subprocess.Popen([sys.executable, "-c", VLLM_SCRIPT, arguments], env=engine_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        want = _transformers_outputs(kinds, tok, chat_ids)  # while vLLM runs
+        _, stderr = vllm.communicate(timeout=900)
+    finally:
+        vllm.kill()
+    assert vllm.returncode == 0, stderr[-4000:]
     got = json.loads(out.read_text())
+    ids = [tok(text)["input_ids"] for text in TEXTS]
+    assert got["embed"]["ids"] == ids
+    assert _max_diff(got["embed"]["embedding"], want["embed"]) < 1e-4
+    assert _max_diff(got["embed"]["engine"], want["embed"]) < 1e-4
+    assert got["classifier"]["ids"] == ids
+    assert _max_diff(got["classifier"]["probs"], want["classifier"]) < 1e-4
+    assert _max_diff(got["classifier"]["engine"], want["classifier"]) < 1e-4
+    # the pair is the query's tokens then the document's, each tokenized alone: no separator
+    pairs = [tok(QUERY)["input_ids"] + tok(doc)["input_ids"] for doc in DOCS]
+    assert got["cross-encoder"]["ids"] == pairs and pairs[0] != tok(QUERY + DOCS[0])["input_ids"]
+    assert _max_diff(got["cross-encoder"]["score"], want["cross-encoder"]) < 1e-4
+    logit = want["reward"]
+    assert _max_diff(got["reward"]["raw"], logit) < 1e-4
+    assert _max_diff(got["reward"]["engine"], [logit.tolist()]) < 1e-4
+    assert _max_diff(got["reward"]["default"], logit.sigmoid()) < 1e-4
+
+
+def _transformers_outputs(kinds: dict[str, Any], tok: Any, chat_ids: list[int]) -> dict[str, Any]:
+    """What transformers gives for each kind: the embeddings, class probabilities, pair scores, and
+    the reward model's logit."""
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     def forward(model: Any, ids: list[int]) -> Any:
         with torch.no_grad():
@@ -217,26 +241,14 @@ def test_vllm_pooling_outputs_match_transformers(kinds, tok, engine_env, tmp_pat
 
     ids = [tok(text)["input_ids"] for text in TEXTS]
     embedder = AutoModel.from_pretrained(kinds["embed"]).eval()
-    expected = [torch.nn.functional.normalize(forward(embedder, i).last_hidden_state[0, -1], dim=-1) for i in ids]
-    assert got["embed"]["ids"] == ids
-    assert _max_diff(got["embed"]["embedding"], torch.stack(expected)) < 1e-4
-    assert _max_diff(got["embed"]["engine"], torch.stack(expected)) < 1e-4
-
     classifier = AutoModelForSequenceClassification.from_pretrained(kinds["classifier"]).eval()
-    probs = torch.stack([forward(classifier, i).logits[0].softmax(-1) for i in ids])
-    assert got["classifier"]["ids"] == ids
-    assert _max_diff(got["classifier"]["probs"], probs) < 1e-4
-    assert _max_diff(got["classifier"]["engine"], probs) < 1e-4
-
-    # the pair is the query's tokens then the document's, each tokenized alone: no separator
-    pairs = [tok(QUERY)["input_ids"] + tok(doc)["input_ids"] for doc in DOCS]
-    assert got["cross-encoder"]["ids"] == pairs and pairs[0] != tok(QUERY + DOCS[0])["input_ids"]
     cross = AutoModelForSequenceClassification.from_pretrained(kinds["cross-encoder"]).eval()
-    scores = [forward(cross, pair).logits[0, 0].sigmoid().item() for pair in pairs]
-    assert _max_diff(got["cross-encoder"]["score"], scores) < 1e-4
-
     reward = AutoModelForSequenceClassification.from_pretrained(kinds["reward"]).eval()
-    logit = forward(reward, chat_ids).logits[0]
-    assert _max_diff(got["reward"]["raw"], logit) < 1e-4
-    assert _max_diff(got["reward"]["engine"], [logit.tolist()]) < 1e-4
-    assert _max_diff(got["reward"]["default"], logit.sigmoid()) < 1e-4
+    pairs = [tok(QUERY)["input_ids"] + tok(doc)["input_ids"] for doc in DOCS]
+    return {
+        "embed": torch.stack([torch.nn.functional.normalize(forward(embedder, i).last_hidden_state[0, -1], dim=-1)
+                              for i in ids]),
+        "classifier": torch.stack([forward(classifier, i).logits[0].softmax(-1) for i in ids]),
+        "cross-encoder": [forward(cross, pair).logits[0, 0].sigmoid().item() for pair in pairs],
+        "reward": forward(reward, chat_ids).logits[0],
+    }
