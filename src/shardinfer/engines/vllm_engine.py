@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,9 @@ class VllmEngine:
         self.max_requests = 256  # requests that keep the engine busy (set at load)
         self.stats: SchedulerStats | None = None
         self.max_tokens_queued: int | None = None
+        # A replica across nodes: called before failed steps are retried (it holds them when the
+        # failure is a lost node, which stops the replica instead)
+        self.before_retry: Callable[[], None] | None = None
 
     def load(self) -> None:
         try:
@@ -263,6 +267,8 @@ class VllmEngine:
         return request
 
     def _redo_in_flight(self, exc: Exception) -> list[Finished]:
+        if self.before_retry is not None:
+            self.before_retry()
         log.error("engine step failed with %d requests in flight: %r; redoing them with retries",
                   len(self._in_flight), exc)
         requests = list(self._in_flight.values())

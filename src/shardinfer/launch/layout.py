@@ -134,12 +134,11 @@ def replica_lines(cfg: Config, lay: Layout) -> list[str]:
 
 
 def node_map(lay: Layout) -> list[str]:
-    """Which node of a job runs what (the dry run's map)."""
+    """Which node of a job runs what, when a replica spans nodes (the dry run's map)."""
     k = lay.nodes_per_replica
     gpus = f", GPUs 0-{lay.gpus_per_node - 1}" if lay.gpus_per_node else ""
     if k == 1:
-        per = f"{lay.tasks_per_node} worker(s) per node" if lay.shape == "job" else "one worker per array task"
-        return [f"# nodes: each replica on one node; {per}{gpus}"]
+        return []
     nodes = k if lay.shape == "array" else lay.nodes
     lines = []
     for node in range(nodes):
