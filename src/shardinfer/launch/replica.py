@@ -46,6 +46,7 @@ SILENCE_S = 30.0
 START_VAR = "SHARDINFER_REPLICA_START_S"  # how long a leader waits for its followers' hello
 START_S = 600.0
 _PR_SET_PDEATHSIG = 1
+SILENT = " (silent)"  # marks a loss by silence: the peer may still hold its node
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def watch(peer: Peer, on_message: Callable[[dict[str, Any]], None], on_lost: Cal
             try:
                 message = peer.receive(silence_s)
             except TimeoutError:
-                on_lost(f"{peer.name} silent for {silence_s:.0f} s")
+                on_lost(f"{peer.name} silent for {silence_s:.0f} s{SILENT}")
                 return
             if message is None:
                 if not peer.closed:
@@ -193,6 +194,7 @@ class Leader:
         self.followers: dict[int, Peer] = {}
         self.lost = threading.Event()
         self.lost_reason = ""
+        self.unreachable = False  # a follower fell silent or never came up: only SLURM can stop it
         self._stop = threading.Event()
         self._server: socket.socket | None = None
         self.on_lost: Callable[[str], None] = lambda reason: None
@@ -223,6 +225,7 @@ class Leader:
         while len(self.followers) < self.place.nodes - 1:
             self._check_failed_files()
             if time.monotonic() > deadline:
+                self.unreachable = True
                 raise RunError(self._not_up(timeout_s))
             try:
                 conn, _ = self._server.accept()
@@ -275,6 +278,8 @@ class Leader:
     def _lose(self, reason: str) -> None:
         if self.lost.is_set() or self._stop.is_set():
             return
+        self.unreachable = reason.endswith(SILENT)
+        reason = reason.removesuffix(SILENT)
         self.lost_reason = reason
         self.lost.set()
         self.on_lost(reason)
@@ -338,7 +343,7 @@ class Follower:
 
         def lost(reason: str) -> None:
             if not self._stop.is_set():
-                on_lost(reason)
+                on_lost(reason.removesuffix(SILENT))
         watch(peer, message, lost, self.silence_s)
         threading.Thread(target=_beat, args=(lambda: [peer], self._stop), daemon=True,
                          name="replica-heartbeat").start()
@@ -425,6 +430,19 @@ def stop_group(grace_s: float = 5.0) -> None:
     if others:
         log.warning("killed %d process(es) of this node's replica that did not stop in %.0f s", len(others),
                     grace_s)
+
+
+def cancel_step(env: dict[str, str] | None = None) -> bool:
+    """End this SLURM job step (every task of it): the only way to stop a follower that cannot be
+    reached. Returns whether scancel was asked."""
+    env = dict(os.environ if env is None else env)
+    job, step = env.get("SLURM_JOB_ID"), env.get("SLURM_STEP_ID")
+    if not job or step is None:
+        return False
+    log.error("cancelling job step %s.%s: a follower node cannot be reached to stop it", job, step)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run(["scancel", f"{job}.{step}"], capture_output=True, timeout=60, env=env)
+    return True
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -12,9 +12,9 @@ import logging
 import os
 
 from shardinfer.engines import get_engine
-from shardinfer.errors import EXIT_FAILED
+from shardinfer.errors import EXIT_FAILED, RunError
 from shardinfer.launch.env import RankEnv
-from shardinfer.launch.replica import Leader, Place, node_names, stop_group
+from shardinfer.launch.replica import Leader, Place, cancel_step, node_names, stop_group
 from shardinfer.ledger.claims import Ledger
 from shardinfer.ledger.rundir import RunDir
 from shardinfer.ledger.runstate import load_run
@@ -46,12 +46,24 @@ def run_leader(run_dir: RunDir, rank_env: RankEnv, *, launch: int) -> WorkerMetr
     leader.on_lost = lambda reason: _stop_replica(leader, ledger, reason)
     span = leader.open()
     try:
-        leader.wait_followers()
+        _wait_followers(leader)
         spanning = Spanning(engine_args=spec.span_args(span), env={"VLLM_HOST_IP": span.master_addr},
                             before_retry=leader.hold_if_lost, hosts=hosts)
         return run_worker(run_dir, rank_env, launch=launch, spanning=spanning)
     finally:
         leader.bye()
+
+
+def _wait_followers(leader: Leader) -> None:
+    try:
+        leader.wait_followers()
+    except RunError as exc:
+        if leader.unreachable:  # a follower that never came up would hold the job step forever
+            log.error("%s", exc)
+            leader.bye()
+            stop_group()
+            cancel_step()
+        raise
 
 
 def _stop_replica(leader: Leader, ledger: Ledger, reason: str) -> None:
@@ -63,5 +75,7 @@ def _stop_replica(leader: Leader, ledger: Ledger, reason: str) -> None:
     finally:
         leader.bye()
         stop_group()
+        if leader.unreachable:  # a silent follower may still hold its node: SLURM stops the step
+            cancel_step()
         logging.shutdown()
         os._exit(EXIT_FAILED)
