@@ -490,12 +490,14 @@ def _follower(cfg: Config, max_model_len: int, span: Span) -> None:
     node. Returns when one of this node's vLLM processes stopped."""
     try:
         import vllm
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.executor.multiproc_executor import MultiprocExecutor
     except ImportError as exc:
         raise missing_dependency("vllm", SPEC.extra, SPEC.install_hint) from exc
     kwargs = {**llm_kwargs(cfg.model, cfg.sampling, max_model_len, vllm.EngineArgs, cfg), **_span_args(span)}
     log.info("starting vLLM %s node %d of %d: %s", vllm.__version__, span.node, span.nodes, kwargs)
-    config = vllm.EngineArgs(**kwargs).create_engine_config(headless=True)
+    # the leader's LLM's context: its defaults (max_num_batched_tokens...) must be the follower's too
+    config = vllm.EngineArgs(**kwargs).create_engine_config(usage_context=UsageContext.LLM_CLASS, headless=True)
     executor = MultiprocExecutor(config, monitor_workers=False)  # returns once its workers joined the leader's
     log.info("vLLM processes of node %d joined the replica", span.node)
     executor.start_worker_monitor(inline=True)  # returns when one of them stops
