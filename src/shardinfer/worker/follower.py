@@ -37,7 +37,10 @@ def run_follower(run_dir: RunDir, rank_env: RankEnv) -> int:
     spec = get_engine(cfg.model.engine)
     assert spec.follower is not None  # the layout refused engines that cannot span nodes
     follower = Follower(run_dir, place_of(rank_env), log_path(run_dir, rank_env))
-    for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+    # SLURM forwards the drain signal to every process of the step: here (and in the engine's processes,
+    # which inherit the mask) it stays blocked; the leader drains, then says bye
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _leave_to_leader)
     try:
         span = follower.connect()
@@ -56,7 +59,7 @@ def run_follower(run_dir: RunDir, rank_env: RankEnv) -> int:
 
 
 def _leave_to_leader(signum: int, _frame: Any = None) -> None:
-    log.warning("signal %s: the replica's leader drains; this follower serves until it says bye",
+    log.warning("signal %s: the replica's leader stops it; this follower serves until it says bye",
                 signal.Signals(signum).name)
 
 

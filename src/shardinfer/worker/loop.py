@@ -216,7 +216,13 @@ class Worker:
 
     def _load(self) -> None:
         start = time.time()
-        self.engine.load()
+        # The engine's processes inherit a blocked USR2: SLURM forwards the drain signal to every process
+        # of the step, and only this one drains (a USR2 that comes during the load is handled after it).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        try:
+            self.engine.load()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
         tokenizer = load_tokenizer(self.cfg.model)
         self.builder = RequestBuilder(self.cfg, tokenizer, max_model_len=self.plan.max_model_len,
                                       capabilities=get_engine(self.cfg.model.engine).capabilities)
