@@ -1,6 +1,7 @@
 """A model replica across nodes (slurm.nodes_per_replica): its layout, refusals, scripts, ranks, and
 the leader-follower link on loopback. No cluster, no engine."""
 
+import json
 import os
 import signal
 import socket
@@ -229,3 +230,18 @@ def test_the_link_carries_json_lines():
     from shardinfer.launch.replica import Peer
     Peer(a, "x").send("hello", node=1)
     assert Peer(b, "y").receive(1.0) == {"type": "hello", "node": 1}
+
+
+def test_plan_says_what_a_replica_takes_and_refuses_what_cannot_work(tmp_path):
+    from conftest import run_cli
+
+    config = tmp_path / "big.yaml"
+    config.write_text(json.dumps(cluster_raw(nodes=4, gpus_per_node=8)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, str(Path(__file__).parent)])}
+    proc = run_cli(["plan", str(config), "model.engine_args.tensor_parallel_size=16", "--launcher", "sbatch"], env)
+    assert proc.returncode == 2
+    assert "= 2 nodes of 8 GPUs: set slurm.nodes_per_replica=2" in proc.stderr
+    proc = run_cli(["plan", str(config), "model.engine_args.tensor_parallel_size=16", "slurm.nodes=3",
+                    "slurm.nodes_per_replica=2"], env)
+    assert proc.returncode == 2
+    assert "slurm.nodes (3) is not a multiple of slurm.nodes_per_replica (2): use 2 or 4" in proc.stderr

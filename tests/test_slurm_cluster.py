@@ -558,3 +558,28 @@ def test_a_replica_whose_follower_never_comes_up_fails_naming_the_node_and_its_l
     assert ("replica 0 did not start: node2 (replica node 1) did not come up within 20 s; its log: "
             f"{run_dir.resolve()}/logs/worker-00000.node1.log") in leader_log
     subprocess.run(["scancel", record["reduce_job"]], env=sim_cluster_env)
+
+
+def test_a_failed_node_stops_its_replica_and_the_requeued_job_finishes(sim_cluster_env, long_job):
+    """node2 fails (set down) mid-run: nothing of the replica is left on either node within a minute;
+    the job is requeued, and once node2 is back it finishes with every row once."""
+    config, tmp, local = long_job
+    run_dir = tmp / "sim-span-node-down"
+    proc = run_cli(["submit", str(config), *SPAN, f"run.directory={run_dir}"], sim_cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "jobs.json").read_text())[-1]
+    _follower_pid(run_dir)
+    _wait_units(run_dir, 2)
+    runners = _replica_runners(run_dir)
+    scontrol = ["scontrol", "update", "nodename=node2"]
+    subprocess.run([*scontrol, "state=down", "reason=test"], env=sim_cluster_env, check=True)
+    try:
+        deadline = time.time() + 60
+        while _left_over(runners):
+            assert time.time() < deadline, f"left over: {_left_over(runners)}"
+            time.sleep(0.2)
+    finally:
+        subprocess.run([*scontrol, "state=resume"], env=sim_cluster_env, check=True)
+    _wait_gone(sim_cluster_env, record["worker_job"], record["reduce_job"])
+    assert _outputs(run_dir) == local
+    assert not _left_over(_replica_runners(run_dir))

@@ -45,7 +45,10 @@ log = logging.getLogger("shardinfer")
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_checked(args.config, args.overrides)
-    workers = get_launcher(args.launcher).workers(cfg)
+    launcher = get_launcher(args.launcher)
+    # how nodes become workers, on a cluster or when a replica spans nodes (refused here if it cannot work)
+    lay = layout(cfg) if launcher.on_cluster or cfg.slurm.nodes_per_replica > 1 else None
+    workers = launcher.workers(cfg)
     print("# resolved config")
     print(dump_config(cfg))
     checks = preflight(cfg)
@@ -53,9 +56,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if any(c.status == "fail" for c in checks):
         print("shardinfer: config error: pre-flight checks failed; fix the lines marked [fail]", file=sys.stderr)
         return 2
-    launcher = get_launcher(args.launcher)
-    if launcher.on_cluster or cfg.slurm.nodes_per_replica > 1:  # how nodes become workers (refused if they cannot)
-        lay = layout(cfg)
+    if lay is not None:
         print("\n".join(replica_lines(cfg, lay) + node_map(lay)))
     print(f"# plan for {workers} worker(s) ({args.launcher} launcher)")
     plan = make_plan(cfg, workers)
