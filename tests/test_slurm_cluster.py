@@ -471,22 +471,30 @@ def test_a_killed_follower_stops_its_replica_and_a_resume_in_the_array_shape_fin
     assert not _left_over(_replica_runners(run_dir))
 
 
-def test_a_killed_follower_gives_its_replicas_units_back_within_a_minute(sim_cluster_env, long_job):
+@pytest.mark.parametrize("killed", ["follower", "leader"])
+def test_a_killed_node_runner_stops_its_whole_replica_within_a_minute(sim_cluster_env, long_job, killed):
+    """kill -9 of one side's runner: the other side stops too, no process of either is left (the
+    stand-in engine processes included); the follower's death makes the leader give its units back,
+    the leader's leaves them to be taken over at the lease. A resume finishes with every row once."""
     config, tmp, local = long_job
-    run_dir = tmp / "sim-span-killed"
+    run_dir = tmp / f"sim-span-{killed}-killed"
     proc = run_cli(["submit", str(config), *SPAN, f"run.directory={run_dir}"], sim_cluster_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((run_dir / "jobs.json").read_text())[-1]
     follower = _follower_pid(run_dir)
+    [rendezvous] = (run_dir / "slurm" / "replicas").rglob("replica-0.json")
     _wait_units(run_dir, 2)
-    os.kill(follower, 9)
-    killed = time.time()
+    os.kill(follower if killed == "follower" else json.loads(rendezvous.read_text())["pid"], 9)
+    killed_at = time.time()
     _wait_gone(sim_cluster_env, record["worker_job"], timeout=60)
-    assert time.time() - killed < 60
-    leader_log = (run_dir / "logs" / "worker-00000.log").read_text()
-    given = re.search(r"units given back: \[([\d, ]+)\]", leader_log)
-    assert given, leader_log[-2000:]
-    assert not _left_over(_replica_runners(run_dir))  # the follower's stand-in engine process too
+    assert time.time() - killed_at < 60
+    assert not _left_over(_replica_runners(run_dir))
+    if killed == "follower":
+        leader_log = (run_dir / "logs" / "worker-00000.log").read_text()
+        assert re.search(r"units given back: \[\d", leader_log), leader_log[-2000:]
+    else:
+        follower_log = (run_dir / "logs" / "worker-00000.node1.log").read_text()
+        assert "gone (connection closed): stopping this node's engine" in follower_log
     _wait_gone(sim_cluster_env, record["reduce_job"])
     _resume_and_wait(run_dir, sim_cluster_env)
     assert _outputs(run_dir) == local

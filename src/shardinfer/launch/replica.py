@@ -14,13 +14,13 @@ a link with the leader (a TCP connection, a heartbeat every :data:`HEARTBEAT_S` 
 - the leader says ``bye`` when its worker ends; a follower that hears it stops its engine processes.
 
 Every node's runner leads its own process group, and a small reaper process kills the group when
-the runner dies, even by SIGKILL: no engine process outlives its node's runner.
+the runner's end of a pipe closes (it died, even by SIGKILL): no engine process outlives its node's
+runner.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
 import logging
@@ -45,7 +45,6 @@ HEARTBEAT_S = 5.0
 SILENCE_S = 30.0
 START_VAR = "SHARDINFER_REPLICA_START_S"  # how long a leader waits for its followers' hello
 START_S = 600.0
-_PR_SET_PDEATHSIG = 1
 SILENT = " (silent)"  # marks a loss by silence: the peer may still hold its node
 
 
@@ -366,35 +365,42 @@ def lead_own_group() -> bool:
     return os.getpgrp() == os.getpid()
 
 
+_reaper: int | None = None  # this process's reaper, left out of stop_group
+
+
 def start_reaper() -> int | None:
     """Fork a process that kills this process's group when this process dies, even by SIGKILL.
     Call before any thread starts. Returns its pid (None when this process leads no group)."""
+    global _reaper
     if os.getpgrp() != os.getpid():
         return None
     runner = os.getpid()
+    # the reaper reads a pipe whose only writer is this process (not inheritable: the engine's processes
+    # do not get it): end of file = this process is gone, however it died
+    read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
+        os.close(read_end)
+        _reaper = pid
         return pid
     try:  # the reaper
-        _reap_when(runner)
+        os.close(write_end)
+        _reap_when_closed(read_end, runner)
     finally:
         os._exit(0)
 
 
-def _reap_when(runner: int) -> None:
-    def parent_gone(*_: Any) -> None:
-        if os.getppid() != runner:
-            os.killpg(runner, signal.SIGKILL)  # the group, this process too
-        os._exit(0)  # a TERM from the runner's own stop_group: it cleans up itself
-
-    signal.signal(signal.SIGTERM, parent_gone)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != runner:  # died before prctl took effect
-        parent_gone()
+def _reap_when_closed(read_end: int, runner: int) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)  # it outlives every signal its runner gets
     while True:
-        signal.pause()
+        try:
+            if not os.read(read_end, 1):
+                break
+        except InterruptedError:
+            continue
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(runner, signal.SIGKILL)  # the group, this process too
 
 
 def group_members(pgid: int) -> list[int]:
@@ -418,13 +424,13 @@ def stop_group(grace_s: float = 5.0) -> None:
     me = os.getpid()
     if os.getpgrp() != me:
         return
-    others = [p for p in group_members(me) if p != me]
+    others = [p for p in group_members(me) if p not in (me, _reaper)]
     for pid in others:
         _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while others and time.monotonic() < deadline:
         time.sleep(0.1)
-        others = [p for p in group_members(me) if p != me]
+        others = [p for p in group_members(me) if p not in (me, _reaper)]
     for pid in others:
         _signal(pid, signal.SIGKILL)
     if others:
