@@ -430,7 +430,7 @@ def test_one_replica_across_two_nodes_matches_a_local_run(cluster_env, job):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _outputs(run_dir) == local
     [worker] = _report(run_dir)["workers"]
-    assert worker["host"] == "node1" and worker["rank"] == 0
+    assert worker["host"] == "node1" and worker["rank"] == 0 and worker["replica_hosts"] == ["node1", "node2"]
     follower_log = (run_dir / "logs" / "worker-00000.node1.log").read_text()
     assert "joined the leader on node1" in follower_log and "the leader ended its worker" in follower_log
     leader_log = (run_dir / "logs" / "worker-00000.log").read_text()

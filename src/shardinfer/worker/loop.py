@@ -136,6 +136,8 @@ class Worker:
         self.timeline = Timeline(start=self.metrics.started_at)
         self._metrics_saved = 0.0
         self._run_prom_at = -1e9
+        if spanning is not None:
+            self.metrics.replica_hosts = list(spanning.hosts)
         self.monitor = Monitor(self.cfg, self.metrics)
         self.idle = IdleWait(self.ledger, len(self.plan.units), self.world, self.cfg.run.lease_timeout_s)
 
