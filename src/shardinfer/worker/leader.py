@@ -38,6 +38,7 @@ def replica_hosts(rank_env: RankEnv) -> list[str]:
 
 def run_leader(run_dir: RunDir, rank_env: RankEnv, *, launch: int) -> WorkerMetrics:
     cfg, _ = load_run(run_dir)
+    os.environ.update(cfg.run.env)  # SHARDINFER_REPLICA_START_S may come from there, whatever the launcher
     spec = get_engine(cfg.model.engine)
     assert spec.span_args is not None  # the layout refused engines that cannot span nodes
     hosts = replica_hosts(rank_env)
