@@ -245,3 +245,14 @@ def test_plan_says_what_a_replica_takes_and_refuses_what_cannot_work(tmp_path):
                     "slurm.nodes_per_replica=2"], env)
     assert proc.returncode == 2
     assert "slurm.nodes (3) is not a multiple of slurm.nodes_per_replica (2): use 2 or 4" in proc.stderr
+
+
+def test_bye_waits_for_the_followers_to_close_and_tells_a_frozen_one(place):
+    run_dir, p = place
+    leader, follower, _ = _joined(run_dir, p)
+    follower.watch(on_bye=lambda: follower.peer.sock.close(), on_lost=lambda reason: None)
+    assert leader.bye(wait_s=5) is True
+    leader, follower, _ = _joined(run_dir, Place(1, 0, 2, "1-0"), silence_s=1.0)  # a follower that never answers
+    start = time.monotonic()
+    assert leader.bye(wait_s=3) is False and leader.unreachable
+    assert time.monotonic() - start < 5

@@ -6,6 +6,7 @@ workers: each worker that runs some starts its own cluster (once), and no test s
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -591,3 +592,26 @@ def test_a_failed_node_stops_its_replica_and_the_requeued_job_finishes(sim_clust
     _wait_gone(sim_cluster_env, record["worker_job"], record["reduce_job"])
     assert _outputs(run_dir) == local
     assert not _left_over(_replica_runners(run_dir))
+
+
+def test_a_frozen_follower_is_given_up_within_a_minute_and_its_step_cancelled(sim_cluster_env, long_job):
+    """A follower that stops answering (SIGSTOP: a hung node SLURM does not see) is lost after 30 s of
+    silence: the leader gives its units back and cancels the job step, which only SLURM can stop."""
+    config, tmp, local = long_job
+    run_dir = tmp / "sim-span-frozen"
+    proc = run_cli(["submit", str(config), *SPAN, f"run.directory={run_dir}"], sim_cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "jobs.json").read_text())[-1]
+    follower = _follower_pid(run_dir)
+    _wait_units(run_dir, 1)
+    os.kill(follower, signal.SIGSTOP)
+    stopped = time.time()
+    _wait_gone(sim_cluster_env, record["worker_job"], timeout=90)
+    assert time.time() - stopped < 60
+    leader_log = (run_dir / "logs" / "worker-00000.log").read_text()
+    assert "follower node2 (replica node 1) silent for 30 s; stopping the replica" in leader_log
+    assert re.search(r"units given back: \[\d", leader_log) and "cancelling job step" in leader_log
+    assert not _left_over(_replica_runners(run_dir))
+    _wait_gone(sim_cluster_env, record["reduce_job"])
+    _resume_and_wait(run_dir, sim_cluster_env)
+    assert _outputs(run_dir) == local

@@ -126,8 +126,8 @@ class Peer:
     def receive(self, timeout_s: float) -> dict[str, Any] | None:
         """The next message; None on EOF. Raises TimeoutError after ``timeout_s`` of silence."""
         while b"\n" not in self._buffer:
-            self.sock.settimeout(timeout_s)
             try:
+                self.sock.settimeout(timeout_s)
                 chunk = self.sock.recv(65536)
             except TimeoutError:
                 raise TimeoutError from None
@@ -194,6 +194,8 @@ class Leader:
         self.lost = threading.Event()
         self.lost_reason = ""
         self.unreachable = False  # a follower fell silent or never came up: only SLURM can stop it
+        self._ended: dict[int, bool] = {}  # follower -> its link closed (True) or fell silent (False)
+        self._ended_changed = threading.Condition()
         self._stop = threading.Event()
         self._server: socket.socket | None = None
         self.on_lost: Callable[[str], None] = lambda reason: None
@@ -233,7 +235,8 @@ class Leader:
             self._hello(conn)
         self._server.close()
         for node, peer in self.followers.items():
-            watch(peer, functools.partial(self._message, node), self._lose, self.silence_s)
+            watch(peer, functools.partial(self._message, node), functools.partial(self._peer_lost, node),
+                  self.silence_s)
         threading.Thread(target=_beat, args=(lambda: list(self.followers.values()), self._stop), daemon=True,
                          name="replica-heartbeat").start()
         log.info("replica %d: every follower is up (%s)", self.place.replica,
@@ -274,6 +277,12 @@ class Leader:
             self._lose(f"follower {self.host(node)} (replica node {node}) failed: {message.get('error')}; its "
                        f"log: {follower_log(self.run_dir, self.place.replica, node)}")
 
+    def _peer_lost(self, node: int, reason: str) -> None:
+        with self._ended_changed:
+            self._ended[node] = not reason.endswith(SILENT)
+            self._ended_changed.notify_all()
+        self._lose(reason)
+
     def _lose(self, reason: str) -> None:
         if self.lost.is_set() or self._stop.is_set():
             return
@@ -290,12 +299,28 @@ class Leader:
             while True:  # the watcher's thread ends the process
                 time.sleep(60)
 
-    def bye(self) -> None:
-        """The worker ended: the followers stop their engine processes and exit."""
+    def bye(self, wait_s: float = 0.0) -> bool:
+        """The worker ended: the followers stop their engine processes and exit. With ``wait_s``:
+        wait that long for each follower's link to close; False when one did not (frozen, or silent
+        since: only SLURM can stop it)."""
+        if self._stop.is_set():
+            return True  # said already
         self._stop.set()
         for peer in self.followers.values():
             peer.send("bye")
+        deadline = time.monotonic() + wait_s
+        with self._ended_changed:
+            while len(self._ended) < len(self.followers) and time.monotonic() < deadline:
+                self._ended_changed.wait(max(0.0, deadline - time.monotonic()))
+            closed = wait_s <= 0 or (len(self._ended) == len(self.followers) and all(self._ended.values()))
+        for peer in self.followers.values():
             peer.close()
+        if not closed:
+            self.unreachable = True
+            log.error("replica %d: a follower did not stop within %.0f s of the leader's bye (%s)",
+                      self.place.replica, wait_s, ", ".join(self.host(n) for n in self.followers
+                                                             if not self._ended.get(n)))
+        return closed
 
 
 # ---- a follower ----
