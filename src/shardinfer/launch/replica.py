@@ -444,7 +444,7 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def stop_group(grace_s: float = 5.0) -> None:
+def stop_group(grace_s: float = 2.0) -> None:
     """Stop every other process of this process's group: TERM, then KILL after ``grace_s``."""
     me = os.getpid()
     if os.getpgrp() != me:

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from shardinfer.engines import get_engine
@@ -27,7 +28,7 @@ log = logging.getLogger("shardinfer.worker")
 _ending = threading.Event()  # the link's thread is stopping this process: the main thread waits for it
 
 
-def log_path(run_dir: RunDir, rank_env: RankEnv) -> Any:
+def log_path(run_dir: RunDir, rank_env: RankEnv) -> Path:
     return follower_log(run_dir, rank_env.rank, rank_env.replica_node)
 
 
