@@ -5,6 +5,8 @@ workers: each worker that runs some starts its own cluster (once), and no test s
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -371,3 +373,248 @@ def test_a_classify_job_on_two_nodes_gives_every_row_its_probabilities(cluster_e
             probs = classifier(**tokenizer(doc["text"], return_tensors="pt")).logits[0].softmax(-1).tolist()
         assert max(abs(a - b) for a, b in zip(row["probs"].values(), probs)) < 1e-4
         assert row["label"] == max(row["probs"], key=row["probs"].get)
+
+
+# A replica across the two nodes (slurm.nodes_per_replica=2). vLLM's CPU build runs tensor parallel 2 as
+# one process per node (mp executor, gloo over loopback); pipeline parallel fails there (its CPU model
+# runner keeps no intermediate tensors between stages).
+SPAN = ["slurm.nodes=2", "slurm.nodes_per_replica=2"]
+VLLM_SPAN = [*SPAN, "model.engine_args.tensor_parallel_size=2", "run.env.VLLM_CPU_OMP_THREADS_BIND=nobind",
+             "run.env.OMP_NUM_THREADS=1"]
+
+
+def _replica_runners(run_dir: Path) -> set[int]:
+    """The pids of the replica's runners (leaders from the rendezvous, followers from their hello):
+    each leads the process group of its node's engine processes."""
+    pids = {json.loads(p.read_text())["pid"] for p in (run_dir / "slurm" / "replicas").rglob("replica-*.json")}
+    for log in (run_dir / "logs").glob("worker-*.log"):
+        pids |= {int(pid) for pid in re.findall(r"said hello \(pid (\d+)", log.read_text())}
+    return pids
+
+
+def _left_over(pids: set[int]) -> list[int]:
+    from shardinfer.launch.replica import group_members
+
+    return [member for pid in pids for member in group_members(pid)]
+
+
+def _follower_pid(run_dir: Path, timeout: float = 300) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = run_dir / "logs" / "worker-00000.log"
+        found = re.findall(r"said hello \(pid (\d+)", log.read_text()) if log.is_file() else []
+        if found:
+            return int(found[-1])
+        time.sleep(0.2)
+    raise AssertionError("no follower said hello")
+
+
+def _wait_units(run_dir: Path, n: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while len(list((run_dir / "done").rglob("unit-*.json"))) < n:
+        assert time.time() < deadline, "the job made no progress"
+        time.sleep(0.1)
+
+
+def _resume_and_wait(run_dir: Path, env: dict) -> None:
+    proc = run_cli(["resume", str(run_dir)], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "jobs.json").read_text())[-1]
+    _wait_gone(env, record["worker_job"], record["reduce_job"])
+
+
+def test_one_replica_across_two_nodes_matches_a_local_run(cluster_env, job):
+    """Real vLLM, tensor parallel 2 over node1 and node2, job shape: the outputs of a one-node run."""
+    config, tmp, local = job
+    run_dir = tmp / "span"
+    proc = run_cli(["submit", str(config), *VLLM_SPAN, f"run.directory={run_dir}", "--wait"], cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _outputs(run_dir) == local
+    [worker] = _report(run_dir)["workers"]
+    assert worker["host"] == "node1" and worker["rank"] == 0 and worker["replica_hosts"] == ["node1", "node2"]
+    follower_log = (run_dir / "logs" / "worker-00000.node1.log").read_text()
+    assert "joined the leader on node1" in follower_log and "the leader ended its worker" in follower_log
+    leader_log = (run_dir / "logs" / "worker-00000.log").read_text()
+    assert "follower node2 (replica node 1) said hello" in leader_log and "'nnodes': 2" in leader_log
+    assert not _left_over(_replica_runners(run_dir))
+
+
+def test_a_killed_follower_stops_its_replica_and_a_resume_in_the_array_shape_finishes(cluster_env, job):
+    """Real vLLM, array shape: kill -9 of the follower's runner mid-run stops the leader within a
+    minute (its units given back, no engine process left on either node); a resume finishes with
+    every row once, as in a one-node run."""
+    config, tmp, local = job
+    run_dir = tmp / "span-killed"
+    proc = run_cli(["submit", str(config), *VLLM_SPAN, "slurm.shape=array", "run.max_unit_rows=3",
+                    f"run.directory={run_dir}"], cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "jobs.json").read_text())[-1]
+    follower = _follower_pid(run_dir)
+    leader_log = run_dir / "logs" / "worker-00000.log"
+    deadline = time.time() + 300
+    while not list((run_dir / "claims").rglob("unit-*.json")):  # units claimed: their rows go to the engine
+        assert time.time() < deadline, "no unit was claimed"
+        time.sleep(0.02)
+    os.kill(follower, 9)
+    killed = time.time()
+    _wait_gone(cluster_env, record["worker_job"], timeout=60)
+    assert time.time() - killed < 60
+    text = leader_log.read_text()
+    assert "follower node2 (replica node 1) gone (connection closed); stopping the replica" in text
+    assert re.search(r"units given back: \[\d", text), text[-3000:]
+    assert len(list((run_dir / "done").rglob("unit-*.json"))) < 10
+    runners = _replica_runners(run_dir)
+    assert not _left_over(runners)
+    _wait_gone(cluster_env, record["reduce_job"])
+    assert not (run_dir / "results").exists()
+    _resume_and_wait(run_dir, cluster_env)
+    assert _outputs(run_dir) == local
+    assert not _left_over(_replica_runners(run_dir))
+
+
+@pytest.mark.parametrize("killed", ["follower", "leader"])
+def test_a_killed_node_runner_stops_its_whole_replica_within_a_minute(sim_cluster_env, long_job, killed):
+    """kill -9 of one side's runner: the other side stops too, no process of either is left (the
+    stand-in engine processes included); the follower's death makes the leader give its units back,
+    the leader's leaves them to be taken over at the lease. A resume finishes with every row once."""
+    config, tmp, local = long_job
+    run_dir = tmp / f"sim-span-{killed}-killed"
+    proc = run_cli(["submit", str(config), *SPAN, f"run.directory={run_dir}"], sim_cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "jobs.json").read_text())[-1]
+    follower = _follower_pid(run_dir)
+    [rendezvous] = (run_dir / "slurm" / "replicas").rglob("replica-0.json")
+    _wait_units(run_dir, 2)
+    os.kill(follower if killed == "follower" else json.loads(rendezvous.read_text())["pid"], 9)
+    killed_at = time.time()
+    _wait_gone(sim_cluster_env, record["worker_job"], timeout=60)
+    assert time.time() - killed_at < 60
+    assert not _left_over(_replica_runners(run_dir))
+    if killed == "follower":
+        leader_log = (run_dir / "logs" / "worker-00000.log").read_text()
+        assert re.search(r"units given back: \[\d", leader_log), leader_log[-2000:]
+    else:
+        follower_log = (run_dir / "logs" / "worker-00000.node1.log").read_text()
+        assert "gone (connection closed): stopping this node's engine" in follower_log
+    _wait_gone(sim_cluster_env, record["reduce_job"])
+    _resume_and_wait(run_dir, sim_cluster_env)
+    assert _outputs(run_dir) == local
+    assert not _left_over(_replica_runners(run_dir))
+
+
+def test_scancel_of_an_array_task_of_replicas_then_resume(sim_cluster_env, long_job):
+    config, tmp, local = long_job
+    run_dir = tmp / "sim-span-array"
+    proc = run_cli(["submit", str(config), *SPAN, "slurm.shape=array", f"run.directory={run_dir}"], sim_cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "jobs.json").read_text())[-1]
+    assert "#SBATCH --array=0-0\n#SBATCH --nodes=2\n#SBATCH --ntasks=2" in \
+        (run_dir / "slurm" / "launch-000-worker.sbatch").read_text()
+    _follower_pid(run_dir)
+    _wait_units(run_dir, 2)
+    subprocess.run(["scancel", f"{record['worker_job']}_0"], env=sim_cluster_env, check=True)
+    _wait_gone(sim_cluster_env, record["worker_job"], record["reduce_job"])
+    assert not _left_over(_replica_runners(run_dir))
+    done_before = len(list((run_dir / "done").rglob("unit-*.json")))
+    _resume_and_wait(run_dir, sim_cluster_env)
+    assert _outputs(run_dir) == local
+    redone = [json.loads(p.read_text()) for p in (run_dir / "done").rglob("unit-*.json")]
+    assert sum(r["launch"] == 0 for r in redone) == done_before  # finished units were not redone
+    assert not _left_over(_replica_runners(run_dir))
+
+
+def test_a_usr2_drain_of_a_replica_requeues_and_finishes(sim_cluster_env, long_job):
+    """USR2 drains the leader (the follower keeps serving), then the follower exits after bye; the
+    job requeues itself and finishes."""
+    config, tmp, local = long_job
+    run_dir = tmp / "sim-span-usr2"
+    proc = run_cli(["submit", str(config), *SPAN, f"run.directory={run_dir}"], sim_cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "jobs.json").read_text())[-1]
+    _follower_pid(run_dir)
+    _wait_units(run_dir, 2)
+    subprocess.run(["scancel", "--signal=USR2", "--batch", record["worker_job"]], env=sim_cluster_env, check=True)
+    _wait_gone(sim_cluster_env, record["worker_job"], record["reduce_job"])
+    assert _outputs(run_dir) == local
+    metrics = [json.loads(p.read_text()) for p in (run_dir / "metrics").glob("*.json")]
+    assert {m["restart"] for m in metrics} == {0, 1} and all(m["drained"] for m in metrics if m["restart"] == 0)
+    follower_log = (run_dir / "logs" / "worker-00000.node1.log").read_text()
+    assert follower_log.count("the leader ended its worker") == 2
+    assert not _left_over(_replica_runners(run_dir))
+
+
+WRAPPER = """#!/bin/bash
+# a follower node that never comes up
+if [ "$SLURM_NODEID" = 1 ] && [[ " $* " == *" shardinfer.worker "* ]]; then exec sleep 3600; fi
+exec {python} "$@"
+"""
+
+
+def test_a_replica_whose_follower_never_comes_up_fails_naming_the_node_and_its_log(sim_cluster_env, long_job):
+    config, tmp, _ = long_job
+    run_dir = tmp / "sim-span-no-follower"
+    wrapper = tmp / "python-wrapper"
+    wrapper.write_text(WRAPPER.format(python=sys.executable))
+    wrapper.chmod(0o755)
+    start = time.time()
+    proc = run_cli(["submit", str(config), *SPAN, f"slurm.python={wrapper}", "run.env.SHARDINFER_REPLICA_START_S=20",
+                    f"run.directory={run_dir}"], sim_cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "jobs.json").read_text())[-1]
+    _wait_gone(sim_cluster_env, record["worker_job"], timeout=120)
+    assert time.time() - start < 90
+    leader_log = (run_dir / "logs" / "worker-00000.log").read_text()
+    assert ("replica 0 did not start: node2 (replica node 1) did not come up within 20 s; its log: "
+            f"{run_dir.resolve()}/logs/worker-00000.node1.log") in leader_log
+    subprocess.run(["scancel", record["reduce_job"]], env=sim_cluster_env)
+
+
+def test_a_failed_node_stops_its_replica_and_the_requeued_job_finishes(sim_cluster_env, long_job):
+    """node2 fails (set down) mid-run: nothing of the replica is left on either node within a minute;
+    the job is requeued, and once node2 is back it finishes with every row once."""
+    config, tmp, local = long_job
+    run_dir = tmp / "sim-span-node-down"
+    proc = run_cli(["submit", str(config), *SPAN, f"run.directory={run_dir}"], sim_cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "jobs.json").read_text())[-1]
+    _follower_pid(run_dir)
+    _wait_units(run_dir, 2)
+    runners = _replica_runners(run_dir)
+    scontrol = ["scontrol", "update", "nodename=node2"]
+    subprocess.run([*scontrol, "state=down", "reason=test"], env=sim_cluster_env, check=True)
+    try:
+        deadline = time.time() + 60
+        while _left_over(runners):
+            assert time.time() < deadline, f"left over: {_left_over(runners)}"
+            time.sleep(0.2)
+    finally:
+        subprocess.run([*scontrol, "state=resume"], env=sim_cluster_env, check=True)
+    _wait_gone(sim_cluster_env, record["worker_job"], record["reduce_job"])
+    assert _outputs(run_dir) == local
+    assert not _left_over(_replica_runners(run_dir))
+
+
+def test_a_frozen_follower_is_given_up_within_a_minute_and_its_step_cancelled(sim_cluster_env, long_job):
+    """A follower that stops answering (SIGSTOP: a hung node SLURM does not see) is lost after 30 s of
+    silence, while the leader works (it gives its units back) or once it said bye: the leader cancels the
+    job step, which only SLURM can stop. Nothing is left; what is missing is redone by a resume."""
+    config, tmp, local = long_job
+    run_dir = tmp / "sim-span-frozen"
+    proc = run_cli(["submit", str(config), *SPAN, f"run.directory={run_dir}"], sim_cluster_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "jobs.json").read_text())[-1]
+    follower = _follower_pid(run_dir)
+    _wait_units(run_dir, 1)
+    os.kill(follower, signal.SIGSTOP)
+    stopped = time.time()
+    _wait_gone(sim_cluster_env, record["worker_job"], timeout=90)
+    assert time.time() - stopped < 60
+    leader_log = (run_dir / "logs" / "worker-00000.log").read_text()
+    assert "cancelling job step" in leader_log
+    assert ("follower node2 (replica node 1) silent for 30 s; stopping the replica" in leader_log
+            or "a follower did not stop within 35 s of the leader's bye (node2)" in leader_log)
+    assert not _left_over(_replica_runners(run_dir))
+    _wait_gone(sim_cluster_env, record["reduce_job"])
+    if not (run_dir / "results").exists():
+        _resume_and_wait(run_dir, sim_cluster_env)
+    assert _outputs(run_dir) == local

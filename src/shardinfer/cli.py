@@ -19,6 +19,7 @@ from shardinfer.bench.synth import bundled_corpus
 from shardinfer.config import apply_override, dump_config, field_help
 from shardinfer.engines.registry import engine_names
 from shardinfer.errors import ConfigError, ShardinferError, disk_full, is_disk_full
+from shardinfer.launch.layout import layout, node_map, replica_lines
 from shardinfer.launch.registry import get_launcher, launcher_choices, launcher_type
 from shardinfer.launch.start import dry_run, launch, resume
 from shardinfer.ledger.rundir import RunDir, restrict_umask
@@ -44,7 +45,10 @@ log = logging.getLogger("shardinfer")
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_checked(args.config, args.overrides)
-    workers = get_launcher(args.launcher).workers(cfg)
+    launcher = get_launcher(args.launcher)
+    # how nodes become workers, on a cluster or when a replica spans nodes (refused here if it cannot work)
+    lay = layout(cfg) if launcher.on_cluster or cfg.slurm.nodes_per_replica > 1 else None
+    workers = launcher.workers(cfg)
     print("# resolved config")
     print(dump_config(cfg))
     checks = preflight(cfg)
@@ -52,6 +56,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if any(c.status == "fail" for c in checks):
         print("shardinfer: config error: pre-flight checks failed; fix the lines marked [fail]", file=sys.stderr)
         return 2
+    if lay is not None:
+        print("\n".join(replica_lines(cfg, lay) + node_map(lay)))
     print(f"# plan for {workers} worker(s) ({args.launcher} launcher)")
     plan = make_plan(cfg, workers)
     print(describe(plan, cfg))

@@ -8,13 +8,14 @@ pipeline. Importing this module registers the engine.
 
 from __future__ import annotations
 
+import subprocess
 import time
 import zlib
 from typing import Any
 
 from shardinfer.config import Config, ModelConfig
 from shardinfer.engines.base import BatchQueue, Completion
-from shardinfer.engines.registry import EngineSpec, register_engine
+from shardinfer.engines.registry import EngineSpec, Span, register_engine
 from shardinfer.requests.prompts import Prompt
 
 TOKENS_PER_S = 4000.0  # set by the simulation before it starts the workers
@@ -66,6 +67,12 @@ def _tokenizer(model: ModelConfig) -> WordTokenizer:
     return WordTokenizer()
 
 
+def _follower(cfg: Config, max_model_len: int, span: Span) -> None:
+    """A follower node of a simulated replica: a stand-in engine process that runs until stopped."""
+    subprocess.run(["sleep", "infinity"], check=False)
+
+
 SPEC = register_engine(EngineSpec(
     name="sim", description="simulation: sleeps as long as a real engine would take", create=SleepEngine,
-    modules=(), extra="", takes_args=False, replica_gpus=lambda model, node_gpus: 1, tokenizer=_tokenizer))
+    modules=(), extra="", takes_args=False, replica_gpus=lambda model, node_gpus: 1, tokenizer=_tokenizer,
+    follower=_follower, span_args=lambda span: {}))

@@ -199,6 +199,9 @@ class SlurmConfig:
     nodes: int = _f(1, help="nodes (job shape); array shape: nodes' worth of workers")
     gpus_per_node: int = _f(0, help="GPUs per node; replicas per node = gpus_per_node / GPUs per replica")
     cpu_workers_per_node: int = _f(1, help="workers per node when gpus_per_node is 0")
+    nodes_per_replica: int = _f(
+        1, help="nodes one model replica spans (vLLM tensor x pipeline parallel over nodes); one worker per replica"
+    )
     cpus_per_task: int = _f(8, help="CPUs per worker")
     mem_gb: int | None = _f(None, help="memory in GB per node (job shape) or per array task; null: the partition's default")
     time_min: int = _f(60, help="time limit of the worker job (or of each array task), minutes")

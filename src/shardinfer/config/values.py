@@ -34,7 +34,7 @@ def check_values(config: Config) -> None:
         "slurm.mem_gb": config.slurm.mem_gb,
     }
     positive.update({f"slurm.{k}": getattr(config.slurm, k) for k in (
-        "nodes", "cpu_workers_per_node", "cpus_per_task", "time_min", "reduce_time_min", "reduce_cpus")})
+        "nodes", "nodes_per_replica", "cpu_workers_per_node", "cpus_per_task", "time_min", "reduce_time_min", "reduce_cpus")})
     for key, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")

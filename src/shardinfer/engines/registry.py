@@ -29,6 +29,16 @@ _BUILTIN = ("shardinfer.engines.vllm_engine", "shardinfer.engines.hf_engine")
 
 
 @dataclass(frozen=True)
+class Span:
+    """Where one node stands in a replica that spans ``nodes`` nodes (node 0 leads)."""
+
+    nodes: int
+    node: int
+    master_addr: str  # the leader's address, where the engine's processes meet
+    master_port: int
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What an engine does beyond one text out per prompt; a config asking for more is refused."""
 
@@ -73,6 +83,13 @@ class EngineSpec:
     # it (None: it takes any, or it cannot tell).
     argument_names: Callable[[], set[str] | None] | None = None
     tasks: tuple[str, ...] = ("generate",)  # the config tasks it runs (see Config.task)
+    # A replica across nodes (slurm.nodes_per_replica > 1); None: the engine cannot span nodes.
+    # follower(config, max_model_len, span): run the engine's part on a follower node until it ends.
+    follower: Callable[[Config, int, Span], None] | None = None
+    # span_args(span): the engine arguments the leader adds for a replica across nodes.
+    span_args: Callable[[Span], dict[str, Any]] | None = None
+    # span_check(model, nodes_per_replica, gpus_per_node): why that layout cannot work, or None.
+    span_check: Callable[[ModelConfig, int, int], str | None] | None = None
 
     def args(self, model: ModelConfig) -> dict[str, Any]:
         """The engine's own arguments from the config (``model.engine_args``)."""

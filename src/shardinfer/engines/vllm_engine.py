@@ -18,13 +18,14 @@ import importlib.util
 import json
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shardinfer.config import Config, ModelConfig, SamplingConfig
 from shardinfer.engines.base import Completion, Finished, Pooled, Refused, TokenLogprob
-from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec, unknown_arguments
+from shardinfer.engines.registry import BenchSupport, Capabilities, EngineSpec, Span, unknown_arguments
 from shardinfer.engines.retry import generate_with_retries
 from shardinfer.engines.vllm_pooling import VLLM_TASK, pooled, pooling_engine_kwargs, pooling_params
 from shardinfer.engines.vllm_stats import SchedulerStats, settings
@@ -76,15 +77,16 @@ class VllmEngine:
         self.max_requests = 256  # requests that keep the engine busy (set at load)
         self.stats: SchedulerStats | None = None
         self.max_tokens_queued: int | None = None
+        # A replica across nodes: called before failed steps are retried (it holds them when the
+        # failure is a lost node, which stops the replica instead)
+        self.before_retry: Callable[[], None] | None = None
 
     def load(self) -> None:
         try:
             import vllm
         except ImportError as exc:
             raise missing_dependency("vllm", SPEC.extra, SPEC.install_hint) from exc
-        kwargs = {"disable_log_stats": False,  # the scheduler's stats go into the worker's metrics
-                  **(pooling_engine_kwargs(self.cfg) if self.cfg is not None else {}),
-                  **engine_kwargs(self.model, self.sampling, self.max_model_len, vllm.EngineArgs)}
+        kwargs = llm_kwargs(self.model, self.sampling, self.max_model_len, vllm.EngineArgs, self.cfg)
         log.info("loading vLLM %s: %s", vllm.__version__, kwargs)
         try:
             self.llm = vllm.LLM(**kwargs)
@@ -265,6 +267,8 @@ class VllmEngine:
         return request
 
     def _redo_in_flight(self, exc: Exception) -> list[Finished]:
+        if self.before_retry is not None:
+            self.before_retry()
         log.error("engine step failed with %d requests in flight: %r; redoing them with retries",
                   len(self._in_flight), exc)
         requests = list(self._in_flight.values())
@@ -288,6 +292,15 @@ class VllmEngine:
         import vllm
 
         return {"vllm": vllm.__version__, "torch": torch.__version__}
+
+
+def llm_kwargs(model: ModelConfig, sampling: SamplingConfig, max_model_len: int, engine_args_cls: type,
+               cfg: Config | None = None) -> dict[str, Any]:
+    """Everything a ``vllm.LLM`` of this run is given: the followers of a replica across nodes
+    build their part of the engine from the same arguments."""
+    return {"disable_log_stats": False,  # the scheduler's stats go into the worker's metrics
+            **(pooling_engine_kwargs(cfg) if cfg is not None else {}),
+            **engine_kwargs(model, sampling, max_model_len, engine_args_cls)}
 
 
 def engine_kwargs(model: ModelConfig, sampling: SamplingConfig, max_model_len: int,
@@ -439,6 +452,57 @@ def _replica_gpus(model: ModelConfig, node_gpus: int) -> int:
     return int(args.get("tensor_parallel_size", 1)) * int(args.get("pipeline_parallel_size", 1))
 
 
+# Set by shardinfer for a replica across nodes (slurm.nodes_per_replica), never in model.engine_args.
+SPAN_ARGS = ("nnodes", "node_rank", "master_addr", "master_port", "headless", "distributed_executor_backend")
+
+
+def _span_args(span: Span) -> dict[str, Any]:
+    return {"nnodes": span.nodes, "node_rank": span.node, "master_addr": span.master_addr,
+            "master_port": span.master_port, "distributed_executor_backend": "mp"}
+
+
+def _span_check(model: ModelConfig, nodes_per_replica: int, gpus_per_node: int) -> str | None:
+    """Why vLLM cannot run a replica over ``nodes_per_replica`` nodes as configured, or None."""
+    taken = [k for k in SPAN_ARGS if k in model.engine_args]
+    if taken:
+        return (f"model.engine_args.{taken[0]} is set by shardinfer for a replica across nodes: remove it and "
+                f"use slurm.nodes_per_replica")
+    if nodes_per_replica == 1:
+        return None
+    names = argument_names()
+    if names is not None and "nnodes" not in names:
+        return (f"slurm.nodes_per_replica={nodes_per_replica}: the installed vLLM cannot span nodes (no nnodes "
+                f"argument); install vLLM >= 0.18")
+    per_replica = _replica_gpus(model, gpus_per_node)
+    if gpus_per_node == 0 and per_replica != nodes_per_replica:
+        return (f"slurm.nodes_per_replica={nodes_per_replica} on CPU nodes runs one vLLM process per node: set "
+                f"model.engine_args.tensor_parallel_size={nodes_per_replica} (now tensor_parallel_size x "
+                f"pipeline_parallel_size = {per_replica})")
+    if gpus_per_node == 0 and int(model.engine_args.get("pipeline_parallel_size", 1)) > 1:
+        return ("model.engine_args.pipeline_parallel_size: vLLM's CPU build cannot run pipeline stages in "
+                "separate processes (its CPU model runner keeps no intermediate tensors); on CPU nodes use "
+                "tensor_parallel_size instead")
+    return None
+
+
+def _follower(cfg: Config, max_model_len: int, span: Span) -> None:
+    """This node's part of a replica across nodes: what ``vllm serve --headless`` runs on a follower
+    node. Returns when one of this node's vLLM processes stopped."""
+    try:
+        import vllm
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+    except ImportError as exc:
+        raise missing_dependency("vllm", SPEC.extra, SPEC.install_hint) from exc
+    kwargs = {**llm_kwargs(cfg.model, cfg.sampling, max_model_len, vllm.EngineArgs, cfg), **_span_args(span)}
+    log.info("starting vLLM %s node %d of %d: %s", vllm.__version__, span.node, span.nodes, kwargs)
+    # the leader's LLM's context: its defaults (max_num_batched_tokens...) must be the follower's too
+    config = vllm.EngineArgs(**kwargs).create_engine_config(usage_context=UsageContext.LLM_CLASS, headless=True)
+    executor = MultiprocExecutor(config, monitor_workers=False)  # returns once its workers joined the leader's
+    log.info("vLLM processes of node %d joined the replica", span.node)
+    executor.start_worker_monitor(inline=True)  # returns when one of them stops
+
+
 def _dummy_weights(model: dict[str, Any], out: Path) -> None:
     model.setdefault("engine_args", {})["load_format"] = "dummy"
 
@@ -456,4 +520,5 @@ SPEC = EngineSpec(
     bench=BenchSupport(baseline="vllm", strategies=True, dummy_weights=_dummy_weights),
     argument_names=argument_names,
     tasks=("generate", "embed", "classify", "score", "reward"),
+    follower=_follower, span_args=_span_args, span_check=_span_check,
 )

@@ -52,6 +52,8 @@ class RankEnv:
     slurm_job_id: str | None = None  # SLURM_JOB_ID: the job this process runs in (an array task's own id)
     source: str = "arguments"  # how the rank was found: a RankSource's kind
     job_tasks: int | None = None  # workers in this process's scheduler job, when not all of them
+    replica_nodes: int = 1  # nodes this worker's replica spans (slurm.nodes_per_replica)
+    replica_node: int = 0  # this process's node within its replica: 0 leads (runs the worker)
 
     @property
     def tasks_in_job(self) -> int:
@@ -60,8 +62,10 @@ class RankEnv:
 
     def describe(self) -> str:
         job = f", job {self.job_id}" if self.job_id else ""
+        span = (f", replica node {self.replica_node} of {self.replica_nodes}"
+                f"{' (leader)' if self.replica_node == 0 else ' (follower)'}" if self.replica_nodes > 1 else "")
         return (f"rank {self.rank}/{self.world} (local rank {self.local_rank}, node {self.node}, "
-                f"{self.launcher} launcher, rank from {self.source}{job})")
+                f"{self.launcher} launcher, rank from {self.source}{job}{span})")
 
 
 class RankSource(abc.ABC):
@@ -72,8 +76,9 @@ class RankSource(abc.ABC):
 
     @abc.abstractmethod
     def find(self, env: Mapping[str, str], *, launcher: str, rank: int | None = None,
-             world: int | None = None) -> RankEnv:
-        """This worker's place, from the environment and the ``--rank``/``--world`` it was given."""
+             world: int | None = None, nodes_per_replica: int = 1) -> RankEnv:
+        """This worker's place, from the environment and the ``--rank``/``--world`` it was given
+        (``nodes_per_replica``: the tasks of one replica across nodes share its rank)."""
 
     def visible_devices(self, env: Mapping[str, str]) -> list[str]:
         """The GPU ids this worker's node shares among its workers."""
@@ -100,7 +105,8 @@ class ArgumentRanks(RankSource):
     pins_devices = False
 
     def find(self, env: Mapping[str, str], *, launcher: str, rank: int | None = None,
-             world: int | None = None) -> RankEnv:
+             world: int | None = None, nodes_per_replica: int = 1) -> RankEnv:
+        _one_node(launcher, nodes_per_replica)
         if rank is None and world is None:
             rank, world = 0, 1
         if rank is None or world is None or not 0 <= rank < world:
@@ -111,26 +117,34 @@ class ArgumentRanks(RankSource):
 
 class SlurmRanks(RankSource):
     """A task of a SLURM step (srun, or submitit's tasks), or the task of a job array (one worker per
-    array job: the rank is its index in the array)."""
+    array job: the rank is its index in the array). A replica across k nodes is k tasks, one per
+    node: in a job, tasks r*k .. r*k+k-1 are replica r; in an array, the k tasks of one array job."""
 
     kind = "slurm"
 
     def find(self, env: Mapping[str, str], *, launcher: str, rank: int | None = None,
-             world: int | None = None) -> RankEnv:
+             world: int | None = None, nodes_per_replica: int = 1) -> RankEnv:
+        k = nodes_per_replica
         if SLURM_ARRAY["task"] in env:
             first = _int(env, SLURM_ARRAY["min"]) if SLURM_ARRAY["min"] in env else 0
             return RankEnv(rank=_int(env, SLURM_ARRAY["task"]) - first, world=_int(env, SLURM_ARRAY["count"]),
                            local_rank=0, node=0, launcher=launcher, job_id=env.get(SLURM_ARRAY["job_id"]),
-                           source="slurm-array", job_tasks=1, **_common(env))
+                           source="slurm-array", job_tasks=1, replica_nodes=k,
+                           replica_node=_int(env, SLURM_STEP["rank"]) if k > 1 else 0, **_common(env))
         for key in ("rank", "world"):
             if SLURM_STEP[key] not in env:
                 raise RunError(f"{SLURM_STEP[key]} is not set: the {launcher} launcher's workers are SLURM tasks "
                                f"(srun in a batch job), and this process is not one. Start a worker here with "
                                f"--launcher local --rank R --world W.")
-        return RankEnv(rank=_int(env, SLURM_STEP["rank"]), world=_int(env, SLURM_STEP["world"]),
+        task, tasks = _int(env, SLURM_STEP["rank"]), _int(env, SLURM_STEP["world"])
+        if tasks % k:
+            raise RunError(f"allocation mismatch: {tasks} tasks cannot hold replicas of {k} nodes (one task per "
+                           f"node); submit with `shardinfer submit`, which asks for slurm.nodes tasks")
+        return RankEnv(rank=task // k, world=tasks // k,
                        local_rank=_int(env, SLURM_STEP["local_rank"]) if SLURM_STEP["local_rank"] in env else 0,
                        node=_int(env, SLURM_STEP["node"]) if SLURM_STEP["node"] in env else 0,
-                       launcher=launcher, job_id=env.get(SLURM_STEP["job_id"]), source=self.kind, **_common(env))
+                       launcher=launcher, job_id=env.get(SLURM_STEP["job_id"]), source=self.kind,
+                       replica_nodes=k, replica_node=task % k, **_common(env))
 
     def visible_devices(self, env: Mapping[str, str]) -> list[str]:
         visible = visible_gpu_ids(env)
@@ -153,7 +167,8 @@ class MpiRanks(RankSource):
         self._communicator = communicator or _comm_world  # () -> (COMM_WORLD, COMM_TYPE_SHARED)
 
     def find(self, env: Mapping[str, str], *, launcher: str, rank: int | None = None,
-             world: int | None = None) -> RankEnv:
+             world: int | None = None, nodes_per_replica: int = 1) -> RankEnv:
+        _one_node(launcher, nodes_per_replica)
         comm, shared = self._communicator()
         node_comm = comm.Split_type(shared)
         leaders = comm.allgather(comm.Get_rank() if node_comm.Get_rank() == 0 else None)
@@ -162,6 +177,12 @@ class MpiRanks(RankSource):
         local_rank = _int(env, named) if named else node_comm.Get_rank()
         return RankEnv(rank=comm.Get_rank(), world=comm.Get_size(), local_rank=local_rank, node=node,
                        launcher=launcher, job_id=env.get(SLURM_STEP["job_id"]), source=self.kind, **_common(env))
+
+
+def _one_node(launcher: str, nodes_per_replica: int) -> None:
+    if nodes_per_replica != 1:
+        raise RunError(f"the {launcher} launcher runs each replica on one node (slurm.nodes_per_replica="
+                       f"{nodes_per_replica}): submit with --launcher sbatch or submitit")
 
 
 def _comm_world() -> tuple[Any, Any]:

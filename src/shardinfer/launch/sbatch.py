@@ -23,9 +23,10 @@ from pathlib import Path
 
 from shardinfer import __version__
 from shardinfer.config import Config
+from shardinfer.errors import ConfigError
 from shardinfer.launch.base import RunHandle
 from shardinfer.launch.env import FROM_MPI, FROM_SLURM, RankSource
-from shardinfer.launch.layout import Layout, layout
+from shardinfer.launch.layout import Layout, layout, node_map
 from shardinfer.launch.mpi import rank_arguments
 from shardinfer.launch.slurm import (
     SlurmLauncher,
@@ -72,7 +73,9 @@ def _launch_line(cfg: Config, lay: Layout, run_dir: str, launch: int, python: st
     # --kill-on-bad-exit=0: a worker that dies does not take the others down; they finish the units.
     srun = f"srun --unbuffered --kill-on-bad-exit=0 --cpus-per-task={cfg.slurm.cpus_per_task}"
     worker = (f"{shlex.quote(python)} -m shardinfer.worker {shlex.quote(run_dir)} --launcher {shlex.quote(launcher)} "
-              f"--launch {launch} --expect-world {lay.workers} --gpus-per-replica {lay.gpus_per_replica}")
+              f"--launch {launch} --expect-world {lay.workers} --gpus-per-replica {lay.gpus_per_task}")
+    if lay.nodes_per_replica > 1:  # one task per node; each replica's first node runs the worker
+        worker += f" --nodes-per-replica {lay.nodes_per_replica}"
     return f"{srun} {worker}"
 
 
@@ -124,7 +127,9 @@ class SbatchLauncher(SlurmLauncher):
 
     def preview(self, cfg: Config, run_dir: RunDir) -> str:
         scripts = self.scripts(cfg, run_dir, 0)
-        return (f"# ---- worker job ({layout(cfg).workers} workers) ----\n{scripts.worker}\n"
+        lay = layout(cfg)
+        nodes = "".join(f"{line}\n" for line in node_map(lay))
+        return (f"# ---- worker job ({lay.workers} workers) ----\n{nodes}{scripts.worker}\n"
                 f"# ---- reduce job: sbatch {' '.join(REDUCE_DEPENDENCY).format(job='<worker job>')} ----\n"
                 f"{scripts.reduce}")
 
@@ -146,6 +151,12 @@ class SlurmMpiLauncher(SbatchLauncher):
     description = "one SLURM job whose MPI ranks (srun --mpi=pmix, or mpirun) plan, infer and reduce"
     ranks = FROM_MPI
     mpi = True
+
+    def check(self, cfg: Config) -> None:
+        if cfg.slurm.nodes_per_replica > 1:
+            raise ConfigError(f"slurm.nodes_per_replica={cfg.slurm.nodes_per_replica}: the {self.name} launcher "
+                              f"runs each replica on one node; use --launcher sbatch or submitit")
+        super().check(cfg)
 
     def preview(self, cfg: Config, run_dir: RunDir) -> str:
         return (f"# ---- MPI job ({layout(cfg).workers} ranks; rank 0 reduces, no reduce job) ----\n"

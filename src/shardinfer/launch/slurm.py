@@ -44,7 +44,7 @@ class SlurmRequest:
     gpus_per_node: int = 0
     mem_gb: int | None = None
     per_node_tasks: bool = True  # ask for tasks per node (worker jobs) rather than a task count
-    array_tasks: int | None = None  # a job array of this many single-task jobs
+    array_tasks: int | None = None  # a job array of this many jobs of ``nodes`` nodes (one replica each)
     array_parallelism: int | None = None
     signal_grace_s: int | None = None  # USR2 this long before the time limit (worker jobs)
     requeue: bool | None = None
@@ -54,9 +54,9 @@ class SlurmRequest:
 
 def worker_request(cfg: Config, lay: Layout) -> SlurmRequest:
     s = cfg.slurm
-    shape = dict(nodes=1, tasks_per_node=1, gpus_per_node=lay.gpus_per_replica, array_tasks=lay.workers,
-                 array_parallelism=s.array_parallelism) if lay.shape == "array" else dict(
-        nodes=lay.nodes, tasks_per_node=lay.replicas_per_node, gpus_per_node=lay.gpus_per_node)
+    shape = dict(nodes=lay.nodes_per_replica, tasks_per_node=1, gpus_per_node=lay.gpus_per_task,
+                 array_tasks=lay.workers, array_parallelism=s.array_parallelism) if lay.shape == "array" else dict(
+        nodes=lay.nodes, tasks_per_node=lay.tasks_per_node, gpus_per_node=lay.gpus_per_node)
     return SlurmRequest(job_name=f"shardinfer-{cfg.name}", cpus_per_task=s.cpus_per_task, time_min=s.time_min,
                         mem_gb=s.mem_gb, signal_grace_s=s.signal_grace_s, requeue=s.requeue,
                         placement=_placement(cfg), extra=tuple(_extra(line) for line in s.extra_sbatch),
@@ -88,7 +88,7 @@ def sbatch_options(req: SlurmRequest, output: str) -> list[Option]:
     if req.array_tasks is not None:
         parallel = f"%{req.array_parallelism}" if req.array_parallelism else ""
         opts += [("output", output.replace("%j", "%A_%a")), ("array", f"0-{req.array_tasks - 1}{parallel}"),
-                 ("nodes", "1"), ("ntasks", "1")]
+                 ("nodes", str(req.nodes)), ("ntasks", str(req.nodes * req.tasks_per_node))]
     elif not req.per_node_tasks:
         opts += [("output", output), ("nodes", str(req.nodes)), ("ntasks", str(req.nodes * req.tasks_per_node))]
     else:
@@ -152,7 +152,7 @@ def check_request(req: SlurmRequest, cfg: Config, lay: Layout) -> None:
             s = cfg.slurm
             raise SubmitError(
                 f"{exc}\nNothing was submitted. Asked: {lay.workers} worker(s) = slurm.nodes {s.nodes} x "
-                f"{lay.replicas_per_node} per node, gpus_per_node {s.gpus_per_node}, cpus_per_task "
+                f"{lay.replicas_per_node} per node / {lay.nodes_per_replica} node(s) per replica, gpus_per_node {s.gpus_per_node}, cpus_per_task "
                 f"{s.cpus_per_task}, partition {s.partition or '(default)'}. Fix: compare with "
                 f"`sinfo -o '%P %D %c %m %G'` and lower slurm.nodes / slurm.gpus_per_node / "
                 f"slurm.cpus_per_task, or set slurm.partition to an existing partition."

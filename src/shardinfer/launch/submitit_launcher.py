@@ -16,7 +16,7 @@ from shardinfer.config import Config
 from shardinfer.errors import RunError, missing_dependency
 from shardinfer.launch.base import RunHandle
 from shardinfer.launch.env import FROM_SLURM, RankEnv
-from shardinfer.launch.layout import layout
+from shardinfer.launch.layout import layout, node_map
 from shardinfer.launch.slurm import (
     SlurmLauncher,
     SlurmRequest,
@@ -34,10 +34,13 @@ from shardinfer.telemetry.metrics import WorkerMetrics
 from shardinfer.worker.entry import WorkerHooks, WorkerStart, start_worker
 
 
-def run_worker_task(run_dir: str, launch: int, expect_world: int, gpus_per_replica: int, requeue: bool) -> int:
-    """Body of each submitit task: one worker, its rank and GPUs from the SLURM environment."""
+def run_worker_task(run_dir: str, launch: int, expect_world: int, gpus_per_replica: int, requeue: bool,
+                    nodes_per_replica: int = 1) -> int:
+    """Body of each submitit task: one worker (or a follower node of one), its rank and GPUs from the
+    SLURM environment."""
     code = start_worker(WorkerStart(run_dir=run_dir, launcher=SubmititLauncher.name, launch=launch,
-                                    expect_world=expect_world, gpus_per_replica=gpus_per_replica),
+                                    expect_world=expect_world, gpus_per_replica=gpus_per_replica,
+                                    nodes_per_replica=nodes_per_replica),
                         RequeueAfterDrain(requeue))
     if code:
         raise RunError(f"the worker exited with code {code}; its error is in {run_dir}/logs")
@@ -88,14 +91,15 @@ class SubmititLauncher(SlurmLauncher):
         lay = layout(cfg)
         worker = submitit_parameters(worker_request(cfg, lay))
         reduce = submitit_parameters(reduce_request(cfg))
-        return (f"# submitit executor parameters of the worker job ({lay.workers} workers):\n{worker}\n"
+        nodes = "".join(f"{line}\n" for line in node_map(lay))
+        return (f"# submitit executor parameters of the worker job ({lay.workers} workers):\n{nodes}{worker}\n"
                 f"# and of the reduce job (after the worker job, afterany):\n{reduce}")
 
     def start(self, cfg: Config, run_dir: RunDir, plan: Plan, launch: int) -> RunHandle:
         started = time.time()
         lay = layout(cfg)
         path = str(run_dir.path.resolve())
-        args = (path, launch, lay.workers, lay.gpus_per_replica, cfg.slurm.requeue)
+        args = (path, launch, lay.workers, lay.gpus_per_task, cfg.slurm.requeue, lay.nodes_per_replica)
         workers = executor(cfg, run_dir, worker_request(cfg, lay),
                            slurm_srun_args=["--kill-on-bad-exit=0"])
         if lay.shape == "array":

@@ -155,7 +155,7 @@ def _worker_row(m: WorkerMetrics) -> dict[str, Any]:
             "model_load_s": round(m.model_load_s, 3), "generation_s": round(m.generation_s, 3),
             "wall_s": round(m.busy_s, 3), "tokens_per_s": _rates(tokens, m.busy_s),
             "generation_tokens_per_s": _rates(tokens, m.generation_s),
-            "finished": bool(m.finished_at)}
+            "finished": bool(m.finished_at), **({"replica_hosts": m.replica_hosts} if m.replica_hosts else {})}
 
 
 SLOW_FRACTION = 0.5  # a worker below this fraction of its launch's median generation tok/s is flagged

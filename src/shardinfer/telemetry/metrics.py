@@ -66,6 +66,7 @@ class WorkerMetrics:
     engine_report: dict[str, Any] = field(default_factory=dict)  # the engine's settings and scheduler stats
     units_held_max: int = 0  # most units claimed and not yet committed at once
     peak_rss_mb: float = 0.0  # the worker process's peak resident memory
+    replica_hosts: list[str] = field(default_factory=list)  # a replica across nodes: its nodes, leader first
 
     @property
     def end(self) -> float:

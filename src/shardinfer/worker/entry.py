@@ -38,9 +38,13 @@ from shardinfer.errors import (
 from shardinfer.launch.env import RankEnv, check_allocation
 from shardinfer.launch.lock import die_with_parent
 from shardinfer.launch.registry import worker_launcher
+from shardinfer.launch.replica import lead_own_group, start_reaper
 from shardinfer.ledger.rundir import RunDir, restrict_umask
 from shardinfer.telemetry.logs import setup_logging
 from shardinfer.telemetry.metrics import WorkerMetrics
+from shardinfer.worker.follower import log_path as follower_log_path
+from shardinfer.worker.follower import run_follower
+from shardinfer.worker.leader import run_leader
 from shardinfer.worker.loop import run_worker
 
 log = logging.getLogger("shardinfer.worker")
@@ -57,6 +61,7 @@ class WorkerStart:
     world: int | None = None
     expect_world: int | None = None  # fail unless the job has this many workers
     gpus_per_replica: int = 0  # pin this worker to its local rank's slice of the node's GPUs
+    nodes_per_replica: int = 1  # a replica spans this many tasks, one per node (the first leads)
 
 
 class WorkerHooks:
@@ -88,12 +93,22 @@ def start_worker(start: WorkerStart, hooks: WorkerHooks | None = None) -> int:
     run_dir: RunDir | None = None
     try:
         launcher = worker_launcher(start.launcher, ranked=start.rank is not None)
-        rank_env = launcher.ranks.find(os.environ, launcher=launcher.name, rank=start.rank, world=start.world)
+        rank_env = launcher.ranks.find(os.environ, launcher=launcher.name, rank=start.rank, world=start.world,
+                                       nodes_per_replica=start.nodes_per_replica)
+        if rank_env.replica_nodes > 1 and lead_own_group():  # no engine process outlives this one
+            start_reaper()
         setup_logging(rank=rank_env.rank, world=rank_env.world)
         run_dir, launch = hooks.open(start, rank_env)
+        if rank_env.replica_node > 0:
+            setup_logging(rank=rank_env.rank, world=rank_env.world, log_file=follower_log_path(run_dir, rank_env))
+            check_allocation(launcher.ranks, rank_env, start.expect_world, start.gpus_per_replica)
+            return run_follower(run_dir, rank_env)
         setup_logging(rank=rank_env.rank, world=rank_env.world, log_file=run_dir.worker_log(rank_env.rank))
         check_allocation(launcher.ranks, rank_env, start.expect_world, start.gpus_per_replica)
-        metrics = run_worker(run_dir, rank_env, launch=launch)
+        if rank_env.replica_nodes > 1:
+            metrics = run_leader(run_dir, rank_env, launch=launch)
+        else:
+            metrics = run_worker(run_dir, rank_env, launch=launch)
         return hooks.finished(run_dir, rank_env, metrics)
     except (Exception, KeyboardInterrupt) as exc:
         code = exit_code(exc, run_dir.path if run_dir is not None else Path(start.run_dir))
@@ -133,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expect-world", type=int, help="fail unless the job has this many workers")
     parser.add_argument("--gpus-per-replica", type=int, default=0,
                         help="pin this worker to its local rank's slice of the node's GPUs")
+    parser.add_argument("--nodes-per-replica", type=int, default=1,
+                        help="a replica spans this many tasks, one per node: the first runs the worker, the "
+                             "others the engine's followers")
     args = parser.parse_args(argv)
     return start_worker(WorkerStart(run_dir=args.run_dir, launcher=args.launcher, launch=args.launch,
                                     rank=args.rank, world=args.world, expect_world=args.expect_world,
-                                    gpus_per_replica=args.gpus_per_replica))
+                                    gpus_per_replica=args.gpus_per_replica,
+                                    nodes_per_replica=args.nodes_per_replica))

@@ -16,6 +16,7 @@ import resource
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,19 +95,39 @@ class InFlight:
         self.waiting -= 1
 
 
+@dataclass(frozen=True)
+class Spanning:
+    """What a replica across nodes adds to its leader's worker (see :mod:`shardinfer.worker.leader`)."""
+
+    engine_args: dict[str, Any]  # the engine's arguments for node 0 of the replica (in memory only)
+    env: dict[str, str]  # set after run.env, before the engine loads
+    before_retry: Callable[[], None]  # before failed engine steps are retried
+    hosts: list[str]  # the replica's nodes, leader first
+
+
+def worker_name(rank: int) -> str:
+    """How the ledger names this process's worker."""
+    return f"{socket.gethostname()}:{os.getpid()}:rank{rank}"
+
+
 class Worker:
     builder: RequestBuilder  # set when the model loads
 
-    def __init__(self, run_dir: RunDir, rank_env: RankEnv, *, launch: int):
+    def __init__(self, run_dir: RunDir, rank_env: RankEnv, *, launch: int, spanning: Spanning | None = None):
         self.run_dir = run_dir
         self.rank, self.world = rank_env.rank, rank_env.world
         self.cfg, self.plan = load_run(run_dir)
+        self.spanning = spanning
+        if spanning is not None:
+            self.cfg.model.engine_args = {**self.cfg.model.engine_args, **spanning.engine_args}
         self.metrics = WorkerMetrics(rank=self.rank, world=self.world, launch=launch, engine=self.cfg.model.engine,
                                      launcher=rank_env.launcher, job_id=rank_env.job_id,
                                      gpus=os.environ.get("CUDA_VISIBLE_DEVICES"), restart=rank_env.restart)
-        self.ledger = Ledger(run_dir, worker=f"{socket.gethostname()}:{os.getpid()}:rank{self.rank}",
+        self.ledger = Ledger(run_dir, worker=worker_name(self.rank),
                              lease_timeout_s=self.cfg.run.lease_timeout_s)
         self.engine = create_engine(self.cfg, self.plan.max_model_len)
+        if spanning is not None and hasattr(self.engine, "before_retry"):
+            self.engine.before_retry = spanning.before_retry
         self.extras = result_extras(self.cfg)
         self.request_columns = [column for _, column in request_columns(self.cfg)]
         self.draining: str | None = None  # the signal that asked this worker to stop
@@ -115,6 +136,8 @@ class Worker:
         self.timeline = Timeline(start=self.metrics.started_at)
         self._metrics_saved = 0.0
         self._run_prom_at = -1e9
+        if spanning is not None:
+            self.metrics.replica_hosts = list(spanning.hosts)
         self.monitor = Monitor(self.cfg, self.metrics)
         self.idle = IdleWait(self.ledger, len(self.plan.units), self.world, self.cfg.run.lease_timeout_s)
 
@@ -134,6 +157,8 @@ class Worker:
 
     def run(self) -> WorkerMetrics:
         os.environ.update(self.cfg.run.env)  # before the engine is imported
+        if self.spanning is not None:
+            os.environ.update(self.spanning.env)
         self._catch_signals()  # a signal during the model load drains too: no unit is claimed after it
         self._load()
         self._catch_signals()  # again: an engine may set handlers of its own while it loads
@@ -193,7 +218,13 @@ class Worker:
 
     def _load(self) -> None:
         start = time.time()
-        self.engine.load()
+        # The engine's processes inherit a blocked USR2: SLURM forwards the drain signal to every process
+        # of the step, and only this one drains (a USR2 that comes during the load is handled after it).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+        try:
+            self.engine.load()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
         tokenizer = load_tokenizer(self.cfg.model)
         self.builder = RequestBuilder(self.cfg, tokenizer, max_model_len=self.plan.max_model_len,
                                       capabilities=get_engine(self.cfg.model.engine).capabilities)
@@ -402,8 +433,8 @@ def _merge(previous: pa.Table, redone: pa.Table) -> pa.Table:
     return merged.sort_by(ROW)
 
 
-def run_worker(run_dir: RunDir, rank_env: RankEnv, *, launch: int) -> WorkerMetrics:
+def run_worker(run_dir: RunDir, rank_env: RankEnv, *, launch: int, spanning: Spanning | None = None) -> WorkerMetrics:
     """Work until no unit is left (or a signal drains this worker). Worker processes start in
     :func:`shardinfer.worker.entry.start_worker`, which checks the allocation first."""
     log.info("starting %s", rank_env.describe())
-    return Worker(run_dir, rank_env, launch=launch).run()
+    return Worker(run_dir, rank_env, launch=launch, spanning=spanning).run()
