@@ -595,12 +595,13 @@ def test_a_failed_node_stops_its_replica_and_the_requeued_job_finishes(sim_clust
 
 
 def test_a_frozen_follower_is_given_up_within_a_minute_and_its_step_cancelled(sim_cluster_env, long_job):
-    """A follower that stops answering (SIGSTOP: a hung node SLURM does not see) is lost after 30 s of
-    silence, while the leader works (it gives its units back) or once it said bye: the leader cancels the
+    """A follower that stops answering (SIGSTOP: a hung node SLURM does not see) is lost after its
+    silence limit (30 s; 10 s here), while the leader works (it gives its units back) or once it said bye: the leader cancels the
     job step, which only SLURM can stop. Nothing is left; what is missing is redone by a resume."""
     config, tmp, local = long_job
     run_dir = tmp / "sim-span-frozen"
-    proc = run_cli(["submit", str(config), *SPAN, f"run.directory={run_dir}"], sim_cluster_env)
+    proc = run_cli(["submit", str(config), *SPAN, f"run.directory={run_dir}", "run.env.SHARDINFER_REPLICA_SILENCE_S=10"],
+                   sim_cluster_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((run_dir / "jobs.json").read_text())[-1]
     follower = _follower_pid(run_dir)
@@ -611,8 +612,8 @@ def test_a_frozen_follower_is_given_up_within_a_minute_and_its_step_cancelled(si
     assert time.time() - stopped < 60
     leader_log = (run_dir / "logs" / "worker-00000.log").read_text()
     assert "cancelling job step" in leader_log
-    assert ("follower node2 (replica node 1) silent for 30 s; stopping the replica" in leader_log
-            or "a follower did not stop within 35 s of the leader's bye (node2)" in leader_log)
+    assert ("follower node2 (replica node 1) silent for 10 s; stopping the replica" in leader_log
+            or "a follower did not stop within 12 s of the leader's bye (node2)" in leader_log)
     assert not _left_over(_replica_runners(run_dir))
     _wait_gone(sim_cluster_env, record["reduce_job"])
     if not (run_dir / "results").exists():

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
 SILENCE_S = 30.0
+SILENCE_VAR = "SHARDINFER_REPLICA_SILENCE_S"  # another silence limit (run.env), e.g. for tests
 START_VAR = "SHARDINFER_REPLICA_START_S"  # how long a leader waits for its followers' hello
 START_S = 600.0
 SILENT = " (silent)"  # marks a loss by silence: the peer may still hold its node
@@ -73,6 +74,16 @@ def follower_log(run_dir: RunDir, replica: int, node: int) -> Path:
 
 def start_timeout_s() -> float:
     return float(os.environ.get(START_VAR, START_S))
+
+
+def silence_timeout_s() -> float:
+    """Seconds without a word after which a peer is lost (:data:`SILENCE_S` unless run.env says)."""
+    return float(os.environ.get(SILENCE_VAR, SILENCE_S))
+
+
+def heartbeat_s() -> float:
+    """The heartbeat's period: :data:`HEARTBEAT_S`, or a sixth of a shorter silence limit."""
+    return min(HEARTBEAT_S, silence_timeout_s() / 6)
 
 
 def node_address() -> str:
@@ -146,14 +157,16 @@ class Peer:
 
 
 def _beat(peers: Callable[[], list[Peer]], stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_S):
+    while not stop.wait(heartbeat_s()):
         for peer in peers():
             peer.send("beat")
 
 
 def watch(peer: Peer, on_message: Callable[[dict[str, Any]], None], on_lost: Callable[[str], None],
-          silence_s: float = SILENCE_S) -> threading.Thread:
+          silence_s: float | None = None) -> threading.Thread:
     """Read ``peer`` in a thread: each message to ``on_message``, its loss to ``on_lost``."""
+    silence_s = silence_timeout_s() if silence_s is None else silence_s
+
     def run() -> None:
         while True:
             try:
@@ -187,8 +200,9 @@ class Leader:
     """The leader's side: listen, publish the rendezvous, wait for every follower, watch them."""
 
     def __init__(self, run_dir: RunDir, place: Place, hosts: list[str] | None = None, *,
-                 silence_s: float = SILENCE_S):
-        self.run_dir, self.place, self.silence_s = run_dir, place, silence_s
+                 silence_s: float | None = None):
+        self.run_dir, self.place = run_dir, place
+        self.silence_s = silence_timeout_s() if silence_s is None else silence_s
         self.hosts = hosts or []  # the replica's nodes, leader first (names for the messages)
         self.followers: dict[int, Peer] = {}
         self.lost = threading.Event()
@@ -292,10 +306,10 @@ class Leader:
         self.lost.set()
         self.on_lost(reason)
 
-    def hold_if_lost(self, wait_s: float = 2 * HEARTBEAT_S) -> None:
+    def hold_if_lost(self, wait_s: float | None = None) -> None:
         """Before an engine error is turned into failed rows: if a follower is lost (it may be seen a
         moment after the engine's own error), wait for the replica to be stopped instead."""
-        if self.lost.wait(wait_s):
+        if self.lost.wait(2 * heartbeat_s() if wait_s is None else wait_s):
             while True:  # the watcher's thread ends the process
                 time.sleep(60)
 
@@ -328,8 +342,9 @@ class Leader:
 class Follower:
     """A follower's side: find the leader, say hello, watch it."""
 
-    def __init__(self, run_dir: RunDir, place: Place, log_path: Path, *, silence_s: float = SILENCE_S):
-        self.run_dir, self.place, self.log_path, self.silence_s = run_dir, place, log_path, silence_s
+    def __init__(self, run_dir: RunDir, place: Place, log_path: Path, *, silence_s: float | None = None):
+        self.run_dir, self.place, self.log_path = run_dir, place, log_path
+        self.silence_s = silence_timeout_s() if silence_s is None else silence_s
         self.peer: Peer | None = None
         self._stop = threading.Event()
 

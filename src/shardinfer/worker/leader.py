@@ -14,7 +14,7 @@ import os
 from shardinfer.engines import get_engine
 from shardinfer.errors import EXIT_FAILED, RunError
 from shardinfer.launch.env import RankEnv
-from shardinfer.launch.replica import HEARTBEAT_S, Leader, Place, cancel_step, node_names, stop_group
+from shardinfer.launch.replica import Leader, Place, cancel_step, heartbeat_s, node_names, stop_group
 from shardinfer.ledger.claims import Ledger
 from shardinfer.ledger.rundir import RunDir
 from shardinfer.ledger.runstate import load_run
@@ -52,7 +52,7 @@ def run_leader(run_dir: RunDir, rank_env: RankEnv, *, launch: int) -> WorkerMetr
                             before_retry=leader.hold_if_lost, hosts=hosts)
         return run_worker(run_dir, rank_env, launch=launch, spanning=spanning)
     finally:
-        if not leader.bye(wait_s=leader.silence_s + HEARTBEAT_S):  # a frozen follower holds the step
+        if not leader.bye(wait_s=leader.silence_s + heartbeat_s()):  # a frozen follower holds the step
             stop_group()
             cancel_step()
 
