@@ -5,7 +5,11 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 import socket
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -28,26 +32,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _moto_server(port: int, **env: str) -> subprocess.Popen:
+    """A moto server in a process of its own (in this one, its Flask app's globals would be in the
+    modules vLLM scans when it loads in-process later), once it listens on 127.0.0.1:``port``."""
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return server
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise AssertionError("the moto server did not start")
+
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 and the environment that reaches it (as workers inherit it)."""
-    from moto.server import ThreadedMotoServer
-
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = _moto_server(port)
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        import s3fs
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            import s3fs
 
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
-        yield fs, env
-    server.stop()
+            s3fs.S3FileSystem.clear_instance_cache()
+            fs = s3fs.S3FileSystem()
+            fs.mkdir(BUCKET)
+            yield fs, env
+    finally:
+        server.kill()
+        server.wait()
 
 
 def _docs_table(n, offset=0):
@@ -175,26 +194,13 @@ def test_a_corpus_on_a_web_server_reads_like_the_local_file(tmp_path, tiny_model
 
 def test_denied_access_is_named_with_the_fix(monkeypatch):
     """A second S3 server that checks IAM: a user without any policy may read nothing."""
-    import os
-    import subprocess
-    import sys
-    import time
-
     import boto3
     import s3fs
 
     port = _free_port()
     # the first 4 requests (user, key, bucket, object) go through unchecked; IAM applies after them
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = _moto_server(port, INITIAL_NO_AUTH_ACTION_COUNT="4")
     try:
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         admin = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1",
                  "endpoint_url": f"http://127.0.0.1:{port}"}
         iam = boto3.client("iam", **admin)
