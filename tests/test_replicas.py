@@ -256,3 +256,16 @@ def test_bye_waits_for_the_followers_to_close_and_tells_a_frozen_one(place):
     start = time.monotonic()
     assert leader.bye(wait_s=3) is False and leader.unreachable
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "nan", "1\nrm -rf /"])
+def test_a_time_limit_that_is_not_seconds_is_a_config_error(monkeypatch, value):
+    from shardinfer.errors import ConfigError
+    from shardinfer.launch.replica import SILENCE_VAR, START_VAR, silence_timeout_s, start_timeout_s
+
+    for var, read in ((SILENCE_VAR, silence_timeout_s), (START_VAR, start_timeout_s)):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(ConfigError, match=f"{var}=.*give a number of seconds above 0"):
+            read()
+    monkeypatch.setenv(SILENCE_VAR, "12")
+    assert silence_timeout_s() == 12.0

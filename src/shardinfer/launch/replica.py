@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from shardinfer.engines.registry import Span
-from shardinfer.errors import RunError
+from shardinfer.errors import ConfigError, RunError
 from shardinfer.ledger.rundir import RunDir, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,25 @@ def follower_log(run_dir: RunDir, replica: int, node: int) -> Path:
 
 
 def start_timeout_s() -> float:
-    return float(os.environ.get(START_VAR, START_S))
+    return _seconds(START_VAR, START_S)
 
 
 def silence_timeout_s() -> float:
     """Seconds without a word after which a peer is lost (:data:`SILENCE_S` unless run.env says)."""
-    return float(os.environ.get(SILENCE_VAR, SILENCE_S))
+    return _seconds(SILENCE_VAR, SILENCE_S)
+
+
+def _seconds(var: str, default: float) -> float:
+    text = os.environ.get(var)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{var}={text!r} (run.env): give a number of seconds above 0, e.g. {default:g}")
+    return value
 
 
 def heartbeat_s() -> float:
