@@ -246,7 +246,7 @@ def test_hf_engine_on_csv_with_too_long_rows_failing(tmp_path, tiny_model, engin
 def long_job(tmp_path_factory, tiny_model, engine_env):
     """A job long enough to interrupt, and its outputs from an uninterrupted run."""
     tmp = tmp_path_factory.mktemp("long")
-    docs = demo_docs(120)
+    docs = demo_docs(240)
     corpus = write_jsonl(tmp / "docs.jsonl", [{"text": d["text"], "id": d["id"]} for d in docs])
 
     def config(name, **run):
